@@ -1,0 +1,49 @@
+"""Every Redis key and channel Corral uses, with who owns it and how long it lives.
+
+Model names are wrapped in a hash tag ({model}) so that on Redis Cluster all keys of one model
+land in one slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Consumer group that all workers of a model join on its request stream.
+WORKER_GROUP = "workers"
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "corral"
+
+    def requests(self, model: str) -> str:
+        """Stream of interactive generation requests for one model.
+
+        Written by gateways (XADD), read by workers (XREADGROUP, group `workers`). Entries are
+        deleted when acked, so the stream holds only waiting and in-flight work. No TTL."""
+        return f"{self.prefix}:q:{{{model}}}"
+
+    def output(self, request_id: str) -> str:
+        """Pub/sub channel of one request's token events. Published by the worker that holds the
+        request, received by the gateway that enqueued it. Channels have no lifetime to manage."""
+        return f"{self.prefix}:out:{request_id}"
+
+    def output_pattern(self, gateway_id: str) -> str:
+        """Pattern one gateway subscribes to once, at start, for all of its requests' channels:
+        request ids start with the gateway id, so no per-request SUBSCRIBE is ever needed."""
+        return f"{self.prefix}:out:{gateway_id}.*"
+
+    @property
+    def cancel(self) -> str:
+        """Pub/sub channel of cancelled request ids. Published by gateways (client gone),
+        received by every worker."""
+        return f"{self.prefix}:cancel"
+
+    def worker(self, worker_id: str) -> str:
+        """Hash describing one live worker. Written by the worker's heartbeat task with a TTL of
+        `worker_ttl_s`; it expires on its own when the worker dies."""
+        return f"{self.prefix}:worker:{worker_id}"
+
+    @property
+    def worker_pattern(self) -> str:
+        return f"{self.prefix}:worker:*"

@@ -1,0 +1,91 @@
+"""Messages that cross a process boundary, typed once and imported by both sides."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+FinishReason = Literal["stop", "length", "error", "cancelled"]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class GenerationRequest(BaseModel):
+    """One generation request on a model's stream. Exactly one of `messages` (chat) or
+    `prompt` (plain completion) is set; the worker owns tokenization and the chat template."""
+
+    request_id: str
+    model: str
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    # Sampling. temperature 0 means greedy.
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k filter
+    max_new_tokens: int = 256
+    stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    created_ms: int = Field(default_factory=now_ms)
+    # Wall-clock deadline (epoch ms); a worker never starts work past it.
+    deadline_ms: int
+
+    def expired(self, at_ms: int | None = None) -> bool:
+        return (at_ms or now_ms()) >= self.deadline_ms
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class EventError(BaseModel):
+    code: str
+    message: str
+
+
+class Event(BaseModel):
+    """One event on a request's output channel. `text` is a delta, never the text so far."""
+
+    seq: int
+    type: Literal["delta", "done", "error"]
+    index: int = 0
+    text: str = ""
+    token_ids: list[int] = Field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    error: EventError | None = None
+
+
+class WorkerInfo(BaseModel):
+    """What a worker advertises in its heartbeat hash."""
+
+    worker_id: str
+    models: list[str]
+    device: str
+    max_batch: int
+    in_flight: int = 0
+    tokens_per_s: float = 0.0
+    context_length: int = 0
+    started_at: float = Field(default_factory=time.time)
+
+    def to_hash(self) -> dict[str, str]:
+        return {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in self.model_dump().items()}
+
+    @classmethod
+    def from_hash(cls, fields: dict[str, str]) -> WorkerInfo:
+        decoded = {k: (v if k in ("worker_id", "device") else json.loads(v)) for k, v in fields.items()}
+        return cls.model_validate(decoded)

@@ -1,0 +1,53 @@
+"""One validated settings object per process: environment (CORRAL_*), .env, then CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CORRAL_", env_file=".env", extra="ignore")
+
+    # Where Corral keeps its state: the embedded Valkey's data, converted models, job artifacts.
+    home: Path = Path("~/.corral").expanduser()
+    # Unset: use (or start) the embedded Valkey under `home`. Set: any Redis or Valkey URL.
+    redis_url: str | None = None
+    # Prefix of every Redis key; tests give each run its own so they never collide.
+    key_prefix: str = "corral"
+
+    # Gateway
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Every request carries a deadline; this is the default when the client sets no timeout.
+    request_timeout_s: float = Field(600.0, gt=0)
+    # Upper bound of max_tokens a client may ask for.
+    max_tokens_limit: int = Field(4096, gt=0)
+    default_max_tokens: int = Field(512, gt=0)
+
+    # Worker
+    model: str = "smollm2-135m-instruct"
+    # The name the model is served under; defaults to `model`.
+    served_name: str | None = None
+    device: Literal["auto", "cpu", "cuda", "mps", "xpu"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # 0 = choose from the core count (logged with the reason).
+    threads: int = Field(0, ge=0)
+    max_batch: int = Field(16, gt=0)
+    heartbeat_s: float = Field(1.0, gt=0)
+    # A worker whose heartbeat key is older than this is gone: /v1/models drops it.
+    worker_ttl_s: float = Field(5.0, gt=0)
+    chat_template: str | None = None
+    worker_id: str | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self.served_name or self.model
+
+    def with_overrides(self, **overrides: object) -> Settings:
+        """A copy with CLI flags applied; flags left as None keep the environment's value."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return self.model_validate({**self.model_dump(), **given})

@@ -1,0 +1,1 @@
+"""The `corral` command that wires Corral's components together on one machine."""

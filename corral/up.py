@@ -1,0 +1,94 @@
+"""`corral up`: embedded Valkey, the gateway and one worker on this machine, as child processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+from rich.console import Console
+
+from broker.connection import EmbeddedValkey
+from broker.settings import Settings
+
+console = Console(stderr=True)
+
+_READY_TIMEOUT_S = 600
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """The settings of this process, as the CORRAL_* environment of its children."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"CORRAL_{name.upper()}"] = str(value)
+    return env
+
+
+def _wait_until_served(url: str, model: str, children: list[subprocess.Popen]) -> bool:
+    deadline = time.monotonic() + _READY_TIMEOUT_S
+    with console.status(f"waiting for a worker to serve {model} (the first start converts the model)"):
+        while time.monotonic() < deadline:
+            if any(child.poll() is not None for child in children):
+                return False
+            try:
+                served = httpx.get(f"{url}/v1/models", timeout=2).json()["data"]
+                if any(m["id"] == model for m in served):
+                    return True
+            except (httpx.HTTPError, KeyError, ValueError):
+                pass
+            time.sleep(0.5)
+    return False
+
+
+def _stop(children: list[subprocess.Popen]) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    for child in children:
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+
+def up(settings: Settings) -> int:
+    valkey = None
+    if not settings.redis_url:
+        valkey = EmbeddedValkey(settings.home / "valkey")
+        with console.status("starting embedded Valkey"):
+            settings = settings.with_overrides(redis_url=valkey.ensure())
+        console.print(f"Redis: embedded Valkey at {settings.redis_url} (AOF in {valkey.data_dir})")
+    env = child_env(settings)
+    children = [
+        subprocess.Popen([sys.executable, "-m", "gateway"], env=env),
+        subprocess.Popen([sys.executable, "-m", "workers"], env=env),
+    ]
+    url = f"http://{settings.host}:{settings.port}"
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        if not _wait_until_served(url, settings.model_name, children):
+            console.print("[red]Corral did not come up; see the log above.[/red]")
+            return 1
+        print(f"Corral is up. OpenAI API: {url}/v1  model: {settings.model_name}", flush=True)
+        console.print(f"Try: corral chat --url {url}    (Ctrl-C stops everything)")
+        while not stopping:
+            if any(child.poll() is not None for child in children):
+                console.print("[red]a component exited; stopping[/red]")
+                return 1
+            time.sleep(0.5)
+        return 0
+    finally:
+        _stop(children)
+        if valkey is not None:
+            valkey.stop()

@@ -1,0 +1,91 @@
+"""The gateway's FastAPI app factory."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+
+from broker.connection import connect, resolve_redis_url
+from broker.keys import Keys
+from broker.queue import RequestQueue
+from broker.registry import WorkerRegistry
+from broker.settings import Settings
+from gateway.errors import install_error_handlers
+from gateway.hub import EventHub
+from gateway.metrics import Metrics
+from gateway.routes import router
+from gateway.state import Gateway, GatewayDep, LiveModels
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        url = await asyncio.to_thread(resolve_redis_url, settings)
+        redis = connect(url)
+        keys = Keys(settings.key_prefix)
+        hub = EventHub(redis, keys)
+        await hub.start()
+        app.state.gateway = Gateway(
+            settings=settings,
+            redis=redis,
+            queue=RequestQueue(redis, keys),
+            hub=hub,
+            metrics=Metrics(),
+            models=LiveModels(WorkerRegistry(redis, keys)),
+        )
+        log.info("gateway %s ready on redis %s", hub.gateway_id, url)
+        try:
+            yield
+        finally:
+            await hub.stop()
+            await redis.aclose()
+
+    app = FastAPI(title="Corral", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    app.include_router(router)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(gateway: GatewayDep) -> JSONResponse:
+        try:
+            await gateway.redis.ping()
+            redis_ok = True
+        except Exception:  # any failure to reach Redis means not ready
+            redis_ok = False
+        ready = redis_ok and gateway.hub.connected
+        body = {
+            "status": "ready" if ready else "not ready",
+            "redis": redis_ok,
+            "pubsub": gateway.hub.connected,
+        }
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics(gateway: GatewayDep) -> Response:
+        served = await gateway.models.get(refresh=True)
+        for model, workers in served.items():
+            gateway.metrics.live_workers.labels(model).set(len(workers))
+            gateway.metrics.queue_depth.labels(model).set(await gateway.queue.depth(model))
+        return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def main(settings: Settings | None = None) -> None:
+    import uvicorn
+
+    settings = settings or Settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")

@@ -1,0 +1,97 @@
+"""The gateway's one pub/sub connection, demultiplexed to a queue per request.
+
+Request ids start with this gateway's id, and the gateway pattern-subscribes once, at start, to
+all of their channels: events can never arrive before the subscription, and no request pays
+for a SUBSCRIBE of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+import redis.asyncio as aioredis
+
+from broker.keys import Keys
+from broker.schemas import Event
+
+log = logging.getLogger(__name__)
+
+_RECONNECT_MAX_S = 5.0
+
+
+class EventHub:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, gateway_id: str | None = None) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.gateway_id = gateway_id or uuid.uuid4().hex[:12]
+        self._channel_prefix = keys.output("")
+        self._queues: dict[str, asyncio.Queue[str]] = {}
+        self._pubsub = redis.pubsub(ignore_subscribe_messages=True)
+        self._reader: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
+        self.connected = False
+
+    def new_request_id(self) -> str:
+        return f"{self.gateway_id}.{uuid.uuid4().hex[:20]}"
+
+    async def start(self) -> None:
+        await self._pubsub.psubscribe(self.keys.output_pattern(self.gateway_id))
+        self.connected = True
+        self._reader = asyncio.create_task(self._read())
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._pubsub.aclose()
+
+    def open(self, request_id: str) -> asyncio.Queue[str]:
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        self._queues[request_id] = queue
+        return queue
+
+    def close(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+
+    def in_background(self, coro) -> None:
+        """Run `coro` to its end even if the task that asked is being cancelled (client gone)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _read(self) -> None:
+        backoff_s = 0.1
+        while True:
+            try:
+                async for message in self._pubsub.listen():
+                    self.connected = True
+                    backoff_s = 0.1
+                    queue = self._queues.get(message["channel"][len(self._channel_prefix) :])
+                    if queue is not None:
+                        queue.put_nowait(message["data"])
+            except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as e:
+                self.connected = False
+                log.warning("pub/sub connection lost (%s); retrying in %.1fs", e, backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, _RECONNECT_MAX_S)
+
+
+async def events(queue: asyncio.Queue[str], deadline_s: float) -> AsyncIterator[Event]:
+    """A request's events in order until its last; raises TimeoutError at the deadline
+    (a loop.time() value). Duplicates (seq already seen) are dropped."""
+    last_seq = 0
+    loop = asyncio.get_running_loop()
+    while True:
+        raw = await asyncio.wait_for(queue.get(), max(deadline_s - loop.time(), 0))
+        event = Event.model_validate_json(raw)
+        if event.seq <= last_seq:
+            continue
+        last_seq = event.seq
+        yield event
+        if event.type != "delta":
+            return

@@ -1,0 +1,179 @@
+"""OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from broker.schemas import ChatMessage, Event, GenerationRequest, Usage
+from gateway.errors import DeadlineExceeded, GenerationFailed, InvalidRequest, ModelNotFound, sse_error
+from gateway.hub import events
+from gateway.openai_schemas import ChatCompletionCreate, CompletionCreate, ResponseShape
+from gateway.state import Gateway, GatewayDep
+
+router = APIRouter(prefix="/v1")
+
+
+@router.get("/models")
+async def list_models(gateway: GatewayDep) -> dict:
+    served = await gateway.models.get(refresh=True)
+    data = [
+        {
+            "id": name,
+            "object": "model",
+            "created": int(min(w.started_at for w in workers)),
+            "owned_by": "corral",
+            "max_model_len": max(w.context_length for w in workers),
+        }
+        for name, workers in sorted(served.items())
+    ]
+    return {"object": "list", "data": data}
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionCreate, gateway: GatewayDep):
+    messages = [ChatMessage(role=m.role, content=m.text()) for m in body.messages]
+    return await _generate(gateway, body, "chat", messages=messages)
+
+
+@router.post("/completions")
+async def completions(body: CompletionCreate, gateway: GatewayDep):
+    return await _generate(gateway, body, "completions", prompt=body.prompt_text())
+
+
+class _Call:
+    """One client request in flight: its queue of events, deadline and clean-up."""
+
+    def __init__(self, gateway: Gateway, request: GenerationRequest, endpoint: str) -> None:
+        self.gateway = gateway
+        self.request = request
+        self.endpoint = endpoint
+        self.received = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        self.deadline = loop.time() + (request.deadline_ms - request.created_ms) / 1000
+        self.queue = gateway.hub.open(request.request_id)
+        self.finished = False
+
+    async def events(self) -> AsyncIterator[Event]:
+        try:
+            async for event in events(self.queue, self.deadline):
+                self.finished = event.type != "delta"
+                yield event
+        except TimeoutError:
+            raise DeadlineExceeded() from None
+
+    def count(self, status: str, usage: Usage | None = None) -> None:
+        model = self.request.model
+        self.gateway.metrics.requests.labels(model, self.endpoint, status).inc()
+        if usage is not None:
+            self.gateway.metrics.output_tokens.labels(model).inc(usage.completion_tokens)
+            self.gateway.metrics.prompt_tokens.labels(model).inc(usage.prompt_tokens)
+
+    def first_token(self) -> None:
+        self.gateway.metrics.ttft.labels(self.request.model).observe(time.perf_counter() - self.received)
+
+    def release(self) -> None:
+        """Forget the request; if it never finished (client gone, deadline), cancel it."""
+        self.gateway.hub.close(self.request.request_id)
+        if not self.finished:
+            self.gateway.hub.in_background(self.gateway.queue.cancel(self.request.request_id))
+
+
+async def _generate(gateway: Gateway, body, endpoint: str, **prompt) -> JSONResponse | StreamingResponse:
+    if await gateway.models.find(body.model) is None:
+        raise ModelNotFound(body.model)
+    settings = gateway.settings
+    max_tokens = body.requested_max_tokens() or settings.default_max_tokens
+    if max_tokens > settings.max_tokens_limit:
+        raise InvalidRequest(
+            f"max_tokens is {max_tokens}; this server allows at most {settings.max_tokens_limit}",
+            param="max_tokens",
+            code="invalid_value",
+        )
+    created_ms = int(time.time() * 1000)
+    request = GenerationRequest(
+        request_id=gateway.hub.new_request_id(),
+        model=body.model,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        max_new_tokens=max_tokens,
+        stop=body.stop_list(),
+        created_ms=created_ms,
+        deadline_ms=created_ms + int(settings.request_timeout_s * 1000),
+        **prompt,
+    )
+    call = _Call(gateway, request, endpoint)
+    shape = ResponseShape(_response_id(endpoint, request.request_id), body.model, chat=endpoint == "chat")
+    try:
+        await gateway.queue.enqueue(request)
+    except BaseException:
+        call.release()
+        raise
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_stream(call, shape, include_usage), media_type="text/event-stream")
+    return await _complete(call, shape)
+
+
+def _response_id(endpoint: str, request_id: str) -> str:
+    return ("chatcmpl-" if endpoint == "chat" else "cmpl-") + request_id.split(".", 1)[1]
+
+
+async def _complete(call: _Call, shape: ResponseShape) -> JSONResponse:
+    parts: list[str] = []
+    try:
+        async for event in call.events():
+            if event.type == "error":
+                assert event.error is not None
+                call.count("error")
+                raise GenerationFailed(event.error.code, event.error.message)
+            if event.text and not parts:
+                call.first_token()
+            parts.append(event.text)
+            if event.type == "done":
+                call.count("ok", event.usage)
+                return JSONResponse(shape.complete("".join(parts), event.finish_reason, event.usage))
+    except DeadlineExceeded:
+        call.count("timeout")
+        raise
+    finally:
+        call.release()
+    raise GenerationFailed("engine_error", "the worker ended the request without a result")
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+async def _stream(call: _Call, shape: ResponseShape, include_usage: bool) -> AsyncIterator[str]:
+    sent_first = False
+    try:
+        yield _sse(shape.chunk(None, first=True))
+        async for event in call.events():
+            if event.type == "error":
+                assert event.error is not None
+                call.count("error")
+                yield sse_error(event.error.code, event.error.message)
+                return
+            if event.text:
+                if not sent_first:
+                    call.first_token()
+                    sent_first = True
+                yield _sse(shape.chunk(event.text))
+            if event.type == "done":
+                call.count("ok", event.usage)
+                yield _sse(shape.chunk(None, finish_reason=event.finish_reason))
+                if include_usage:
+                    yield _sse(shape.usage_chunk(event.usage))
+                yield "data: [DONE]\n\n"
+    except DeadlineExceeded as e:
+        call.count("timeout")
+        yield sse_error(e.code or "deadline_exceeded", e.message)
+    finally:
+        call.release()

@@ -1,0 +1,1 @@
+"""Streamlit pages (chat, arena, leaderboard). Not built yet: see the Streamlit issue."""

@@ -1,0 +1,3 @@
+from workers.serve import main
+
+main()

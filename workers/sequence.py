@@ -1,0 +1,97 @@
+"""One request inside a worker: its prompt, its text so far, and the events it publishes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from broker.queue import Claimed
+from broker.schemas import Event, EventError, FinishReason, Usage
+from workers.engine import SamplingParams, StepOutput
+from workers.text import IncrementalDetokenizer, StopStrings
+
+
+class InvalidPrompt(Exception):
+    """The request cannot be run as given; `code` is the OpenAI error code for it."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def encode_prompt(claimed: Claimed, tokenizer: Any) -> list[int]:
+    request = claimed.request
+    if request.messages is not None:
+        if not tokenizer.chat_template:
+            raise InvalidPrompt(
+                "no_chat_template",
+                f"model {request.model} has no chat template; start its worker with --chat-template",
+            )
+        messages = [m.model_dump() for m in request.messages]
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return list(ids)
+    return list(tokenizer.encode(request.prompt or ""))
+
+
+class Sequence:
+    def __init__(self, claimed: Claimed, prompt_ids: list[int], tokenizer: Any, context_length: int) -> None:
+        request = claimed.request
+        self.claimed = claimed
+        self.request_id = request.request_id
+        self.prompt_ids = prompt_ids
+        room = context_length - len(prompt_ids)
+        if room <= 0:
+            raise InvalidPrompt(
+                "context_length_exceeded",
+                f"the prompt is {len(prompt_ids)} tokens; the model's context is {context_length}",
+            )
+        self.params = SamplingParams(
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            # Clipped to what the context has left, as FastChat does.
+            max_new_tokens=min(request.max_new_tokens, room),
+            stop_token_ids=tuple(request.stop_token_ids),
+        )
+        self.detokenizer = IncrementalDetokenizer(tokenizer)
+        self.stops = StopStrings(request.stop)
+        self.completion_tokens = 0
+        self.finished = False
+        self._seq = 0
+
+    def _event(self, **fields: Any) -> Event:
+        self._seq += 1
+        return Event(seq=self._seq, **fields)
+
+    def advance(self, out: StepOutput) -> list[Event]:
+        """Events for the tokens an engine step produced. Sets `finished` when the request is
+        over, including when a stop string was reached (the caller then cancels it in the engine)."""
+        if out.error is not None:
+            return [self.fail("engine_error", out.error)]
+        self.completion_tokens += len(out.new_token_ids)
+        ids = out.new_token_ids
+        if out.finish_reason == "stop" and ids:
+            ids = ids[:-1]  # the EOS or stop token itself is not part of the text
+        text, hit_stop = self.stops.feed(self.detokenizer.push(ids))
+        reason: FinishReason | None = "stop" if hit_stop else out.finish_reason if out.finished else None
+        if reason is not None and not hit_stop:
+            text += self.stops.feed(self.detokenizer.flush())[0] + self.stops.flush()
+        events = [self._event(type="delta", text=text, token_ids=out.new_token_ids)] if text else []
+        if reason is not None:
+            events.append(self.finish(reason))
+        return events
+
+    def finish(self, reason: FinishReason) -> Event:
+        self.finished = True
+        usage = Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=self.completion_tokens)
+        return self._event(type="done", finish_reason=reason, usage=usage)
+
+    def fail(self, code: str, message: str) -> Event:
+        self.finished = True
+        return self._event(type="error", finish_reason="error", error=EventError(code=code, message=message))
+
+
+def rejection(code: str, message: str) -> Event:
+    """The one event of a request that never started."""
+    return Event(seq=1, type="error", finish_reason="error", error=EventError(code=code, message=message))

@@ -1,0 +1,53 @@
+"""Start one worker process from Settings: load the model, build the engine, run the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from broker.connection import connect, resolve_redis_url
+from broker.keys import Keys
+from broker.settings import Settings
+from workers.hf_engine import TransformersEngine
+from workers.loading import load_model
+from workers.runtime import Worker
+
+log = logging.getLogger(__name__)
+
+
+async def serve(settings: Settings) -> None:
+    redis = connect(resolve_redis_url(settings))
+    loaded = await asyncio.to_thread(
+        load_model,
+        settings.model,
+        settings.home,
+        device=settings.device,
+        dtype=settings.dtype,
+        threads=settings.threads,
+        chat_template=settings.chat_template,
+    )
+    engine = TransformersEngine(loaded, max_batch=settings.max_batch)
+    worker = Worker(
+        engine,
+        loaded.tokenizer,
+        redis,
+        Keys(settings.key_prefix),
+        model=settings.model_name,
+        device=loaded.device,
+        worker_id=settings.worker_id,
+        heartbeat_s=settings.heartbeat_s,
+        worker_ttl_s=settings.worker_ttl_s,
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    try:
+        await worker.run()
+    finally:
+        await redis.aclose()
+
+
+def main(settings: Settings | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(settings or Settings()))
