@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     # 0 = choose from the core count (logged with the reason).
     threads: int = Field(0, ge=0)
     max_batch: int = Field(16, gt=0)
+    # KV-cache budget in tokens shared by all requests in the batch; 0 = size it from free memory.
+    kv_cache_tokens: int = Field(0, ge=0)
     heartbeat_s: float = Field(1.0, gt=0)
     # A worker whose heartbeat key is older than this is gone: /v1/models drops it.
     worker_ttl_s: float = Field(5.0, gt=0)

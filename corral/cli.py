@@ -15,6 +15,7 @@ def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, help="CPU threads for the model (0: auto)")
     parser.add_argument("--max-batch", type=int, help="requests decoded together")
+    parser.add_argument("--kv-cache-tokens", type=int, help="KV-cache budget in tokens (0: from free memory)")
     parser.add_argument(
         "--chat-template", help="a Jinja file (or template text) to use instead of the tokenizer's"
     )
@@ -50,23 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    flags = {
-        name: getattr(args, name, None)
-        for name in (
-            "redis_url",
-            "home",
-            "host",
-            "port",
-            "model",
-            "served_name",
-            "device",
-            "dtype",
-            "threads",
-            "max_batch",
-            "chat_template",
-            "worker_id",
-        )
-    }
+    """Settings from the environment, with every flag the user gave on top."""
+    flags = {name: getattr(args, name, None) for name in Settings.model_fields}
     return Settings().with_overrides(**flags)
 
 

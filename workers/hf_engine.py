@@ -24,12 +24,14 @@ from workers.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
+# Tokens per KV-cache page (transformers' default).
+_PAGE_TOKENS = 256
 # A temperature this small is treated as greedy.
 _GREEDY_BELOW = 1e-5
 
 
 class TransformersEngine:
-    def __init__(self, loaded: LoadedModel, max_batch: int) -> None:
+    def __init__(self, loaded: LoadedModel, max_batch: int, kv_cache_tokens: int = 0) -> None:
         self.loaded = loaded
         self.max_batch = max_batch
         self.context_length = loaded.context_length
@@ -49,7 +51,11 @@ class TransformersEngine:
         self.manager = model.init_continuous_batching(
             generation_config=generation_config,
             continuous_batching_config=ContinuousBatchingConfig(
-                per_request_processors=True, max_requests_per_batch=max_batch
+                per_request_processors=True,
+                max_requests_per_batch=max_batch,
+                # None lets transformers size the paged cache from free memory.
+                num_blocks=-(-kv_cache_tokens // _PAGE_TOKENS) if kv_cache_tokens else None,
+                page_size=_PAGE_TOKENS,
             ),
         )
         # request id → (tokens already reported, the token ids that end it)

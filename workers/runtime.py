@@ -16,7 +16,7 @@ from broker.keys import Keys
 from broker.queue import Claimed, RequestQueue
 from broker.registry import WorkerRegistry
 from broker.schemas import Event, WorkerInfo, now_ms
-from workers.engine import Engine
+from workers.engine import Engine, SamplingParams
 from workers.sequence import InvalidPrompt, Sequence, encode_prompt, rejection
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class Worker:
         self.active: dict[str, Sequence] = {}
         self.started_at = time.time()
         self.tokens_out = 0
+        self.requests_done = 0
         self.tokens_per_s = 0.0  # over the last heartbeat interval
         self._stopping = asyncio.Event()
 
@@ -66,6 +67,7 @@ class Worker:
     async def run(self) -> None:
         await self.queue.ensure_group(self.model)
         self.engine.start()
+        await self.warmup()
         await self.beat()
         side_tasks = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._listen_for_cancels())]
         log.info("worker %s serving %s on %s", self.worker_id, self.model, self.device)
@@ -86,6 +88,17 @@ class Worker:
                 await self.registry.remove(self.worker_id)
             self.engine.stop()
             log.info("worker %s stopped", self.worker_id)
+
+    async def warmup(self) -> None:
+        """Run one tiny request before registering, so the engine's first-batch set-up (cache
+        allocation: seconds on a CPU) is never paid by a client."""
+        request_id = f"warmup-{self.worker_id}"
+        prompt_ids = list(self.tokenizer.encode("Hello"))
+        self.engine.add(request_id, prompt_ids, SamplingParams(temperature=0, max_new_tokens=2))
+        while not any(
+            out.finished for out in await self.engine.step(timeout_s=60) if out.request_id == request_id
+        ):
+            pass
 
     def stop(self) -> None:
         """Stop claiming; `run` returns once the requests in flight are done."""
@@ -158,6 +171,7 @@ class Worker:
         return events
 
     def _release(self, request_id: str) -> str:
+        self.requests_done += 1
         return self.active.pop(request_id).claimed.entry_id
 
     # ------------------------------------------------------------------ side tasks
@@ -169,6 +183,7 @@ class Worker:
             device=self.device,
             max_batch=self.engine.max_batch,
             in_flight=len(self.active),
+            requests_done=self.requests_done,
             tokens_per_s=round(self.tokens_per_s, 2),
             context_length=self.engine.context_length,
             started_at=self.started_at,

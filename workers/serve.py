@@ -27,7 +27,9 @@ async def serve(settings: Settings) -> None:
         threads=settings.threads,
         chat_template=settings.chat_template,
     )
-    engine = TransformersEngine(loaded, max_batch=settings.max_batch)
+    engine = TransformersEngine(
+        loaded, max_batch=settings.max_batch, kv_cache_tokens=settings.kv_cache_tokens
+    )
     worker = Worker(
         engine,
         loaded.tokenizer,

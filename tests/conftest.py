@@ -1,0 +1,172 @@
+"""Fixtures: a real Redis, the real SmolLM2 model, and real gateway/worker processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+MODEL = "smollm2-135m-instruct"
+REDIS_URL = os.environ.get("CORRAL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# Converted models are cached here across test runs (the conversion takes about a minute).
+HOME = Path(os.environ.get("CORRAL_TEST_HOME", Path("~/.corral").expanduser()))
+HEARTBEAT_S = 0.2
+WORKER_TTL_S = 1.0
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as e:
+        pytest.fail(f"tests need a Redis at {REDIS_URL} (set CORRAL_TEST_REDIS_URL): {e}")
+    return REDIS_URL
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    """A key prefix of this test's own, so tests never see each other's keys."""
+    return f"test-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    from workers.loading import resolve_model_path
+
+    return resolve_model_path(MODEL, HOME)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+@pytest.fixture(scope="session")
+def greedy(model_path: str, tokenizer):
+    """In-process greedy `generate` on the same model: the reference the served text must equal."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)  # the same thread count as the test workers: same float sums
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+
+    def generate(messages: list[dict], max_new_tokens: int) -> tuple[str, list[int], list[int]]:
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[0, len(prompt) :].tolist()
+        return tokenizer.decode(new, skip_special_tokens=True), prompt, new
+
+    return generate
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    """A gateway and workers as real processes on one key prefix."""
+
+    redis_url: str
+    key_prefix: str
+    port: int
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            CORRAL_REDIS_URL=self.redis_url,
+            CORRAL_KEY_PREFIX=self.key_prefix,
+            CORRAL_HOME=str(HOME),
+            CORRAL_PORT=str(self.port),
+            CORRAL_HEARTBEAT_S=str(HEARTBEAT_S),
+            CORRAL_WORKER_TTL_S=str(WORKER_TTL_S),
+            CORRAL_THREADS="1",
+            CORRAL_MAX_BATCH="8",
+            CORRAL_KV_CACHE_TOKENS="16384",
+        )
+        env.update(extra)
+        return env
+
+    def start(self, component: str, **extra: str) -> subprocess.Popen:
+        process = subprocess.Popen([sys.executable, "-m", component], env=self.env(**extra))
+        self.processes.append(process)
+        return process
+
+    def start_worker(self, served_name: str = MODEL, worker_id: str | None = None) -> subprocess.Popen:
+        worker_id = worker_id or f"w-{uuid.uuid4().hex[:6]}"
+        process = self.start("workers", CORRAL_SERVED_NAME=served_name, CORRAL_WORKER_ID=worker_id)
+        process.worker_id = worker_id  # type: ignore[attr-defined]
+        self.wait_for_worker(worker_id, process)
+        return process
+
+    def wait_for_worker(self, worker_id: str, process: subprocess.Popen, timeout_s: float = 180) -> None:
+        client = redis.Redis.from_url(self.redis_url)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"worker {worker_id} exited with {process.returncode}")
+            if client.exists(f"{self.key_prefix}:worker:{worker_id}"):
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"worker {worker_id} did not register")
+
+    def wait_for_gateway(self, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("gateway did not become ready")
+
+    def worker_info(self, worker_id: str) -> dict[str, str]:
+        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        return client.hgetall(f"{self.key_prefix}:worker:{worker_id}")
+
+    def served_models(self) -> list[str]:
+        return [m["id"] for m in httpx.get(f"{self.url}/v1/models", timeout=5).json()["data"]]
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@pytest.fixture(scope="module")
+def stack(redis_url: str, model_path: str) -> Iterator[Stack]:
+    """One gateway and one worker of SmolLM2, shared by a test module."""
+    stack = Stack(redis_url, f"test-{uuid.uuid4().hex[:10]}", free_port())
+    try:
+        stack.start("gateway")
+        stack.wait_for_gateway()
+        stack.main_worker = stack.start_worker()  # type: ignore[attr-defined]
+        yield stack
+    finally:
+        stack.stop()
