@@ -35,6 +35,8 @@ class GenerationRequest(BaseModel):
     max_new_tokens: int = 256
     stop: list[str] = Field(default_factory=list)
     stop_token_ids: list[int] = Field(default_factory=list)
+    # Keep generating past EOS (benchmarks with a fixed output length).
+    ignore_eos: bool = False
     created_ms: int = Field(default_factory=now_ms)
     # Wall-clock deadline (epoch ms); a worker never starts work past it.
     deadline_ms: int

@@ -25,6 +25,8 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="Only n=1 is served for now.")
+    # vLLM's extension: generate exactly max_tokens (benchmarks).
+    ignore_eos: bool = False
     user: str | None = None
 
     @field_validator("stop")

@@ -35,7 +35,7 @@ def test_detokenizer_handles_tokens_arriving_in_uneven_chunks(tokenizer) -> None
 
 
 def test_detokenizer_skips_special_tokens(tokenizer) -> None:
-    ids = tokenizer.encode("Hello") + [tokenizer.eos_token_id]
+    ids = [*tokenizer.encode("Hello"), tokenizer.eos_token_id]
     detokenizer = IncrementalDetokenizer(tokenizer)
     assert detokenizer.push(ids) + detokenizer.flush() == "Hello"
 

@@ -14,6 +14,7 @@ class SamplingParams:
     max_new_tokens: int = 256
     # Token ids that end generation besides the model's EOS.
     stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
 
 
 @dataclass

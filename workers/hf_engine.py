@@ -76,7 +76,9 @@ class TransformersEngine:
         return {"temperature": float(params.temperature), "top_k": int(top_k), "top_p": float(params.top_p)}
 
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        stop_ids = self.eos_token_ids | set(params.stop_token_ids)
+        stop_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else self.eos_token_ids
+        )
         self._active[request_id] = (0, stop_ids)
         self.manager.register_result_handler(request_id, self._deliver)
         self.manager.add_request(

@@ -53,6 +53,7 @@ class Sequence:
             # Clipped to what the context has left, as FastChat does.
             max_new_tokens=min(request.max_new_tokens, room),
             stop_token_ids=tuple(request.stop_token_ids),
+            ignore_eos=request.ignore_eos,
         )
         self.detokenizer = IncrementalDetokenizer(tokenizer)
         self.stops = StopStrings(request.stop)

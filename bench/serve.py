@@ -1,0 +1,249 @@
+"""Serving benchmark: the gateway path against the same engine called in-process, in one run.
+
+For each concurrency, `concurrency` clients each send `rounds` requests back to back (same
+prompts, temperature 0, exactly --max-tokens output tokens). Prints aggregate output tokens/s
+and time to first token (p50/p95) for both paths and their ratio, and writes them as JSON.
+
+    python bench/serve.py                       # concurrency 1, 4, 16 on the default model
+    python bench/serve.py --concurrency 1 16 --max-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from broker.settings import Settings
+
+TOPICS = [
+    "a lighthouse",
+    "a lost key",
+    "the moon",
+    "a small robot",
+    "an old map",
+    "a jazz band",
+    "rain",
+    "a fox",
+]
+
+
+def prompt(i: int) -> list[dict]:
+    return [{"role": "user", "content": f"Write a short story about {TOPICS[i % len(TOPICS)]}."}]
+
+
+@dataclass
+class Result:
+    path: str
+    concurrency: int
+    requests: int
+    output_tokens: int
+    wall_s: float
+    ttft_p50_ms: float
+    ttft_p95_ms: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.wall_s
+
+
+def summarize(path: str, concurrency: int, ttfts: list[float], tokens: int, wall_s: float) -> Result:
+    ttfts_ms = sorted(t * 1000 for t in ttfts)
+    p95 = ttfts_ms[min(len(ttfts_ms) - 1, int(0.95 * len(ttfts_ms)))]
+    return Result(path, concurrency, len(ttfts), tokens, wall_s, statistics.median(ttfts_ms), p95)
+
+
+# --------------------------------------------------------------------------- in-process engine
+
+
+class InProcess:
+    """The worker's engine without Redis or HTTP: add a request, wait for its tokens."""
+
+    def __init__(self, settings: Settings) -> None:
+        from workers.hf_engine import TransformersEngine
+        from workers.loading import load_model
+
+        loaded = load_model(settings.model, settings.home, threads=settings.threads)
+        self.tokenizer = loaded.tokenizer
+        self.engine = TransformersEngine(loaded, settings.max_batch, settings.kv_cache_tokens)
+        self.waiting: dict[str, asyncio.Queue] = {}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            for out in await self.engine.step(timeout_s=0.1):
+                self.waiting[out.request_id].put_nowait(out)
+
+    async def generate(self, messages: list[dict], max_tokens: int) -> tuple[float, int]:
+        from workers.engine import SamplingParams
+
+        start = time.perf_counter()
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        request_id = uuid.uuid4().hex
+        self.waiting[request_id] = queue = asyncio.Queue()
+        self.engine.add(
+            request_id, ids, SamplingParams(temperature=0, max_new_tokens=max_tokens, ignore_eos=True)
+        )
+        ttft, tokens = None, 0
+        while True:
+            out = await queue.get()
+            if out.new_token_ids and ttft is None:
+                ttft = time.perf_counter() - start
+            tokens += len(out.new_token_ids)
+            if out.finished:
+                del self.waiting[request_id]
+                return ttft or 0.0, tokens
+
+
+# --------------------------------------------------------------------------- gateway
+
+
+async def gateway_generate(client: httpx.AsyncClient, model: str, messages: list[dict], max_tokens: int):
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    start = time.perf_counter()
+    ttft, tokens = None, 0
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                ttft = time.perf_counter() - start
+    return ttft or 0.0, tokens
+
+
+def start_stack(settings: Settings, prefix: str) -> tuple[list[subprocess.Popen], str]:
+    env = dict(os.environ)
+    env.update({f"CORRAL_{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None})
+    env["CORRAL_KEY_PREFIX"] = prefix
+    processes = [subprocess.Popen([sys.executable, "-m", c], env=env) for c in ("gateway", "workers")]
+    url = f"http://{settings.host}:{settings.port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=1).json()["data"]:
+                return processes, url
+        except (httpx.HTTPError, KeyError, ValueError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("the stack did not come up")
+
+
+# --------------------------------------------------------------------------- driver
+
+
+async def drive(generate, concurrency: int, rounds: int, max_tokens: int) -> tuple[list[float], int, float]:
+    ttfts: list[float] = []
+    total = 0
+
+    async def client(c: int) -> None:
+        nonlocal total
+        for r in range(rounds):
+            ttft, tokens = await generate(prompt(c * rounds + r), max_tokens)
+            ttfts.append(ttft)
+            total += tokens
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client(c) for c in range(concurrency)))
+    return ttfts, total, time.perf_counter() - start
+
+
+async def bench_in_process(settings: Settings, args: argparse.Namespace) -> list[Result]:
+    local = InProcess(settings)
+    local.engine.start()
+    stop = asyncio.Event()
+    runner = asyncio.create_task(local.run(stop))
+    await local.generate(prompt(0), 4)  # warm-up: the first batch allocates the cache
+    results = []
+    for c in args.concurrency:
+        ttfts, tokens, wall = await drive(local.generate, c, args.rounds, args.max_tokens)
+        results.append(summarize("in-process", c, ttfts, tokens, wall))
+        print(row(results[-1]), flush=True)
+    stop.set()
+    await runner
+    local.engine.stop()
+    return results
+
+
+async def bench_gateway(settings: Settings, args: argparse.Namespace) -> list[Result]:
+    processes, url = start_stack(settings, f"bench-{uuid.uuid4().hex[:8]}")
+    results = []
+    try:
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+            async def generate(messages: list[dict], max_tokens: int):
+                return await gateway_generate(client, settings.model_name, messages, max_tokens)
+
+            await generate(prompt(0), 4)
+            for c in args.concurrency:
+                ttfts, tokens, wall = await drive(generate, c, args.rounds, args.max_tokens)
+                results.append(summarize("gateway", c, ttfts, tokens, wall))
+                print(row(results[-1]), flush=True)
+    finally:
+        for p in processes:
+            p.terminate()
+        for p in processes:
+            p.wait(timeout=30)
+    return results
+
+
+def row(r: Result) -> str:
+    return (
+        f"{r.path:>10}  c={r.concurrency:<3} {r.requests:>3} req  {r.output_tokens:>5} tok  "
+        f"{r.tokens_per_s:7.1f} tok/s  TTFT p50 {r.ttft_p50_ms:7.1f} ms  p95 {r.ttft_p95_ms:7.1f} ms"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--rounds", type=int, default=2, help="requests per client")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=0, help="model threads, both paths (0: auto)")
+    parser.add_argument("--port", type=int, default=8077)
+    parser.add_argument("--out", default="bench/results/serve.json")
+    args = parser.parse_args()
+
+    settings = Settings().with_overrides(
+        port=args.port, threads=args.threads, max_batch=max(args.concurrency), kv_cache_tokens=32768
+    )
+    if not settings.redis_url:
+        settings = settings.with_overrides(redis_url="redis://127.0.0.1:6379/0")
+    print(
+        f"model {settings.model}, threads {settings.threads or 'auto'}, {args.max_tokens} tokens per request"
+    )
+    local = asyncio.run(bench_in_process(settings, args))
+    remote = asyncio.run(bench_gateway(settings, args))
+
+    print("\nconcurrency  gateway/in-process tok/s   TTFT p50 overhead")
+    for a, b in zip(local, remote, strict=True):
+        overhead = b.ttft_p50_ms - a.ttft_p50_ms
+        print(f"{a.concurrency:>11}  {b.tokens_per_s / a.tokens_per_s:>24.3f}   {overhead:>+13.1f} ms")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps([asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in local + remote], indent=2)
+    )
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
