@@ -25,7 +25,8 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="Only n=1 is served for now.")
-    # vLLM's extension: generate exactly max_tokens (benchmarks).
+    # vLLM's extensions: token ids that end generation, and generating exactly max_tokens.
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
     ignore_eos: bool = False
     user: str | None = None
 

@@ -104,6 +104,7 @@ async def _generate(gateway: Gateway, body, endpoint: str, **prompt) -> JSONResp
         top_k=body.top_k,
         max_new_tokens=max_tokens,
         stop=body.stop_list(),
+        stop_token_ids=body.stop_token_ids,
         ignore_eos=body.ignore_eos,
         created_ms=created_ms,
         deadline_ms=created_ms + int(settings.request_timeout_s * 1000),

@@ -179,3 +179,22 @@ def test_killed_worker_disappears_from_models_within_its_ttl(stack: Stack) -> No
     assert "smollm2-doomed" not in stack.served_models()
     assert gone_after_s <= WORKER_TTL_S + 0.5
     assert MODEL in stack.served_models()
+
+
+def test_stop_token_id_ends_generation_before_that_token(stack: Stack, greedy, tokenizer) -> None:
+    _, _, new_ids = greedy(QUESTION, max_new_tokens=24)
+    stop_id = new_ids[3]
+    reply = client(stack).chat.completions.create(
+        model=MODEL, messages=QUESTION, temperature=0, max_tokens=24, extra_body={"stop_token_ids": [stop_id]}
+    )
+    assert reply.choices[0].message.content == tokenizer.decode(new_ids[: new_ids.index(stop_id)])
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens == new_ids.index(stop_id) + 1
+
+
+def test_ignore_eos_generates_exactly_max_tokens(stack: Stack) -> None:
+    reply = client(stack).chat.completions.create(
+        model=MODEL, messages=QUESTION, temperature=0, max_tokens=40, extra_body={"ignore_eos": True}
+    )
+    assert reply.usage.completion_tokens == 40
+    assert reply.choices[0].finish_reason == "length"
