@@ -83,6 +83,7 @@ def _error_message(response: httpx.Response) -> str:
 
 
 def _show(console: Console, chunks: Iterator[str], rich: bool) -> None:
+    console.print("ASSISTANT:", end="\n" if rich else " ")  # Live redraws its own lines
     if not rich:
         for text in chunks:
             console.out(text, end="", highlight=False)
@@ -141,7 +142,6 @@ def run_chat(url: str, args: argparse.Namespace) -> int:
                         return 0
                     continue
                 session.messages.append({"role": "user", "content": line})
-                console.print("ASSISTANT: ", end="")
                 show(session.stream_reply())
             except (httpx.HTTPError, RuntimeError) as e:
                 console.print(f"[red]error: {e}[/red]")
