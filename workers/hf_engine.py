@@ -93,6 +93,8 @@ class TransformersEngine:
     def cancel(self, request_id: str) -> None:
         if self._active.pop(request_id, None) is not None:
             self.manager.cancel_request(request_id)
+            # A cancelled request gets no final result, so its handler would never be removed
+            # (the manager only drops handlers on a finished result): drop it here.
             with self.manager.output_router._lock:
                 self.manager.output_router.result_handlers.pop(request_id, None)
 

@@ -206,13 +206,23 @@ class Worker:
 
     async def _listen_for_cancels(self) -> None:
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        await pubsub.subscribe(self.keys.cancel)
+        backoff_s = 0.1
         try:
-            async for message in pubsub.listen():
-                request_id = message.get("data")
-                if request_id in self.active:
-                    self.engine.cancel(request_id)
-                    await self.queue.ack(self.model, [self._release(request_id)])
-                    log.info("cancelled %s", request_id)
+            while True:
+                try:
+                    await pubsub.subscribe(self.keys.cancel)
+                    async for message in pubsub.listen():
+                        backoff_s = 0.1
+                        await self._cancel(message.get("data"))
+                except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as e:
+                    log.warning("cancel channel lost (%s); resubscribing in %.1fs", e, backoff_s)
+                    await asyncio.sleep(backoff_s)
+                    backoff_s = min(backoff_s * 2, 5.0)
         finally:
             await pubsub.aclose()
+
+    async def _cancel(self, request_id: str) -> None:
+        if request_id in self.active:
+            self.engine.cancel(request_id)
+            await self.queue.ack(self.model, [self._release(request_id)])
+            log.info("cancelled %s", request_id)
