@@ -39,6 +39,12 @@ class Keys:
         received by every worker."""
         return f"{self.prefix}:cancel"
 
+    def rate(self, caller: str, what: str, window: int) -> str:
+        """Counter of `what` (requests or tokens) one caller used in one minute window. Written
+        by gateways (INCR/INCRBY); expires two minutes after its window opened. `caller` is a
+        hash of the API key, never the key."""
+        return f"{self.prefix}:rate:{caller}:{what}:{window}"
+
     def worker(self, worker_id: str) -> str:
         """Hash describing one live worker. Written by the worker's heartbeat task with a TTL of
         `worker_ttl_s`; it expires on its own when the worker dies."""

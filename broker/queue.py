@@ -74,6 +74,10 @@ class RequestQueue:
             pipe.xdel(stream, *entry_ids)
             await pipe.execute()
 
+    async def known(self, model: str) -> bool:
+        """Whether this model has ever had a worker (its stream and group exist)."""
+        return bool(await self.redis.exists(self.keys.requests(model)))
+
     async def depth(self, model: str) -> int:
         """Requests waiting for a worker (delivered-but-unacked ones are not counted)."""
         try:

@@ -21,13 +21,15 @@ class ChatMessage(BaseModel):
 
 
 class GenerationRequest(BaseModel):
-    """One generation request on a model's stream. Exactly one of `messages` (chat) or
-    `prompt` (plain completion) is set; the worker owns tokenization and the chat template."""
+    """One generation request on a model's stream. Exactly one of `messages` (chat), `prompt`
+    or `prompt_token_ids` (plain completion) is set; the worker owns tokenization and the chat
+    template."""
 
     request_id: str
     model: str
     messages: list[ChatMessage] | None = None
     prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
     # Sampling. temperature 0 means greedy.
     temperature: float = 1.0
     top_p: float = 1.0

@@ -24,6 +24,12 @@ class Settings(BaseSettings):
     port: int = 8000
     # Every request carries a deadline; this is the default when the client sets no timeout.
     request_timeout_s: float = Field(600.0, gt=0)
+    # Bearer keys for /v1/* (comma-separated) and/or a file of keys, one a line; none = no auth.
+    api_keys: str | None = None
+    api_key_file: Path | None = None
+    # Per API key (or per client address without keys), across all gateways; 0 = no limit.
+    rate_limit_requests_per_min: int = Field(0, ge=0)
+    rate_limit_tokens_per_min: int = Field(0, ge=0)
     # Upper bound of max_tokens a client may ask for.
     max_tokens_limit: int = Field(4096, gt=0)
     default_max_tokens: int = Field(512, gt=0)

@@ -15,6 +15,7 @@ from broker.keys import Keys
 from broker.queue import RequestQueue
 from broker.registry import WorkerRegistry
 from broker.settings import Settings
+from gateway.auth import Limits, load_api_keys
 from gateway.errors import install_error_handlers
 from gateway.hub import EventHub
 from gateway.metrics import Metrics
@@ -34,6 +35,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         keys = Keys(settings.key_prefix)
         hub = EventHub(redis, keys)
         await hub.start()
+        app.state.limits = limits = Limits(
+            redis,
+            keys,
+            load_api_keys(settings),
+            settings.rate_limit_requests_per_min,
+            settings.rate_limit_tokens_per_min,
+        )
         app.state.gateway = Gateway(
             settings=settings,
             redis=redis,
@@ -41,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             hub=hub,
             metrics=Metrics(),
             models=LiveModels(WorkerRegistry(redis, keys)),
+            limits=limits,
         )
         log.info("gateway %s ready on redis %s", hub.gateway_id, url)
         try:

@@ -39,6 +39,19 @@ class ModelNotFound(APIError):
         )
 
 
+class ModelUnavailable(APIError):
+    """The model has been served here (its stream exists) but no worker is alive for it now."""
+
+    status = 503
+    type = "server_error"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model '{model}' has no live worker right now.", param="model", code="model_unavailable"
+        )
+        self.headers = {"Retry-After": "5"}
+
+
 class DeadlineExceeded(APIError):
     status = 504
     type = "timeout_error"
@@ -76,7 +89,7 @@ def _validation_param(loc: tuple) -> str | None:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def on_api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from broker.schemas import Usage
 
@@ -14,7 +14,44 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# OpenAI fields Corral accepts only at the value that means "not used"; anything else is a 400
+# naming the field, never a silent ignore.
+_ONLY_NEUTRAL: dict[str, tuple] = {
+    "tools": (None, []),
+    "functions": (None, []),
+    "tool_choice": (None, "none"),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None, True, False),
+    "response_format": (None, {"type": "text"}),
+    "logit_bias": (None, {}),
+    "suffix": (None, ""),
+    "store": (None, False),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+    "service_tier": (None, "auto", "default"),
+    "metadata": (None, {}),
+    "best_of": (None, 1),
+}
+# Fields of the API that are declared below but not served yet: only their neutral value passes.
+_NOT_YET: dict[str, tuple] = {
+    "presence_penalty": (0.0,),
+    "frequency_penalty": (0.0,),
+    "repetition_penalty": (1.0,),
+    "min_p": (0.0,),
+    "seed": (None,),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "echo": (False,),
+}
+
+
 class SamplingFields(BaseModel):
+    # Extra fields are kept so that `refusal` can name them; none is ever ignored.
+    model_config = ConfigDict(extra="allow")
+
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -29,6 +66,24 @@ class SamplingFields(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
     ignore_eos: bool = False
     user: str | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    # vLLM's and FastChat's extensions: 1 = off.
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    seed: int | None = None
+
+    def refusal(self) -> tuple[str, str] | None:
+        """(field, message) for the first field this request uses that Corral does not serve."""
+        for name, value in (self.model_extra or {}).items():
+            if name not in _ONLY_NEUTRAL:
+                return name, f"Unrecognized request argument supplied: {name}"
+            if value not in _ONLY_NEUTRAL[name]:
+                return name, f"{name} is not supported by Corral yet"
+        for name, neutral in _NOT_YET.items():
+            if name in type(self).model_fields and getattr(self, name) not in neutral:
+                return name, f"{name} is not supported by Corral yet"
+        return None
 
     @field_validator("stop")
     @classmethod
@@ -61,25 +116,38 @@ class ChatMessageIn(BaseModel):
 class ChatCompletionCreate(SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
 
 class CompletionCreate(SamplingFields):
-    prompt: str | list[str]
+    # A string, or token ids (decoded by the model's own tokenizer), or a list of one of either.
+    prompt: str | list[str] | list[int] | list[list[int]]
     # OpenAI's default for legacy completions.
     max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, prompt: str | list[str]) -> str | list[str]:
-        if isinstance(prompt, list) and len(prompt) != 1:
+    def _one_prompt(cls, prompt: str | list) -> str | list:
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("the prompt is empty")
+        if isinstance(prompt, list) and isinstance(prompt[0], str | list) and len(prompt) != 1:
             raise ValueError("exactly one prompt is served per request for now")
+        if isinstance(prompt, list) and isinstance(prompt[0], list) and not prompt[0]:
+            raise ValueError("the prompt is empty")
         return prompt
 
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompt_fields(self) -> dict:
+        """The prompt as GenerationRequest fields: `prompt` text or `prompt_token_ids`."""
+        prompt = self.prompt
+        if isinstance(prompt, list) and isinstance(prompt[0], str | list):
+            prompt = prompt[0]
+        return {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens

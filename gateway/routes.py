@@ -7,50 +7,72 @@ import json
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from broker.schemas import ChatMessage, Event, GenerationRequest, Usage
-from gateway.errors import DeadlineExceeded, GenerationFailed, InvalidRequest, ModelNotFound, sse_error
+from broker.schemas import ChatMessage, Event, GenerationRequest, Usage, WorkerInfo
+from gateway.auth import Caller, LimitsDep, caller
+from gateway.errors import (
+    DeadlineExceeded,
+    GenerationFailed,
+    InvalidRequest,
+    ModelNotFound,
+    ModelUnavailable,
+    sse_error,
+)
 from gateway.hub import events
 from gateway.openai_schemas import ChatCompletionCreate, CompletionCreate, ResponseShape
 from gateway.state import Gateway, GatewayDep
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
+
+
+def _model_card(name: str, workers: list[WorkerInfo]) -> dict:
+    return {
+        "id": name,
+        "object": "model",
+        "created": int(min(w.started_at for w in workers)),
+        "owned_by": "corral",
+        "max_model_len": max(w.context_length for w in workers),
+    }
 
 
 @router.get("/models")
 async def list_models(gateway: GatewayDep) -> dict:
     served = await gateway.models.get(refresh=True)
-    data = [
-        {
-            "id": name,
-            "object": "model",
-            "created": int(min(w.started_at for w in workers)),
-            "owned_by": "corral",
-            "max_model_len": max(w.context_length for w in workers),
-        }
-        for name, workers in sorted(served.items())
-    ]
-    return {"object": "list", "data": data}
+    return {
+        "object": "list",
+        "data": [_model_card(name, workers) for name, workers in sorted(served.items())],
+    }
+
+
+@router.get("/models/{model_id:path}")
+async def get_model(model_id: str, gateway: GatewayDep) -> dict:
+    workers = await gateway.models.find(model_id)
+    if workers is None:
+        raise ModelNotFound(model_id)
+    return _model_card(model_id, workers)
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionCreate, gateway: GatewayDep):
+async def chat_completions(body: ChatCompletionCreate, gateway: GatewayDep, who: Caller, limits: LimitsDep):
+    await limits.admit(who)
     messages = [ChatMessage(role=m.role, content=m.text()) for m in body.messages]
-    return await _generate(gateway, body, "chat", messages=messages)
+    return await _generate(gateway, body, "chat", who, messages=messages)
 
 
 @router.post("/completions")
-async def completions(body: CompletionCreate, gateway: GatewayDep):
-    return await _generate(gateway, body, "completions", prompt=body.prompt_text())
+async def completions(body: CompletionCreate, gateway: GatewayDep, who: Caller, limits: LimitsDep):
+    await limits.admit(who)
+    return await _generate(gateway, body, "completions", who, **body.prompt_fields())
 
 
 class _Call:
     """One client request in flight: its queue of events, deadline and clean-up."""
 
-    def __init__(self, gateway: Gateway, request: GenerationRequest, endpoint: str) -> None:
+    def __init__(self, gateway: Gateway, request: GenerationRequest, endpoint: str, caller: str) -> None:
         self.gateway = gateway
+        self.caller = caller
         self.request = request
         self.endpoint = endpoint
         self.received = time.perf_counter()
@@ -73,6 +95,7 @@ class _Call:
         if usage is not None:
             self.gateway.metrics.output_tokens.labels(model).inc(usage.completion_tokens)
             self.gateway.metrics.prompt_tokens.labels(model).inc(usage.prompt_tokens)
+            self.gateway.hub.in_background(self.gateway.limits.spend(self.caller, usage.total_tokens))
 
     def first_token(self) -> None:
         self.gateway.metrics.ttft.labels(self.request.model).observe(time.perf_counter() - self.received)
@@ -84,8 +107,15 @@ class _Call:
             self.gateway.hub.in_background(self.gateway.queue.cancel(self.request.request_id))
 
 
-async def _generate(gateway: Gateway, body, endpoint: str, **prompt) -> JSONResponse | StreamingResponse:
+async def _generate(
+    gateway: Gateway, body, endpoint: str, who: str, **prompt
+) -> JSONResponse | StreamingResponse:
+    refused = body.refusal()
+    if refused is not None:
+        raise InvalidRequest(refused[1], param=refused[0], code="unsupported_parameter")
     if await gateway.models.find(body.model) is None:
+        if await gateway.queue.known(body.model):
+            raise ModelUnavailable(body.model)
         raise ModelNotFound(body.model)
     settings = gateway.settings
     max_tokens = body.requested_max_tokens() or settings.default_max_tokens
@@ -110,7 +140,7 @@ async def _generate(gateway: Gateway, body, endpoint: str, **prompt) -> JSONResp
         deadline_ms=created_ms + int(settings.request_timeout_s * 1000),
         **prompt,
     )
-    call = _Call(gateway, request, endpoint)
+    call = _Call(gateway, request, endpoint, who)
     shape = ResponseShape(_response_id(endpoint, request.request_id), body.model, chat=endpoint == "chat")
     try:
         await gateway.queue.enqueue(request)

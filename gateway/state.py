@@ -13,6 +13,7 @@ from broker.queue import RequestQueue
 from broker.registry import WorkerRegistry
 from broker.schemas import WorkerInfo
 from broker.settings import Settings
+from gateway.auth import Limits
 from gateway.hub import EventHub
 from gateway.metrics import Metrics
 
@@ -49,6 +50,7 @@ class Gateway:
     hub: EventHub
     metrics: Metrics
     models: LiveModels
+    limits: Limits
 
 
 def get_gateway(request: Request) -> Gateway:

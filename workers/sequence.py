@@ -31,6 +31,14 @@ def encode_prompt(claimed: Claimed, tokenizer: Any) -> list[int]:
             messages, add_generation_prompt=True, tokenize=True, return_dict=False
         )
         return list(ids)
+    if request.prompt_token_ids is not None:
+        vocab = len(tokenizer)
+        bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidPrompt(
+                "invalid_request", f"prompt token ids out of the vocabulary (0..{vocab - 1}): {bad[:5]}"
+            )
+        return list(request.prompt_token_ids)
     return list(tokenizer.encode(request.prompt or ""))
 
 

@@ -1,0 +1,142 @@
+"""OpenAI API details: strict fields, token prompts, model cards, status codes, keys and limits."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+import redis
+
+from tests.conftest import MODEL, Stack, free_port
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def client(url: str, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def post_chat(url: str, extra: dict, headers: dict | None = None) -> httpx.Response:
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 4, **extra}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "message"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
+        ({"response_format": {"type": "json_object"}}, "response_format", "not supported"),
+        ({"presence_penalty": 0.5}, "presence_penalty", "not supported"),
+        ({"colour": "blue"}, "colour", "Unrecognized request argument supplied: colour"),
+        ({"n": 2}, "n", "less than or equal to 1"),
+        ({"top_p": 0}, "top_p", "greater than 0"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role", "Input should be"),
+    ],
+)
+def test_a_field_corral_does_not_serve_is_a_400_naming_it(stack: Stack, extra, param, message) -> None:
+    response = post_chat(stack.url, extra)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert message in error["message"]
+
+
+def test_neutral_values_of_unserved_fields_are_accepted(stack: Stack) -> None:
+    response = post_chat(stack.url, {"response_format": {"type": "text"}, "tools": [], "presence_penalty": 0})
+    assert response.status_code == 200, response.text
+
+
+def test_a_token_array_prompt_gives_the_same_completion_as_its_text(stack: Stack, tokenizer) -> None:
+    text = "The capital of France is"
+    api = client(stack.url)
+    from_text = api.completions.create(model=MODEL, prompt=text, temperature=0, max_tokens=8)
+    from_ids = api.completions.create(model=MODEL, prompt=tokenizer.encode(text), temperature=0, max_tokens=8)
+    assert from_ids.choices[0].text == from_text.choices[0].text
+    assert from_ids.usage.prompt_tokens == len(tokenizer.encode(text))
+
+
+def test_token_ids_outside_the_vocabulary_are_a_400(stack: Stack) -> None:
+    response = httpx.post(
+        f"{stack.url}/v1/completions", json={"model": MODEL, "prompt": [1, 2, 10**7]}, timeout=60
+    )
+    assert response.status_code == 400
+    assert "out of the vocabulary" in response.json()["error"]["message"]
+
+
+def test_a_prompt_longer_than_the_context_is_a_400_context_length_exceeded(stack: Stack) -> None:
+    response = httpx.post(
+        f"{stack.url}/v1/completions", json={"model": MODEL, "prompt": "hello " * 9000}, timeout=60
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_model_card_reports_the_context_length(stack: Stack) -> None:
+    card = client(stack.url).models.retrieve(MODEL)
+    assert card.id == MODEL
+    assert card.model_extra["max_model_len"] == 8192
+    with pytest.raises(openai.NotFoundError):
+        client(stack.url).models.retrieve("no-such-model")
+
+
+def test_a_known_model_without_a_live_worker_is_a_503_with_retry_after(stack: Stack) -> None:
+    r = redis.Redis.from_url(stack.redis_url)
+    r.xgroup_create(f"{stack.key_prefix}:q:{{ghost}}", "workers", id="0", mkstream=True)
+    response = httpx.post(
+        f"{stack.url}/v1/chat/completions", json={"model": "ghost", "messages": QUESTION}, timeout=10
+    )
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "5"
+    assert response.json()["error"]["code"] == "model_unavailable"
+
+
+def start_gateway(stack: Stack, **env: str) -> str:
+    port = free_port()
+    stack.start("gateway", CORRAL_PORT=str(port), **env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise TimeoutError("gateway did not start")
+
+
+def test_two_gateways_share_one_request_limit_per_key_and_never_store_the_key(stack: Stack) -> None:
+    env = {"CORRAL_API_KEYS": "sk-alpha-secret,sk-beta-secret", "CORRAL_RATE_LIMIT_REQUESTS_PER_MIN": "3"}
+    urls = [start_gateway(stack, **env), start_gateway(stack, **env)]
+    alpha = {"Authorization": "Bearer sk-alpha-secret"}
+
+    if time.time() % 60 > 50:  # let the burst below fall in one fixed one-minute window
+        time.sleep(61 - time.time() % 60)
+    assert post_chat(urls[0], {"model": "nobody"}).status_code == 401
+    assert post_chat(urls[0], {"model": "nobody"}, {"Authorization": "Bearer wrong"}).status_code == 401
+    statuses = [post_chat(urls[i % 2], {"model": "nobody"}, alpha).status_code for i in range(4)]
+    limited = post_chat(urls[1], {"model": "nobody"}, alpha)
+    beta = post_chat(urls[1], {"model": "nobody"}, {"Authorization": "Bearer sk-beta-secret"})
+
+    assert statuses == [404, 404, 404, 429]
+    assert limited.status_code == 429
+    assert 1 <= int(limited.headers["retry-after"]) <= 61
+    assert limited.json()["error"]["type"] == "rate_limit_error"
+    assert beta.status_code == 404  # another key has its own budget
+    keys = [k.decode() for k in redis.Redis.from_url(stack.redis_url).scan_iter(f"{stack.key_prefix}:*")]
+    assert not any("secret" in k for k in keys)
+    assert any(":rate:key:" in k for k in keys)
+
+
+def test_tokens_per_minute_limit_stops_a_caller_after_spending_it(stack: Stack) -> None:
+    url = start_gateway(stack, CORRAL_RATE_LIMIT_TOKENS_PER_MIN="30")
+    if time.time() % 60 > 50:
+        time.sleep(61 - time.time() % 60)
+    first = post_chat(url, {"max_tokens": 8})
+    time.sleep(0.3)  # the spend is recorded just after the reply
+    second = post_chat(url, {"max_tokens": 8})
+    assert first.status_code == 200
+    assert first.json()["usage"]["total_tokens"] >= 30
+    assert second.status_code == 429
+    assert "tokens per minute" in second.json()["error"]["message"]
