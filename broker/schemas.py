@@ -35,6 +35,8 @@ class GenerationRequest(BaseModel):
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k filter
     max_new_tokens: int = 256
+    # Choices to generate from the one prompt (the engine shares the prompt's KV blocks).
+    n: int = 1
     stop: list[str] = Field(default_factory=list)
     stop_token_ids: list[int] = Field(default_factory=list)
     # Keep generating past EOS (benchmarks with a fixed output length).

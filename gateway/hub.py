@@ -81,17 +81,20 @@ class EventHub:
                 backoff_s = min(backoff_s * 2, _RECONNECT_MAX_S)
 
 
-async def events(queue: asyncio.Queue[str], deadline_s: float) -> AsyncIterator[Event]:
-    """A request's events in order until its last; raises TimeoutError at the deadline
-    (a loop.time() value). Duplicates (seq already seen) are dropped."""
-    last_seq = 0
+async def events(queue: asyncio.Queue[str], deadline_s: float, choices: int = 1) -> AsyncIterator[Event]:
+    """A request's events in order until every choice has ended, or until the first error;
+    raises TimeoutError at the deadline (a loop.time() value). Duplicates (a seq already seen
+    for that choice) are dropped."""
+    last_seq = [0] * choices
+    ended = 0
     loop = asyncio.get_running_loop()
-    while True:
+    while ended < choices:
         raw = await asyncio.wait_for(queue.get(), max(deadline_s - loop.time(), 0))
         event = Event.model_validate_json(raw)
-        if event.seq <= last_seq:
+        if event.seq <= last_seq[event.index]:
             continue
-        last_seq = event.seq
+        last_seq[event.index] = event.seq
         yield event
-        if event.type != "delta":
+        if event.type == "error":
             return
+        ended += event.type == "done"

@@ -61,7 +61,7 @@ class SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="Only n=1 is served for now.")
+    n: int = Field(1, ge=1)
     # vLLM's extensions: token ids that end generation, and generating exactly max_tokens.
     stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
     ignore_eos: bool = False
@@ -175,24 +175,33 @@ class ResponseShape:
     def _head(self, object_: str) -> dict:
         return {"id": self.id, "object": object_, "created": self.created, "model": self.model}
 
-    def chunk(self, text: str | None, finish_reason: str | None = None, first: bool = False) -> dict:
+    def chunk(
+        self, text: str | None, index: int = 0, finish_reason: str | None = None, first: bool = False
+    ) -> dict:
         if self.chat:
             delta: dict = {"role": "assistant", "content": ""} if first else {}
             if text:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
             return {**self._head("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
         return {**self._head("text_completion"), "choices": [choice]}
 
     def usage_chunk(self, usage: Usage | None) -> dict:
         object_ = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._head(object_), "choices": [], "usage": usage_body(usage)}
 
-    def complete(self, text: str, finish_reason: str | None, usage: Usage | None) -> dict:
-        if self.chat:
-            message = {"role": "assistant", "content": text}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
-            return {**self._head("chat.completion"), "choices": [choice], "usage": usage_body(usage)}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        return {**self._head("text_completion"), "choices": [choice], "usage": usage_body(usage)}
+    def complete(self, texts: list[str], finish_reasons: list[str | None], usage: Usage | None) -> dict:
+        choices = []
+        for index, (text, finish_reason) in enumerate(zip(texts, finish_reasons, strict=True)):
+            if self.chat:
+                message = {"role": "assistant", "content": text}
+                choices.append(
+                    {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason}
+                )
+            else:
+                choices.append(
+                    {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+                )
+        object_ = "chat.completion" if self.chat else "text_completion"
+        return {**self._head(object_), "choices": choices, "usage": usage_body(usage)}

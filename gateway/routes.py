@@ -83,7 +83,7 @@ class _Call:
 
     async def events(self) -> AsyncIterator[Event]:
         try:
-            async for event in events(self.queue, self.deadline):
+            async for event in events(self.queue, self.deadline, self.request.n):
                 self.finished = event.type != "delta"
                 yield event
         except TimeoutError:
@@ -125,6 +125,10 @@ async def _generate(
             param="max_tokens",
             code="invalid_value",
         )
+    if body.n > settings.max_n:
+        raise InvalidRequest(
+            f"n is {body.n}; this server allows at most {settings.max_n}", param="n", code="invalid_value"
+        )
     created_ms = int(time.time() * 1000)
     request = GenerationRequest(
         request_id=gateway.hub.new_request_id(),
@@ -133,6 +137,7 @@ async def _generate(
         top_p=body.top_p,
         top_k=body.top_k,
         max_new_tokens=max_tokens,
+        n=body.n,
         stop=body.stop_list(),
         stop_token_ids=body.stop_token_ids,
         ignore_eos=body.ignore_eos,
@@ -157,26 +162,41 @@ def _response_id(endpoint: str, request_id: str) -> str:
     return ("chatcmpl-" if endpoint == "chat" else "cmpl-") + request_id.split(".", 1)[1]
 
 
+def _total(usages: list[Usage]) -> Usage:
+    """One request's usage over its choices: the prompt is processed once."""
+    return Usage(
+        prompt_tokens=usages[0].prompt_tokens, completion_tokens=sum(u.completion_tokens for u in usages)
+    )
+
+
 async def _complete(call: _Call, shape: ResponseShape) -> JSONResponse:
-    parts: list[str] = []
+    n = call.request.n
+    texts: list[list[str]] = [[] for _ in range(n)]
+    finish: list[str | None] = [None] * n
+    usages: list[Usage] = []
     try:
         async for event in call.events():
             if event.type == "error":
                 assert event.error is not None
                 call.count("error")
                 raise GenerationFailed(event.error.code, event.error.message)
-            if event.text and not parts:
+            if event.text and not any(texts):
                 call.first_token()
-            parts.append(event.text)
+            texts[event.index].append(event.text)
             if event.type == "done":
-                call.count("ok", event.usage)
-                return JSONResponse(shape.complete("".join(parts), event.finish_reason, event.usage))
+                assert event.usage is not None
+                finish[event.index] = event.finish_reason
+                usages.append(event.usage)
     except DeadlineExceeded:
         call.count("timeout")
         raise
     finally:
         call.release()
-    raise GenerationFailed("engine_error", "the worker ended the request without a result")
+    if len(usages) < n:
+        raise GenerationFailed("engine_error", "the worker ended the request without a result")
+    usage = _total(usages)
+    call.count("ok", usage)
+    return JSONResponse(shape.complete(["".join(t) for t in texts], finish, usage))
 
 
 def _sse(payload: dict) -> str:
@@ -185,8 +205,10 @@ def _sse(payload: dict) -> str:
 
 async def _stream(call: _Call, shape: ResponseShape, include_usage: bool) -> AsyncIterator[str]:
     sent_first = False
+    usages: list[Usage] = []
     try:
-        yield _sse(shape.chunk(None, first=True))
+        for index in range(call.request.n):
+            yield _sse(shape.chunk(None, index, first=True))
         async for event in call.events():
             if event.type == "error":
                 assert event.error is not None
@@ -197,13 +219,16 @@ async def _stream(call: _Call, shape: ResponseShape, include_usage: bool) -> Asy
                 if not sent_first:
                     call.first_token()
                     sent_first = True
-                yield _sse(shape.chunk(event.text))
+                yield _sse(shape.chunk(event.text, event.index))
             if event.type == "done":
-                call.count("ok", event.usage)
-                yield _sse(shape.chunk(None, finish_reason=event.finish_reason))
-                if include_usage:
-                    yield _sse(shape.usage_chunk(event.usage))
-                yield "data: [DONE]\n\n"
+                assert event.usage is not None
+                usages.append(event.usage)
+                yield _sse(shape.chunk(None, event.index, finish_reason=event.finish_reason))
+        usage = _total(usages)
+        call.count("ok", usage)
+        if include_usage:
+            yield _sse(shape.usage_chunk(usage))
+        yield "data: [DONE]\n\n"
     except DeadlineExceeded as e:
         call.count("timeout")
         yield sse_error(e.code or "deadline_exceeded", e.message)

@@ -30,7 +30,7 @@ def post_chat(url: str, extra: dict, headers: dict | None = None) -> httpx.Respo
         ({"response_format": {"type": "json_object"}}, "response_format", "not supported"),
         ({"presence_penalty": 0.5}, "presence_penalty", "not supported"),
         ({"colour": "blue"}, "colour", "Unrecognized request argument supplied: colour"),
-        ({"n": 2}, "n", "less than or equal to 1"),
+        ({"n": 99}, "n", "at most 8"),
         ({"top_p": 0}, "top_p", "greater than 0"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role", "Input should be"),
     ],
@@ -140,3 +140,38 @@ def test_tokens_per_minute_limit_stops_a_caller_after_spending_it(stack: Stack) 
     assert first.json()["usage"]["total_tokens"] >= 30
     assert second.status_code == 429
     assert "tokens per minute" in second.json()["error"]["message"]
+
+
+def test_n_choices_at_temperature_0_are_all_the_greedy_answer(stack: Stack) -> None:
+    api = client(stack.url)
+    one = api.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=12)
+    three = api.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=12, n=3)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert {c.message.content for c in three.choices} == {one.choices[0].message.content}
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens
+    assert three.usage.completion_tokens == 3 * one.usage.completion_tokens
+
+
+def test_n_choices_stream_with_their_index_and_each_finishes(stack: Stack) -> None:
+    chunks = list(
+        client(stack.url).chat.completions.create(
+            model=MODEL,
+            messages=QUESTION,
+            temperature=1.0,
+            max_tokens=10,
+            n=3,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    texts = {0: "", 1: "", 2: ""}
+    finished = set()
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        texts[choice.index] += choice.delta.content or ""
+        if choice.finish_reason:
+            finished.add(choice.index)
+    assert finished == {0, 1, 2}
+    assert all(texts.values())
+    assert chunks[-1].choices == []
+    assert 3 <= chunks[-1].usage.completion_tokens <= 30

@@ -133,9 +133,12 @@ def test_client_that_disconnects_frees_its_batch_slot_within_a_second(stack: Sta
         "stream": True,
     }
     with httpx.stream("POST", f"{stack.url}/v1/chat/completions", json=body, timeout=60) as response:
-        lines = response.iter_lines()
-        for _ in range(4):  # the role chunk, then tokens are flowing
-            next(lines)
+        for line in response.iter_lines():
+            if '"content":"' in line and '"content":""' not in line:
+                break  # tokens are flowing
+        started = time.monotonic()  # and until a heartbeat has reported the request
+        while stack.worker_info(worker_id)["in_flight"] != "1" and time.monotonic() - started < 3:
+            time.sleep(0.02)
         assert stack.worker_info(worker_id)["in_flight"] == "1"
     closed = time.monotonic()
     while stack.worker_info(worker_id)["in_flight"] != "0" and time.monotonic() - closed < 5:

@@ -55,7 +55,9 @@ class Worker:
         self.worker_id = worker_id or new_worker_id()
         self.heartbeat_s = heartbeat_s
         self.worker_ttl_s = worker_ttl_s
+        # Choices being generated, by engine id; and choices left per request id.
         self.active: dict[str, Sequence] = {}
+        self.open: dict[str, int] = {}
         self.started_at = time.time()
         self.tokens_out = 0
         self.requests_done = 0
@@ -123,14 +125,16 @@ class Worker:
                 rejected.append((item.request.request_id, result))
                 rejected_entries.append(item.entry_id)
                 continue
-            self.active[result.request_id] = result
-            self.engine.add(result.request_id, result.prompt_ids, result.params)
+            self.open[item.request.request_id] = len(result)
+            for sequence in result:
+                self.active[sequence.engine_id] = sequence
+                self.engine.add(sequence.engine_id, sequence.prompt_ids, sequence.params)
         if rejected:
             await self.queue.publish(rejected)
             await self.queue.ack(self.model, rejected_entries)
 
-    def _prepare(self, claimed: list[Claimed]) -> list[Sequence | Event]:
-        prepared: list[Sequence | Event] = []
+    def _prepare(self, claimed: list[Claimed]) -> list[list[Sequence] | Event]:
+        prepared: list[list[Sequence] | Event] = []
         at_ms = now_ms()
         for item in claimed:
             if item.request.expired(at_ms):
@@ -138,7 +142,9 @@ class Worker:
                 continue
             try:
                 ids = encode_prompt(item, self.tokenizer)
-                prepared.append(Sequence(item, ids, self.tokenizer, self.engine.context_length))
+                context = self.engine.context_length
+                choices = range(item.request.n)
+                prepared.append([Sequence(item, ids, self.tokenizer, context, index=i) for i in choices])
             except InvalidPrompt as e:
                 prepared.append(rejection(e.code, str(e)))
         return prepared
@@ -155,24 +161,30 @@ class Worker:
             events += [(sequence.request_id, e) for e in sequence.advance(out)]
             if sequence.finished:
                 if not out.finished:  # a stop string ended it before the engine did
-                    self.engine.cancel(sequence.request_id)
-                done.append(self._release(sequence.request_id))
+                    self.engine.cancel(sequence.engine_id)
+                done += self._release(sequence)
         return events, done
 
     def expire_overdue(self, done: list[str]) -> list[tuple[str, Event]]:
         at_ms = now_ms()
         events = []
         for sequence in [s for s in self.active.values() if s.claimed.request.expired(at_ms)]:
-            self.engine.cancel(sequence.request_id)
+            self.engine.cancel(sequence.engine_id)
             events.append(
                 (sequence.request_id, sequence.fail("deadline_exceeded", "the request's deadline passed"))
             )
-            done.append(self._release(sequence.request_id))
+            done += self._release(sequence)
         return events
 
-    def _release(self, request_id: str) -> str:
+    def _release(self, sequence: Sequence) -> list[str]:
+        """Forget a finished choice; the request's stream entry once its last choice is done."""
+        del self.active[sequence.engine_id]
+        self.open[sequence.request_id] -= 1
+        if self.open[sequence.request_id] > 0:
+            return []
+        del self.open[sequence.request_id]
         self.requests_done += 1
-        return self.active.pop(request_id).claimed.entry_id
+        return [sequence.claimed.entry_id]
 
     # ------------------------------------------------------------------ side tasks
 
@@ -182,7 +194,7 @@ class Worker:
             models=[self.model],
             device=self.device,
             max_batch=self.engine.max_batch,
-            in_flight=len(self.active),
+            in_flight=len(self.open),
             requests_done=self.requests_done,
             tokens_per_s=round(self.tokens_per_s, 2),
             context_length=self.engine.context_length,
@@ -222,7 +234,11 @@ class Worker:
             await pubsub.aclose()
 
     async def _cancel(self, request_id: str) -> None:
-        if request_id in self.active:
-            self.engine.cancel(request_id)
-            await self.queue.ack(self.model, [self._release(request_id)])
-            log.info("cancelled %s", request_id)
+        if request_id not in self.open:
+            return
+        done: list[str] = []
+        for sequence in [s for s in self.active.values() if s.request_id == request_id]:
+            self.engine.cancel(sequence.engine_id)
+            done += self._release(sequence)
+        await self.queue.ack(self.model, done)
+        log.info("cancelled %s", request_id)

@@ -43,10 +43,17 @@ def encode_prompt(claimed: Claimed, tokenizer: Any) -> list[int]:
 
 
 class Sequence:
-    def __init__(self, claimed: Claimed, prompt_ids: list[int], tokenizer: Any, context_length: int) -> None:
+    """One choice of one request; a request with n choices runs as n sequences."""
+
+    def __init__(
+        self, claimed: Claimed, prompt_ids: list[int], tokenizer: Any, context_length: int, index: int = 0
+    ) -> None:
         request = claimed.request
         self.claimed = claimed
         self.request_id = request.request_id
+        self.index = index
+        # The id the engine knows this choice by.
+        self.engine_id = f"{request.request_id}/{index}"
         self.prompt_ids = prompt_ids
         room = context_length - len(prompt_ids)
         if room <= 0:
@@ -71,7 +78,7 @@ class Sequence:
 
     def _event(self, **fields: Any) -> Event:
         self._seq += 1
-        return Event(seq=self._seq, **fields)
+        return Event(seq=self._seq, index=self.index, **fields)
 
     def advance(self, out: StepOutput) -> list[Event]:
         """Events for the tokens an engine step produced. Sets `finished` when the request is
