@@ -27,8 +27,11 @@ class GenerationRequest(BaseModel):
 
     request_id: str
     model: str
+    # generate: token events; tokenize / detokenize: one `done` event with a `result`.
+    kind: Literal["generate", "tokenize", "detokenize"] = "generate"
     messages: list[ChatMessage] | None = None
     prompt: str | None = None
+    # Completions given as token ids, or the ids to detokenize.
     prompt_token_ids: list[int] | None = None
     # Sampling. temperature 0 means greedy.
     temperature: float = 1.0
@@ -39,6 +42,8 @@ class GenerationRequest(BaseModel):
     n: int = 1
     stop: list[str] = Field(default_factory=list)
     stop_token_ids: list[int] = Field(default_factory=list)
+    # Completions: the text starts with the prompt (decoded by the worker's tokenizer).
+    echo: bool = False
     # Keep generating past EOS (benchmarks with a fixed output length).
     ignore_eos: bool = False
     created_ms: int = Field(default_factory=now_ms)
@@ -74,6 +79,8 @@ class Event(BaseModel):
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: EventError | None = None
+    # The answer of a request that is not a generation (tokenize, detokenize).
+    result: dict | None = None
 
 
 class WorkerInfo(BaseModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from broker.schemas import Usage
 
@@ -44,7 +44,6 @@ _NOT_YET: dict[str, tuple] = {
     "seed": (None,),
     "logprobs": (None, False),
     "top_logprobs": (None, 0),
-    "echo": (False,),
 }
 
 
@@ -147,10 +146,34 @@ class CompletionCreate(SamplingFields):
         prompt = self.prompt
         if isinstance(prompt, list) and isinstance(prompt[0], str | list):
             prompt = prompt[0]
-        return {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
+        fields = {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
+        return {**fields, "echo": self.echo}
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+
+class TokenizeCreate(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages (rendered with the model's chat template)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessageIn] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_input(self) -> TokenizeCreate:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+
+class DetokenizeCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    tokens: list[int] = Field(min_length=1)
 
 
 def usage_body(usage: Usage | None) -> dict | None:

@@ -21,7 +21,13 @@ from gateway.errors import (
     sse_error,
 )
 from gateway.hub import events
-from gateway.openai_schemas import ChatCompletionCreate, CompletionCreate, ResponseShape
+from gateway.openai_schemas import (
+    ChatCompletionCreate,
+    CompletionCreate,
+    DetokenizeCreate,
+    ResponseShape,
+    TokenizeCreate,
+)
 from gateway.state import Gateway, GatewayDep
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
@@ -65,6 +71,53 @@ async def chat_completions(body: ChatCompletionCreate, gateway: GatewayDep, who:
 async def completions(body: CompletionCreate, gateway: GatewayDep, who: Caller, limits: LimitsDep):
     await limits.admit(who)
     return await _generate(gateway, body, "completions", who, **body.prompt_fields())
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeCreate, gateway: GatewayDep) -> dict:
+    messages = [ChatMessage(role=m.role, content=m.text()) for m in body.messages] if body.messages else None
+    return await _ask(gateway, body.model, "tokenize", messages=messages, prompt=body.prompt)
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeCreate, gateway: GatewayDep) -> dict:
+    return await _ask(gateway, body.model, "detokenize", prompt_token_ids=body.tokens)
+
+
+def _new_request(gateway: Gateway, **fields) -> GenerationRequest:
+    """A request with a fresh id (routed back to this gateway) and the default deadline."""
+    created_ms = int(time.time() * 1000)
+    return GenerationRequest(
+        request_id=gateway.hub.new_request_id(),
+        created_ms=created_ms,
+        deadline_ms=created_ms + int(gateway.settings.request_timeout_s * 1000),
+        **fields,
+    )
+
+
+async def _require_worker(gateway: Gateway, model: str) -> None:
+    if await gateway.models.find(model) is None:
+        if await gateway.queue.known(model):
+            raise ModelUnavailable(model)
+        raise ModelNotFound(model)
+
+
+async def _ask(gateway: Gateway, model: str, kind: str, **fields) -> dict:
+    """A request a worker answers with one result (it needs the model's tokenizer)."""
+    await _require_worker(gateway, model)
+    request = _new_request(gateway, model=model, kind=kind, **fields)
+    call = _Call(gateway, request, kind, caller="")
+    try:
+        await gateway.queue.enqueue(request)
+        async for event in call.events():
+            if event.type == "error":
+                assert event.error is not None
+                raise GenerationFailed(event.error.code, event.error.message)
+            if event.result is not None:
+                return event.result
+    finally:
+        call.release()
+    raise GenerationFailed("engine_error", "the worker ended the request without a result")
 
 
 class _Call:
@@ -113,10 +166,7 @@ async def _generate(
     refused = body.refusal()
     if refused is not None:
         raise InvalidRequest(refused[1], param=refused[0], code="unsupported_parameter")
-    if await gateway.models.find(body.model) is None:
-        if await gateway.queue.known(body.model):
-            raise ModelUnavailable(body.model)
-        raise ModelNotFound(body.model)
+    await _require_worker(gateway, body.model)
     settings = gateway.settings
     max_tokens = body.requested_max_tokens() or settings.default_max_tokens
     if max_tokens > settings.max_tokens_limit:
@@ -129,9 +179,8 @@ async def _generate(
         raise InvalidRequest(
             f"n is {body.n}; this server allows at most {settings.max_n}", param="n", code="invalid_value"
         )
-    created_ms = int(time.time() * 1000)
-    request = GenerationRequest(
-        request_id=gateway.hub.new_request_id(),
+    request = _new_request(
+        gateway,
         model=body.model,
         temperature=body.temperature,
         top_p=body.top_p,
@@ -141,8 +190,6 @@ async def _generate(
         stop=body.stop_list(),
         stop_token_ids=body.stop_token_ids,
         ignore_eos=body.ignore_eos,
-        created_ms=created_ms,
-        deadline_ms=created_ms + int(settings.request_timeout_s * 1000),
         **prompt,
     )
     call = _Call(gateway, request, endpoint, who)

@@ -175,3 +175,43 @@ def test_n_choices_stream_with_their_index_and_each_finishes(stack: Stack) -> No
     assert all(texts.values())
     assert chunks[-1].choices == []
     assert 3 <= chunks[-1].usage.completion_tokens <= 30
+
+
+def test_echo_returns_the_prompt_before_the_completion_streamed_and_not(stack: Stack, tokenizer) -> None:
+    api = client(stack.url)
+    plain = api.completions.create(
+        model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=6
+    )
+    echoed = api.completions.create(
+        model=MODEL,
+        prompt=tokenizer.encode("The capital of France is"),
+        temperature=0,
+        max_tokens=6,
+        echo=True,
+    )
+    streamed = "".join(
+        c.choices[0].text
+        for c in api.completions.create(
+            model=MODEL,
+            prompt="The capital of France is",
+            temperature=0,
+            max_tokens=6,
+            echo=True,
+            stream=True,
+        )
+    )
+    assert echoed.choices[0].text == "The capital of France is" + plain.choices[0].text
+    assert streamed == echoed.choices[0].text
+    assert echoed.usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_tokenize_and_detokenize_use_the_models_own_tokenizer(stack: Stack, tokenizer) -> None:
+    tokens = httpx.post(f"{stack.url}/v1/tokenize", json={"model": MODEL, "prompt": "Hello world"}).json()
+    assert tokens == {"tokens": tokenizer.encode("Hello world"), "count": 2, "max_model_len": 8192}
+    chat = httpx.post(f"{stack.url}/v1/tokenize", json={"model": MODEL, "messages": QUESTION}).json()
+    expected = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_dict=False)
+    assert chat["tokens"] == list(expected)
+    text = httpx.post(f"{stack.url}/v1/detokenize", json={"model": MODEL, "tokens": tokens["tokens"]}).json()
+    assert text == {"prompt": "Hello world"}
+    both = httpx.post(f"{stack.url}/v1/tokenize", json={"model": MODEL, "prompt": "a", "messages": QUESTION})
+    assert both.status_code == 400

@@ -17,7 +17,7 @@ from broker.queue import Claimed, RequestQueue
 from broker.registry import WorkerRegistry
 from broker.schemas import Event, WorkerInfo, now_ms
 from workers.engine import Engine, SamplingParams
-from workers.sequence import InvalidPrompt, Sequence, encode_prompt, rejection
+from workers.sequence import InvalidPrompt, Sequence, answer, encode_prompt, rejection
 
 log = logging.getLogger(__name__)
 
@@ -118,20 +118,21 @@ class Worker:
             return
         # Chat templates and tokenizing are CPU work: keep them off the event loop.
         prepared = await asyncio.to_thread(self._prepare, claimed)
-        rejected: list[tuple[str, Event]] = []
-        rejected_entries: list[str] = []
+        # Requests answered at once: tokenizer requests, and those that cannot run.
+        answered: list[tuple[str, Event]] = []
+        answered_entries: list[str] = []
         for item, result in zip(claimed, prepared, strict=True):
             if isinstance(result, Event):
-                rejected.append((item.request.request_id, result))
-                rejected_entries.append(item.entry_id)
+                answered.append((item.request.request_id, result))
+                answered_entries.append(item.entry_id)
                 continue
             self.open[item.request.request_id] = len(result)
             for sequence in result:
                 self.active[sequence.engine_id] = sequence
                 self.engine.add(sequence.engine_id, sequence.prompt_ids, sequence.params)
-        if rejected:
-            await self.queue.publish(rejected)
-            await self.queue.ack(self.model, rejected_entries)
+        if answered:
+            await self.queue.publish(answered)
+            await self.queue.ack(self.model, answered_entries)
 
     def _prepare(self, claimed: list[Claimed]) -> list[list[Sequence] | Event]:
         prepared: list[list[Sequence] | Event] = []
@@ -141,6 +142,9 @@ class Worker:
                 prepared.append(rejection("deadline_exceeded", "the request's deadline passed in the queue"))
                 continue
             try:
+                if item.request.kind != "generate":
+                    prepared.append(answer(item, self.tokenizer, self.engine.context_length))
+                    continue
                 ids = encode_prompt(item, self.tokenizer)
                 context = self.engine.context_length
                 choices = range(item.request.n)

@@ -73,6 +73,8 @@ class Sequence:
         self.detokenizer = IncrementalDetokenizer(tokenizer)
         self.stops = StopStrings(request.stop)
         self.completion_tokens = 0
+        # The prompt's text, sent ahead of the first delta when the request asks for an echo.
+        self._echo = tokenizer.decode(prompt_ids, skip_special_tokens=False) if request.echo else ""
         self.finished = False
         self._seq = 0
 
@@ -93,6 +95,8 @@ class Sequence:
         reason: FinishReason | None = "stop" if hit_stop else out.finish_reason if out.finished else None
         if reason is not None and not hit_stop:
             text += self.stops.feed(self.detokenizer.flush())[0] + self.stops.flush()
+        if self._echo:
+            text, self._echo = self._echo + text, ""
         events = [self._event(type="delta", text=text, token_ids=out.new_token_ids)] if text else []
         if reason is not None:
             events.append(self.finish(reason))
@@ -106,6 +110,18 @@ class Sequence:
     def fail(self, code: str, message: str) -> Event:
         self.finished = True
         return self._event(type="error", finish_reason="error", error=EventError(code=code, message=message))
+
+
+def answer(claimed: Claimed, tokenizer: Any, context_length: int) -> Event:
+    """The one event that answers a tokenize or detokenize request."""
+    request = claimed.request
+    if request.kind == "detokenize":
+        text = tokenizer.decode(request.prompt_token_ids or [], skip_special_tokens=False)
+        return Event(seq=1, type="done", result={"prompt": text})
+    ids = encode_prompt(claimed, tokenizer)
+    return Event(
+        seq=1, type="done", result={"tokens": ids, "count": len(ids), "max_model_len": context_length}
+    )
 
 
 def rejection(code: str, message: str) -> Event:
