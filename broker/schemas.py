@@ -28,11 +28,13 @@ class GenerationRequest(BaseModel):
     request_id: str
     model: str
     # generate: token events; tokenize / detokenize: one `done` event with a `result`.
-    kind: Literal["generate", "tokenize", "detokenize"] = "generate"
+    kind: Literal["generate", "tokenize", "detokenize", "embed"] = "generate"
     messages: list[ChatMessage] | None = None
     prompt: str | None = None
     # Completions given as token ids, or the ids to detokenize.
     prompt_token_ids: list[int] | None = None
+    # Embeddings: the inputs, each a text or token ids.
+    inputs: list[str | list[int]] | None = None
     # Sampling. temperature 0 means greedy.
     temperature: float = 1.0
     top_p: float = 1.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import struct
 import time
 from typing import Literal
 
@@ -174,6 +176,42 @@ class DetokenizeCreate(BaseModel):
 
     model: str
     tokens: list[int] = Field(min_length=1)
+
+
+class EmbeddingCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    # A text, token ids, or a list of either (at most 2048 inputs, as OpenAI allows).
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: None = Field(None, description="Corral returns the model's full hidden size.")
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _non_empty(cls, value: str | list) -> str | list:
+        items = [value] if isinstance(value, str) or (value and isinstance(value[0], int)) else value
+        if not items or len(items) > 2048 or any(len(item) == 0 for item in items):
+            raise ValueError("give 1 to 2048 non-empty inputs")
+        return value
+
+    def inputs(self) -> list[str | list[int]]:
+        value = self.input
+        if isinstance(value, str) or isinstance(value[0], int):
+            return [value]  # type: ignore[list-item]
+        return list(value)
+
+
+def embedding_body(vectors: list[list[float]], encoding_format: str) -> list[dict]:
+    data = []
+    for index, vector in enumerate(vectors):
+        if encoding_format == "base64":  # OpenAI's wire format: little-endian float32
+            encoded: list[float] | str = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        else:
+            encoded = vector
+        data.append({"object": "embedding", "index": index, "embedding": encoded})
+    return data
 
 
 def usage_body(usage: Usage | None) -> dict | None:

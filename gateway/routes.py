@@ -25,8 +25,10 @@ from gateway.openai_schemas import (
     ChatCompletionCreate,
     CompletionCreate,
     DetokenizeCreate,
+    EmbeddingCreate,
     ResponseShape,
     TokenizeCreate,
+    embedding_body,
 )
 from gateway.state import Gateway, GatewayDep
 
@@ -71,6 +73,20 @@ async def chat_completions(body: ChatCompletionCreate, gateway: GatewayDep, who:
 async def completions(body: CompletionCreate, gateway: GatewayDep, who: Caller, limits: LimitsDep):
     await limits.admit(who)
     return await _generate(gateway, body, "completions", who, **body.prompt_fields())
+
+
+@router.post("/embeddings")
+async def embeddings(body: EmbeddingCreate, gateway: GatewayDep, who: Caller, limits: LimitsDep) -> dict:
+    await limits.admit(who)
+    result = await _ask(gateway, body.model, "embed", inputs=body.inputs())
+    tokens = result["prompt_tokens"]
+    gateway.hub.in_background(limits.spend(who, tokens))
+    return {
+        "object": "list",
+        "data": embedding_body(result["embeddings"], body.encoding_format),
+        "model": body.model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
 
 
 @router.post("/tokenize")

@@ -215,3 +215,37 @@ def test_tokenize_and_detokenize_use_the_models_own_tokenizer(stack: Stack, toke
     assert text == {"prompt": "Hello world"}
     both = httpx.post(f"{stack.url}/v1/tokenize", json={"model": MODEL, "prompt": "a", "messages": QUESTION})
     assert both.status_code == 400
+
+
+def test_embeddings_are_the_models_mean_pooled_normalised_hidden_states(
+    stack: Stack, model_path, tokenizer
+) -> None:
+    import torch
+    from transformers import AutoModel
+
+    texts = ["hello world", "The cat sat on the mat, and then it slept."]
+    reply = client(stack.url).embeddings.create(model=MODEL, input=texts, encoding_format="float")
+    model = AutoModel.from_pretrained(model_path, dtype=torch.float32).eval()
+    for item, text in zip(reply.data, texts, strict=True):
+        with torch.no_grad():
+            hidden = model(torch.tensor([tokenizer.encode(text)])).last_hidden_state[0]
+        expected = torch.nn.functional.normalize(hidden.mean(dim=0), dim=-1)
+        assert torch.allclose(torch.tensor(item.embedding), expected, atol=1e-4)
+    assert [d.index for d in reply.data] == [0, 1]
+    assert reply.usage.prompt_tokens == sum(len(tokenizer.encode(t)) for t in texts)
+
+
+def test_embeddings_base64_and_token_inputs_match_float_text_inputs(stack: Stack, tokenizer) -> None:
+    import base64
+    import struct
+
+    url = f"{stack.url}/v1/embeddings"
+    as_float = httpx.post(url, json={"model": MODEL, "input": "hello world"}, timeout=60).json()
+    as_b64 = httpx.post(
+        url, json={"model": MODEL, "input": [tokenizer.encode("hello world")], "encoding_format": "base64"}
+    ).json()
+    raw = base64.b64decode(as_b64["data"][0]["embedding"])
+    decoded = struct.unpack(f"<{len(raw) // 4}f", raw)
+    assert decoded == pytest.approx(as_float["data"][0]["embedding"], abs=1e-6)
+    assert httpx.post(url, json={"model": MODEL, "input": ""}).status_code == 400
+    assert httpx.post(url, json={"model": MODEL, "input": "x", "dimensions": 8}).status_code == 400

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import torch
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
@@ -97,6 +98,21 @@ class TransformersEngine:
             # (the manager only drops handlers on a finished result): drop it here.
             with self.manager.output_router._lock:
                 self.manager.output_router.result_handlers.pop(request_id, None)
+
+    @torch.no_grad()
+    def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        # The base model's forward runs beside the batch thread: both only read the weights.
+        device = self.loaded.model.device
+        width = max(len(ids) for ids in inputs)
+        ids = torch.zeros(len(inputs), width, dtype=torch.long, device=device)
+        mask = torch.zeros(len(inputs), width, dtype=torch.long, device=device)
+        for row, tokens in enumerate(inputs):
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            mask[row, : len(tokens)] = 1
+        hidden = self.loaded.model.model(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, H]
+        weights = mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1)  # [B, H]
+        return torch.nn.functional.normalize(pooled.float(), dim=-1).tolist()
 
     def _deliver(self, result) -> None:
         # Runs on our event loop (the manager uses call_soon_threadsafe).

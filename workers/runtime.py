@@ -143,7 +143,7 @@ class Worker:
                 continue
             try:
                 if item.request.kind != "generate":
-                    prepared.append(answer(item, self.tokenizer, self.engine.context_length))
+                    prepared.append(answer(item, self.tokenizer, self.engine))
                     continue
                 ids = encode_prompt(item, self.tokenizer)
                 context = self.engine.context_length
@@ -151,6 +151,9 @@ class Worker:
                 prepared.append([Sequence(item, ids, self.tokenizer, context, index=i) for i in choices])
             except InvalidPrompt as e:
                 prepared.append(rejection(e.code, str(e)))
+            except Exception as e:  # one bad request must never take the worker down
+                log.exception("could not start %s", item.request.request_id)
+                prepared.append(rejection("engine_error", f"{type(e).__name__}: {e}"))
         return prepared
 
     def collect(self, outputs: list) -> tuple[list[tuple[str, Event]], list[str]]:

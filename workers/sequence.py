@@ -6,7 +6,7 @@ from typing import Any
 
 from broker.queue import Claimed
 from broker.schemas import Event, EventError, FinishReason, Usage
-from workers.engine import SamplingParams, StepOutput
+from workers.engine import Engine, SamplingParams, StepOutput
 from workers.text import IncrementalDetokenizer, StopStrings
 
 
@@ -32,14 +32,18 @@ def encode_prompt(claimed: Claimed, tokenizer: Any) -> list[int]:
         )
         return list(ids)
     if request.prompt_token_ids is not None:
-        vocab = len(tokenizer)
-        bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidPrompt(
-                "invalid_request", f"prompt token ids out of the vocabulary (0..{vocab - 1}): {bad[:5]}"
-            )
-        return list(request.prompt_token_ids)
+        return checked_ids(request.prompt_token_ids, tokenizer)
     return list(tokenizer.encode(request.prompt or ""))
+
+
+def checked_ids(ids: list[int], tokenizer: Any) -> list[int]:
+    vocab = len(tokenizer)
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise InvalidPrompt(
+            "invalid_request", f"prompt token ids out of the vocabulary (0..{vocab - 1}): {bad[:5]}"
+        )
+    return list(ids)
 
 
 class Sequence:
@@ -112,9 +116,21 @@ class Sequence:
         return self._event(type="error", finish_reason="error", error=EventError(code=code, message=message))
 
 
-def answer(claimed: Claimed, tokenizer: Any, context_length: int) -> Event:
-    """The one event that answers a tokenize or detokenize request."""
+def answer(claimed: Claimed, tokenizer: Any, engine: Engine) -> Event:
+    """The one event that answers a tokenize, detokenize or embed request (blocking work)."""
     request = claimed.request
+    context_length = engine.context_length
+    if request.kind == "embed":
+        inputs = [
+            tokenizer.encode(i) if isinstance(i, str) else checked_ids(i, tokenizer)
+            for i in request.inputs or []
+        ]
+        if not inputs or any(not 0 < len(ids) <= context_length for ids in inputs):
+            raise InvalidPrompt("invalid_request", f"each input must have 1 to {context_length} tokens")
+        vectors = engine.embed(inputs)
+        return Event(
+            seq=1, type="done", result={"embeddings": vectors, "prompt_tokens": sum(map(len, inputs))}
+        )
     if request.kind == "detokenize":
         text = tokenizer.decode(request.prompt_token_ids or [], skip_special_tokens=False)
         return Event(seq=1, type="done", result={"prompt": text})
