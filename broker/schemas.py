@@ -42,6 +42,14 @@ class GenerationRequest(BaseModel):
     max_new_tokens: int = 256
     # Choices to generate from the one prompt (the engine shares the prompt's KV blocks).
     n: int = 1
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    # Same seed and same request: same output.
+    seed: int | None = None
+    # Log-probabilities of each token and of this many alternatives; None = off.
+    logprobs: int | None = None
     stop: list[str] = Field(default_factory=list)
     stop_token_ids: list[int] = Field(default_factory=list)
     # Completions: the text starts with the prompt (decoded by the worker's tokenizer).
@@ -54,6 +62,18 @@ class GenerationRequest(BaseModel):
 
     def expired(self, at_ms: int | None = None) -> bool:
         return (at_ms or now_ms()) >= self.deadline_ms
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    """OpenAI's per-token log-probability entry (chat `logprobs.content[i]`)."""
+
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 
 class Usage(BaseModel):
@@ -78,6 +98,7 @@ class Event(BaseModel):
     index: int = 0
     text: str = ""
     token_ids: list[int] = Field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: EventError | None = None

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from broker.schemas import Usage
+from broker.schemas import TokenLogprob, Usage
 
 
 class StreamOptions(BaseModel):
@@ -36,16 +36,6 @@ _ONLY_NEUTRAL: dict[str, tuple] = {
     "service_tier": (None, "auto", "default"),
     "metadata": (None, {}),
     "best_of": (None, 1),
-}
-# Fields of the API that are declared below but not served yet: only their neutral value passes.
-_NOT_YET: dict[str, tuple] = {
-    "presence_penalty": (0.0,),
-    "frequency_penalty": (0.0,),
-    "repetition_penalty": (1.0,),
-    "min_p": (0.0,),
-    "seed": (None,),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
 }
 
 
@@ -80,9 +70,6 @@ class SamplingFields(BaseModel):
             if name not in _ONLY_NEUTRAL:
                 return name, f"Unrecognized request argument supplied: {name}"
             if value not in _ONLY_NEUTRAL[name]:
-                return name, f"{name} is not supported by Corral yet"
-        for name, neutral in _NOT_YET.items():
-            if name in type(self).model_fields and getattr(self, name) not in neutral:
                 return name, f"{name} is not supported by Corral yet"
         return None
 
@@ -120,8 +107,18 @@ class ChatCompletionCreate(SamplingFields):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self) -> ChatCompletionCreate:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def logprobs_count(self) -> int | None:
+        """Alternatives per token for the worker; None = no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionCreate(SamplingFields):
@@ -153,6 +150,9 @@ class CompletionCreate(SamplingFields):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def logprobs_count(self) -> int | None:
+        return self.logprobs
 
 
 class TokenizeCreate(BaseModel):
@@ -236,33 +236,62 @@ class ResponseShape:
     def _head(self, object_: str) -> dict:
         return {"id": self.id, "object": object_, "created": self.created, "model": self.model}
 
+    def _logprobs(self, entries: list[TokenLogprob] | None) -> dict | None:
+        if entries is None:
+            return None
+        if self.chat:
+            return {"content": [e.model_dump() for e in entries], "refusal": None}
+        offsets, at = [], 0
+        for e in entries:
+            offsets.append(at)
+            at += len(e.token)
+        return {
+            "tokens": [e.token for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{t.token: t.logprob for t in e.top_logprobs} for e in entries],
+            "text_offset": offsets,
+        }
+
     def chunk(
-        self, text: str | None, index: int = 0, finish_reason: str | None = None, first: bool = False
+        self,
+        text: str | None,
+        index: int = 0,
+        finish_reason: str | None = None,
+        first: bool = False,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> dict:
+        lp = self._logprobs(logprobs)
         if self.chat:
             delta: dict = {"role": "assistant", "content": ""} if first else {}
             if text:
                 delta["content"] = text
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
             return {**self._head("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish_reason}
         return {**self._head("text_completion"), "choices": [choice]}
 
     def usage_chunk(self, usage: Usage | None) -> dict:
         object_ = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._head(object_), "choices": [], "usage": usage_body(usage)}
 
-    def complete(self, texts: list[str], finish_reasons: list[str | None], usage: Usage | None) -> dict:
+    def complete(
+        self,
+        texts: list[str],
+        finish_reasons: list[str | None],
+        usage: Usage | None,
+        logprobs: list[list[TokenLogprob] | None],
+    ) -> dict:
         choices = []
-        for index, (text, finish_reason) in enumerate(zip(texts, finish_reasons, strict=True)):
+        for index, (text, finish_reason, entries) in enumerate(
+            zip(texts, finish_reasons, logprobs, strict=True)
+        ):
+            lp = self._logprobs(entries)
             if self.chat:
                 message = {"role": "assistant", "content": text}
                 choices.append(
-                    {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason}
+                    {"index": index, "message": message, "logprobs": lp, "finish_reason": finish_reason}
                 )
             else:
-                choices.append(
-                    {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
-                )
+                choices.append({"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason})
         object_ = "chat.completion" if self.chat else "text_completion"
         return {**self._head(object_), "choices": choices, "usage": usage_body(usage)}

@@ -206,6 +206,12 @@ async def _generate(
         stop=body.stop_list(),
         stop_token_ids=body.stop_token_ids,
         ignore_eos=body.ignore_eos,
+        min_p=body.min_p,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty,
+        seed=body.seed,
+        logprobs=body.logprobs_count(),
         **prompt,
     )
     call = _Call(gateway, request, endpoint, who)
@@ -237,6 +243,7 @@ async def _complete(call: _Call, shape: ResponseShape) -> JSONResponse:
     texts: list[list[str]] = [[] for _ in range(n)]
     finish: list[str | None] = [None] * n
     usages: list[Usage] = []
+    logprobs: list[list | None] = [None if call.request.logprobs is None else [] for _ in range(n)]
     try:
         async for event in call.events():
             if event.type == "error":
@@ -246,6 +253,8 @@ async def _complete(call: _Call, shape: ResponseShape) -> JSONResponse:
             if event.text and not any(texts):
                 call.first_token()
             texts[event.index].append(event.text)
+            if event.logprobs:
+                logprobs[event.index] += event.logprobs  # type: ignore[operator]
             if event.type == "done":
                 assert event.usage is not None
                 finish[event.index] = event.finish_reason
@@ -259,7 +268,7 @@ async def _complete(call: _Call, shape: ResponseShape) -> JSONResponse:
         raise GenerationFailed("engine_error", "the worker ended the request without a result")
     usage = _total(usages)
     call.count("ok", usage)
-    return JSONResponse(shape.complete(["".join(t) for t in texts], finish, usage))
+    return JSONResponse(shape.complete(["".join(t) for t in texts], finish, usage, logprobs))
 
 
 def _sse(payload: dict) -> str:
@@ -278,11 +287,11 @@ async def _stream(call: _Call, shape: ResponseShape, include_usage: bool) -> Asy
                 call.count("error")
                 yield sse_error(event.error.code, event.error.message)
                 return
-            if event.text:
+            if event.text or event.logprobs:
                 if not sent_first:
                     call.first_token()
                     sent_first = True
-                yield _sse(shape.chunk(event.text, event.index))
+                yield _sse(shape.chunk(event.text, event.index, logprobs=event.logprobs))
             if event.type == "done":
                 assert event.usage is not None
                 usages.append(event.usage)

@@ -28,7 +28,9 @@ def post_chat(url: str, extra: dict, headers: dict | None = None) -> httpx.Respo
     [
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
         ({"response_format": {"type": "json_object"}}, "response_format", "not supported"),
-        ({"presence_penalty": 0.5}, "presence_penalty", "not supported"),
+        ({"logit_bias": {"17": 5}}, "logit_bias", "not supported"),
+        ({"top_logprobs": 2}, None, "top_logprobs needs logprobs: true"),
+        ({"presence_penalty": 3}, "presence_penalty", "less than or equal to 2"),
         ({"colour": "blue"}, "colour", "Unrecognized request argument supplied: colour"),
         ({"n": 99}, "n", "at most 8"),
         ({"top_p": 0}, "top_p", "greater than 0"),

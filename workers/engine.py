@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -15,6 +15,12 @@ class SamplingParams:
     # Token ids that end generation besides the model's EOS.
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    logprobs: int | None = None  # alternatives to report per token; None = off
 
 
 @dataclass
@@ -27,6 +33,8 @@ class StepOutput:
     # "stop" (EOS or a stop token) or "length"; set when finished.
     finish_reason: str | None = None
     error: str | None = None
+    # With logprobs on: one entry per new token (workers.sampling.TokenChoice).
+    choices: list = field(default_factory=list)
 
 
 class Engine(Protocol):

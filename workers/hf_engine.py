@@ -22,11 +22,21 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 from workers.engine import SamplingParams, StepOutput
 from workers.loading import LoadedModel
+from workers.sampling import install
 
 log = logging.getLogger(__name__)
 
 # Tokens per KV-cache page (transformers' default).
 _PAGE_TOKENS = 256
+# Sampling fields of workers/sampling.py and the value that means "off".
+_NEUTRAL = {
+    "min_p": 0.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "seed": None,
+    "logprobs": None,
+}
 # A temperature this small is treated as greedy.
 _GREEDY_BELOW = 1e-5
 
@@ -54,6 +64,10 @@ class TransformersEngine:
             continuous_batching_config=ContinuousBatchingConfig(
                 per_request_processors=True,
                 max_requests_per_batch=max_batch,
+                # Corral's own processors (workers/sampling.py) keep per-batch state in Python,
+                # which neither CUDA graphs nor async double-buffering would respect.
+                use_cuda_graph=False,
+                use_async_batching=False,
                 # None lets transformers size the paged cache from free memory.
                 num_blocks=-(-kv_cache_tokens // _PAGE_TOKENS) if kv_cache_tokens else None,
                 page_size=_PAGE_TOKENS,
@@ -61,6 +75,7 @@ class TransformersEngine:
         )
         # request id → (tokens already reported, the token ids that end it)
         self._active: dict[str, tuple[int, frozenset[int]]] = {}
+        self.sampler = install(self.manager)
         self._ready: list = []  # results delivered by the manager since the last step
         self._wakeup = asyncio.Event()
 
@@ -72,9 +87,20 @@ class TransformersEngine:
 
     def _sampling_kwargs(self, params: SamplingParams) -> dict:
         if params.temperature < _GREEDY_BELOW:
-            return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
-        top_k = params.top_k if 0 < params.top_k < self.vocab_size else self.vocab_size
-        return {"temperature": float(params.temperature), "top_k": int(top_k), "top_p": float(params.top_p)}
+            kwargs: dict = {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
+        else:
+            top_k = params.top_k if 0 < params.top_k < self.vocab_size else self.vocab_size
+            kwargs = {
+                "temperature": float(params.temperature),
+                "top_k": int(top_k),
+                "top_p": float(params.top_p),
+            }
+        # Only what a request changes travels, so rows that use none of it cost nothing extra.
+        for name, neutral in _NEUTRAL.items():
+            value = getattr(params, name)
+            if value != neutral:
+                kwargs[name] = value
+        return kwargs
 
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         stop_ids = frozenset(params.stop_token_ids) | (
@@ -94,6 +120,7 @@ class TransformersEngine:
     def cancel(self, request_id: str) -> None:
         if self._active.pop(request_id, None) is not None:
             self.manager.cancel_request(request_id)
+            self.sampler.forget(request_id)
             # A cancelled request gets no final result, so its handler would never be removed
             # (the manager only drops handlers on a finished result): drop it here.
             with self.manager.output_router._lock:
@@ -135,7 +162,7 @@ class TransformersEngine:
             return None
         sent, stop_ids = active
         tokens = result.generated_tokens
-        out = StepOutput(result.request_id, list(tokens[sent:]))
+        out = StepOutput(result.request_id, list(tokens[sent:]), choices=self.sampler.take(result.request_id))
         self._active[result.request_id] = (len(tokens), stop_ids)
         if result.error is not None:
             out.finished, out.finish_reason, out.error = True, "error", result.error
@@ -144,4 +171,5 @@ class TransformersEngine:
             out.finish_reason = "stop" if tokens and tokens[-1] in stop_ids else "length"
         if out.finished:
             del self._active[result.request_id]
+            self.sampler.forget(result.request_id)
         return out

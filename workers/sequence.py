@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from broker.queue import Claimed
-from broker.schemas import Event, EventError, FinishReason, Usage
+from broker.schemas import Event, EventError, FinishReason, TokenLogprob, TopLogprob, Usage
 from workers.engine import Engine, SamplingParams, StepOutput
 from workers.text import IncrementalDetokenizer, StopStrings
 
@@ -73,7 +73,15 @@ class Sequence:
             max_new_tokens=min(request.max_new_tokens, room),
             stop_token_ids=tuple(request.stop_token_ids),
             ignore_eos=request.ignore_eos,
+            min_p=request.min_p,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            repetition_penalty=request.repetition_penalty,
+            # Each choice draws its own tokens; the same seed repeats the same choices.
+            seed=None if request.seed is None else request.seed + index,
+            logprobs=request.logprobs,
         )
+        self.tokenizer = tokenizer
         self.detokenizer = IncrementalDetokenizer(tokenizer)
         self.stops = StopStrings(request.stop)
         self.completion_tokens = 0
@@ -95,16 +103,34 @@ class Sequence:
         ids = out.new_token_ids
         if out.finish_reason == "stop" and ids:
             ids = ids[:-1]  # the EOS or stop token itself is not part of the text
+        logprobs = self._logprobs(out.choices[: len(ids)]) if self.params.logprobs is not None else None
         text, hit_stop = self.stops.feed(self.detokenizer.push(ids))
         reason: FinishReason | None = "stop" if hit_stop else out.finish_reason if out.finished else None
         if reason is not None and not hit_stop:
             text += self.stops.feed(self.detokenizer.flush())[0] + self.stops.flush()
         if self._echo:
             text, self._echo = self._echo + text, ""
-        events = [self._event(type="delta", text=text, token_ids=out.new_token_ids)] if text else []
+        events = []
+        if text or logprobs:
+            events.append(
+                self._event(type="delta", text=text, token_ids=out.new_token_ids, logprobs=logprobs)
+            )
         if reason is not None:
             events.append(self.finish(reason))
         return events
+
+    def _entry(self, token_id: int, logprob: float) -> TopLogprob:
+        text = self.tokenizer.decode([token_id])
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+    def _logprobs(self, choices: list) -> list[TokenLogprob]:
+        return [
+            TokenLogprob(
+                **self._entry(c.token_id, c.logprob).model_dump(),
+                top_logprobs=[self._entry(token, logprob) for token, logprob in c.top],
+            )
+            for c in choices
+        ]
 
     def finish(self, reason: FinishReason) -> Event:
         self.finished = True

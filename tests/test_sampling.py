@@ -1,0 +1,103 @@
+"""Per-request sampling through the API: seed, logprobs, penalties and min_p."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import openai
+import torch
+
+from tests.conftest import MODEL, Stack
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def api(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def chat(stack: Stack, **fields) -> openai.types.chat.ChatCompletion:
+    fields = {"model": MODEL, "messages": QUESTION, "max_tokens": 20, **fields}
+    return api(stack).chat.completions.create(**fields)
+
+
+def test_the_same_seed_gives_the_same_sampled_text_and_another_seed_another(stack: Stack) -> None:
+    first = chat(stack, temperature=1.2, seed=1234, n=2)
+    again = chat(stack, temperature=1.2, seed=1234, n=2)
+    other = chat(stack, temperature=1.2, seed=99)
+    texts = [c.message.content for c in first.choices]
+    assert texts == [c.message.content for c in again.choices]
+    assert texts[0] != texts[1]  # each choice draws its own tokens
+    assert other.choices[0].message.content not in texts
+
+
+def test_chat_logprobs_are_the_models_raw_log_probabilities(stack: Stack, model_path, tokenizer) -> None:
+    from transformers import AutoModelForCausalLM
+
+    reply = chat(stack, temperature=0, max_tokens=6, logprobs=True, top_logprobs=3)
+    entries = reply.choices[0].logprobs.content
+    assert "".join(e.token for e in entries) == reply.choices[0].message.content
+    assert all(len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob == e.logprob for e in entries)
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    prompt = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_dict=False)
+    with torch.no_grad():
+        first = torch.log_softmax(model(torch.tensor([prompt])).logits[0, -1], dim=-1)
+    values, ids = torch.topk(first, 3)
+    assert [t.token for t in entries[0].top_logprobs] == [tokenizer.decode([i]) for i in ids.tolist()]
+    assert [t.logprob for t in entries[0].top_logprobs] == pytest_approx(values.tolist())
+
+
+def pytest_approx(values):
+    import pytest
+
+    return pytest.approx(values, abs=1e-3)
+
+
+def test_streamed_logprobs_equal_the_unstreamed_ones(stack: Stack) -> None:
+    plain = chat(stack, temperature=0, max_tokens=8, logprobs=True)
+    streamed = []
+    for chunk in chat(stack, temperature=0, max_tokens=8, logprobs=True, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed += chunk.choices[0].logprobs.content
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [
+        (e.token, round(e.logprob, 4)) for e in plain.choices[0].logprobs.content
+    ]
+
+
+def test_completions_logprobs_use_the_legacy_shape(stack: Stack) -> None:
+    reply = api(stack).completions.create(
+        model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=5, logprobs=2
+    )
+    lp = reply.choices[0].logprobs
+    assert "".join(lp.tokens) == reply.choices[0].text
+    assert len(lp.token_logprobs) == len(lp.tokens) == len(lp.top_logprobs) == len(lp.text_offset)
+    assert all(len(alternatives) == 2 for alternatives in lp.top_logprobs)
+    assert lp.text_offset[0] == 0
+
+
+def most_repeated(text: str, tokenizer) -> int:
+    """How often the most frequent token occurs in the text."""
+    return Counter(tokenizer.encode(text)).most_common(1)[0][1]
+
+
+def complete(stack: Stack, **fields) -> str:
+    fields = {"model": MODEL, "prompt": "cat " * 12, "temperature": 0, "max_tokens": 24, **fields}
+    return api(stack).completions.create(**fields).choices[0].text
+
+
+def test_frequency_and_repetition_penalties_reduce_repetition(stack: Stack, tokenizer) -> None:
+    plain = most_repeated(complete(stack), tokenizer)
+    assert plain >= 10  # without a penalty the model repeats itself
+    assert most_repeated(complete(stack, frequency_penalty=2.0), tokenizer) < plain
+    assert most_repeated(complete(stack, extra_body={"repetition_penalty": 1.8}), tokenizer) < plain
+
+
+def test_presence_penalty_changes_greedy_output(stack: Stack) -> None:
+    assert complete(stack, presence_penalty=2.0) != complete(stack)
+
+
+def test_min_p_of_one_keeps_only_the_most_likely_token(stack: Stack) -> None:
+    greedy = chat(stack, temperature=0).choices[0].message.content
+    hot = chat(stack, temperature=1.5, n=3, extra_body={"min_p": 1.0})
+    assert {c.message.content for c in hot.choices} == {greedy}

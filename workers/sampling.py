@@ -1,0 +1,153 @@
+"""Per-request sampling that transformers' continuous batching does not offer: OpenAI's presence and
+frequency penalties, the repetition penalty, min_p, a per-request seed, and logprobs.
+
+They plug into transformers' own per-request logits-processor list (the same mechanism its
+temperature/top_k/top_p use): `Penalties` runs first on the raw logits, `Sampler` runs last. For a
+row that asks for a seed or logprobs, `Sampler` draws the token itself with the Gumbel-max trick
+(argmax of scores + Gumbel noise is a draw from softmax(scores)) from that request's own
+generator, then leaves only that token possible, so transformers' own sampling step picks it.
+
+Facts this relies on (transformers 5.23): `prepare_tensor_args` receives the batch's requests in
+the order of the score rows, and is called before `__call__` for the same batch (true without
+async double-buffering and CUDA graphs, which the engine turns off).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
+
+
+@dataclass
+class TokenChoice:
+    """The log-probability of one sampled token, and of the most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class _Batch:
+    """What the two processors share about the rows of the batch being sampled."""
+
+    rows: list = field(default_factory=list)  # RequestState per score row
+    raw_logprobs: dict[int, torch.Tensor] = field(default_factory=dict)  # row → log_softmax of raw logits
+
+
+class Penalties(ContinuousBatchingLogitsProcessor):
+    supported_kwargs: ClassVar[dict[str, type]] = {
+        "presence_penalty": float,
+        "frequency_penalty": float,
+        "repetition_penalty": float,
+        "logprobs": int,
+    }
+    ignored_kwargs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, batch: _Batch) -> None:
+        self.batch = batch
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.fill_(0)
+
+    def prepare_tensor_args(self, requests_with_new_token: list) -> torch.Tensor:
+        self.batch.rows = [request.state for request in requests_with_new_token]
+        return torch.zeros(len(self.batch.rows), dtype=torch.int32)
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        self.batch.raw_logprobs = {}
+        for row, state in enumerate(self.batch.rows[: scores.size(0)]):
+            kwargs = state.logit_processor_kwargs
+            if not kwargs:
+                continue
+            if "logprobs" in kwargs:  # OpenAI reports log-probabilities of the model's raw distribution
+                self.batch.raw_logprobs[row] = torch.log_softmax(scores[row], dim=-1)
+            repetition = kwargs.get("repetition_penalty", 1.0)
+            if repetition != 1.0:  # CTRL's penalty on every token seen, prompt included
+                seen = torch.tensor(
+                    state.initial_tokens + state.generated_tokens, device=scores.device
+                ).unique()
+                logits = scores[row, seen]
+                scores[row, seen] = torch.where(logits > 0, logits / repetition, logits * repetition)
+            presence = kwargs.get("presence_penalty", 0.0)
+            frequency = kwargs.get("frequency_penalty", 0.0)
+            if (presence or frequency) and state.generated_tokens:  # OpenAI's: on generated tokens only
+                generated = torch.tensor(state.generated_tokens, device=scores.device)
+                counts = torch.bincount(generated, minlength=scores.size(1)).to(scores.dtype)  # [V]
+                scores[row] -= frequency * counts + presence * (counts > 0).to(scores.dtype)
+        return scores
+
+
+class Sampler(ContinuousBatchingLogitsProcessor):
+    supported_kwargs: ClassVar[dict[str, type]] = {"min_p": float, "seed": int}
+    ignored_kwargs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, batch: _Batch) -> None:
+        self.batch = batch
+        self._generators: dict[str, torch.Generator] = {}
+        self._choices: dict[str, list[TokenChoice]] = {}
+        self._lock = threading.Lock()
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.fill_(0)
+
+    def prepare_tensor_args(self, requests_with_new_token: list) -> torch.Tensor:
+        return torch.zeros(len(requests_with_new_token), dtype=torch.int32)
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        for row, state in enumerate(self.batch.rows[: scores.size(0)]):
+            kwargs = state.logit_processor_kwargs
+            min_p = kwargs.get("min_p", 0.0)
+            if min_p > 0:
+                probs = torch.softmax(scores[row], dim=-1)
+                scores[row] = scores[row].masked_fill(probs < min_p * probs.max(), float("-inf"))
+            if "seed" in kwargs or "logprobs" in kwargs:
+                self._draw(scores, row, state.request_id, kwargs)
+        return scores
+
+    def _draw(self, scores: torch.Tensor, row: int, request_id: str, kwargs: dict) -> None:
+        generator = self._generators.get(request_id)
+        if generator is None:
+            generator = torch.Generator(device=scores.device)
+            generator.manual_seed(
+                kwargs["seed"] if "seed" in kwargs else int.from_bytes(os.urandom(8), "little")
+            )
+            self._generators[request_id] = generator
+        uniform = torch.rand(scores.size(1), generator=generator, device=scores.device)
+        token = int(torch.argmax(scores[row] - torch.log(-torch.log(uniform))))
+        scores[row] = torch.full_like(scores[row], float("-inf"))
+        scores[row, token] = 0.0
+        raw = self.batch.raw_logprobs.get(row)
+        if raw is not None:
+            values, ids = torch.topk(raw, kwargs["logprobs"]) if kwargs["logprobs"] else (raw[:0], raw[:0])
+            top = list(zip(ids.tolist(), values.tolist(), strict=True))
+            with self._lock:
+                self._choices.setdefault(request_id, []).append(TokenChoice(token, float(raw[token]), top))
+
+    def take(self, request_id: str) -> list[TokenChoice]:
+        """The choices recorded for a request since the last call (called from the event loop)."""
+        with self._lock:
+            return self._choices.pop(request_id, [])
+
+    def forget(self, request_id: str) -> None:
+        with self._lock:
+            self._choices.pop(request_id, None)
+        self._generators.pop(request_id, None)
+
+
+def install(manager) -> Sampler:
+    """Add Corral's processors to a manager's list; call before the manager starts."""
+    batch = _Batch()
+    processors = manager.logit_processor
+    sampler = Sampler(batch)
+    processors.logits_processor.insert(0, Penalties(batch))
+    processors.logits_processor.append(sampler)
+    processors.tensors_required += 2
+    processors._retrieve_processors_kwargs()
+    processors.do_processing = True
+    return sampler
