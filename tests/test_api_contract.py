@@ -96,3 +96,13 @@ def test_streamed_equals_unstreamed_and_usage_counts_generated_tokens(stack: Sta
         generated += len(choice.logprobs.content) + (choice.finish_reason == "stop")
         assert len(choice.logprobs.content) <= fields["max_tokens"]
     assert reply.usage.completion_tokens == generated
+
+
+def test_langchain_chat_openai_invokes_and_streams(stack: Stack) -> None:
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model=MODEL, base_url=f"{stack.url}/v1", api_key="unused", temperature=0, max_tokens=10)
+    reply = llm.invoke("What is the capital of France?")
+    streamed = "".join(chunk.content for chunk in llm.stream("What is the capital of France?"))
+    assert reply.content and streamed == reply.content
+    assert reply.usage_metadata["output_tokens"] >= 1
