@@ -128,6 +128,7 @@ def test_two_gateways_share_one_request_limit_per_key_and_never_store_the_key(st
     assert beta.status_code == 404  # another key has its own budget
     keys = [k.decode() for k in redis.Redis.from_url(stack.redis_url).scan_iter(f"{stack.key_prefix}:*")]
     assert not any("secret" in k for k in keys)
+    assert "secret" not in httpx.get(f"{urls[0]}/metrics").text
     assert any(":rate:key:" in k for k in keys)
 
 
