@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     rate_limit_tokens_per_min: int = Field(0, ge=0)
     # Upper bound of max_tokens a client may ask for.
     max_tokens_limit: int = Field(4096, gt=0)
+    # Requests waiting for a model's workers beyond which new ones get a 429; 0 = no limit.
+    max_backlog: int = Field(256, ge=0)
     # Upper bound of n (choices per request).
     max_n: int = Field(8, gt=0)
     default_max_tokens: int = Field(512, gt=0)

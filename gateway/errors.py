@@ -52,6 +52,19 @@ class ModelUnavailable(APIError):
         self.headers = {"Retry-After": "5"}
 
 
+class Backlogged(APIError):
+    status = 429
+    type = "rate_limit_error"
+
+    def __init__(self, model: str, waiting: int) -> None:
+        super().__init__(
+            f"The model '{model}' has {waiting} requests waiting; retry shortly.",
+            param="model",
+            code="backlog_full",
+        )
+        self.headers = {"Retry-After": "2"}
+
+
 class DeadlineExceeded(APIError):
     status = 504
     type = "timeout_error"

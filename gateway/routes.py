@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from broker.schemas import ChatMessage, Event, GenerationRequest, Usage, WorkerInfo
 from gateway.auth import Caller, LimitsDep, caller
 from gateway.errors import (
+    Backlogged,
     DeadlineExceeded,
     GenerationFailed,
     InvalidRequest,
@@ -184,6 +185,10 @@ async def _generate(
         raise InvalidRequest(refused[1], param=refused[0], code="unsupported_parameter")
     await _require_worker(gateway, body.model)
     settings = gateway.settings
+    if settings.max_backlog:
+        waiting = await gateway.queue.depth(body.model)
+        if waiting >= settings.max_backlog:
+            raise Backlogged(body.model, waiting)
     max_tokens = body.requested_max_tokens() or settings.default_max_tokens
     if max_tokens > settings.max_tokens_limit:
         raise InvalidRequest(

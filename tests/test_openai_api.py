@@ -33,6 +33,7 @@ def post_chat(url: str, extra: dict, headers: dict | None = None) -> httpx.Respo
         ({"presence_penalty": 3}, "presence_penalty", "less than or equal to 2"),
         ({"colour": "blue"}, "colour", "Unrecognized request argument supplied: colour"),
         ({"n": 99}, "n", "at most 8"),
+        ({"max_tokens": 5000}, "max_tokens", "at most 4096"),
         ({"top_p": 0}, "top_p", "greater than 0"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role", "Input should be"),
     ],
@@ -252,3 +253,32 @@ def test_embeddings_base64_and_token_inputs_match_float_text_inputs(stack: Stack
     assert decoded == pytest.approx(as_float["data"][0]["embedding"], abs=1e-6)
     assert httpx.post(url, json={"model": MODEL, "input": ""}).status_code == 400
     assert httpx.post(url, json={"model": MODEL, "input": "x", "dimensions": 8}).status_code == 400
+
+
+def test_a_full_backlog_is_a_429_with_retry_after(stack: Stack) -> None:
+    import asyncio
+
+    from broker.connection import connect
+    from broker.keys import Keys
+    from broker.registry import WorkerRegistry
+    from broker.schemas import WorkerInfo
+
+    async def busy_model_with_three_waiting() -> None:
+        r = connect(stack.redis_url)
+        # A registered worker that claims nothing: its model's requests wait in the stream.
+        info = WorkerInfo(worker_id="stalled", models=["stalled-model"], device="cpu", max_batch=1)
+        await WorkerRegistry(r, Keys(stack.key_prefix)).beat(info, ttl_s=60)
+        stream = f"{stack.key_prefix}:q:{{stalled-model}}"
+        await r.xgroup_create(stream, "workers", id="0", mkstream=True)
+        for i in range(3):
+            await r.xadd(stream, {"r": str(i)})
+        await r.aclose()
+
+    asyncio.run(busy_model_with_three_waiting())
+    url = start_gateway(stack, CORRAL_MAX_BACKLOG="3")
+    response = httpx.post(
+        f"{url}/v1/chat/completions", json={"model": "stalled-model", "messages": QUESTION}, timeout=10
+    )
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "2"
+    assert response.json()["error"]["code"] == "backlog_full"
