@@ -39,6 +39,13 @@ class Keys:
         received by every worker."""
         return f"{self.prefix}:cancel"
 
+    def progress(self, request_id: str) -> str:
+        """Hash of one in-flight request's progress, a field per choice index (JSON: tokens
+        generated, last seq, characters sent) plus `attempts`. Written by the worker with each
+        publish; read by a worker that reclaims the request; deleted on ack, and expires after
+        the request's deadline in any case."""
+        return f"{self.prefix}:progress:{request_id}"
+
     def rate(self, caller: str, what: str, window: int) -> str:
         """Counter of `what` (requests or tokens) one caller used in one minute window. Written
         by gateways (INCR/INCRBY); expires two minutes after its window opened. `caller` is a

@@ -26,6 +26,8 @@ _FIELD = "r"
 class Claimed:
     entry_id: str
     request: GenerationRequest
+    # Taken over from a dead worker: its progress says where to continue.
+    reclaimed: bool = False
 
 
 class RequestQueue:
@@ -52,26 +54,36 @@ class RequestQueue:
         reply = await self.redis.xreadgroup(
             WORKER_GROUP, consumer, {stream: ">"}, count=count, block=block_ms
         )
-        claimed: list[Claimed] = []
-        rejected: list[str] = []
-        for _stream, entries in reply or []:
-            for entry_id, fields in entries:
-                try:
-                    claimed.append(Claimed(entry_id, GenerationRequest.model_validate_json(fields[_FIELD])))
-                except (KeyError, ValidationError) as e:
-                    log.error("rejected malformed stream entry %s on %s: %s", entry_id, stream, e)
-                    rejected.append(entry_id)
+        entries = [entry for _stream, stream_entries in reply or [] for entry in stream_entries]
+        claimed = self._parse(stream, entries)
+        taken = {c.entry_id for c in claimed}
+        rejected = [entry_id for entry_id, _ in entries if entry_id not in taken]
         if rejected:
             await self.ack(model, rejected)
         return claimed
 
-    async def ack(self, model: str, entry_ids: list[str]) -> None:
+    def _parse(self, stream: str, entries: list) -> list[Claimed]:
+        """Requests from stream entries; malformed ones (and ones deleted while pending) are
+        left out, logged, for the caller to ack."""
+        claimed: list[Claimed] = []
+        for entry_id, fields in entries:
+            if not fields:
+                continue
+            try:
+                claimed.append(Claimed(entry_id, GenerationRequest.model_validate_json(fields[_FIELD])))
+            except (KeyError, ValidationError) as e:
+                log.error("rejected malformed stream entry %s on %s: %s", entry_id, stream, e)
+        return claimed
+
+    async def ack(self, model: str, entry_ids: list[str], request_ids: list[str] | None = None) -> None:
         if not entry_ids:
             return
         stream = self.keys.requests(model)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xack(stream, WORKER_GROUP, *entry_ids)
             pipe.xdel(stream, *entry_ids)
+            if request_ids:
+                pipe.delete(*[self.keys.progress(r) for r in request_ids])
             await pipe.execute()
 
     async def known(self, model: str) -> bool:
@@ -90,14 +102,61 @@ class RequestQueue:
                 return int(lag) if lag is not None else await self.redis.xlen(self.keys.requests(model))
         return await self.redis.xlen(self.keys.requests(model))
 
-    async def publish(self, events: list[tuple[str, Event]]) -> None:
-        """Publish many requests' events in one round trip (one pipeline per engine step)."""
-        if not events:
-            return
+    async def publish(
+        self,
+        events: list[tuple[str, Event]],
+        progress: dict[str, dict[str, str]] | None = None,
+        ttl_s: int = 3600,
+    ) -> set[str]:
+        """Publish many requests' events, and record their progress, in one round trip (one
+        pipeline per engine step). Returns the requests nobody received events for: their
+        gateway is gone."""
+        if not events and not progress:
+            return set()
         async with self.redis.pipeline(transaction=False) as pipe:
             for request_id, event in events:
                 pipe.publish(self.keys.output(request_id), event.model_dump_json(exclude_defaults=True))
-            await pipe.execute()
+            for request_id, fields in (progress or {}).items():
+                pipe.hset(self.keys.progress(request_id), mapping=fields)
+                pipe.expire(self.keys.progress(request_id), ttl_s)
+            replies = await pipe.execute()
+        heard: dict[str, bool] = {}
+        for (request_id, _), receivers in zip(events, replies, strict=False):
+            heard[request_id] = heard.get(request_id, False) or receivers > 0
+        return {request_id for request_id, any_heard in heard.items() if not any_heard}
+
+    async def progress(self, request_id: str) -> dict[str, str]:
+        return await self.redis.hgetall(self.keys.progress(request_id))
+
+    async def count_attempt(self, request_id: str) -> int:
+        return await self.redis.hincrby(self.keys.progress(request_id), "attempts", 1)
+
+    async def reclaim(
+        self, model: str, consumer: str, dead: set[str], count: int, min_idle_ms: int
+    ) -> list[Claimed]:
+        """Take over up to `count` requests pending on consumers in `dead` (workers whose
+        heartbeat expired). XCLAIM's min-idle check makes sure two live workers never both
+        take the same request."""
+        if count <= 0 or not dead:
+            return []
+        stream = self.keys.requests(model)
+        pending = await self.redis.xpending_range(stream, WORKER_GROUP, min="-", max="+", count=1000)
+        orphans = [p["message_id"] for p in pending if p["consumer"] in dead][:count]
+        if not orphans:
+            return []
+        entries = await self.redis.xclaim(stream, WORKER_GROUP, consumer, min_idle_ms, orphans)
+        return [Claimed(c.entry_id, c.request, reclaimed=True) for c in self._parse(stream, entries)]
+
+    async def consumers(self, model: str) -> dict[str, int]:
+        """Consumer name → requests pending on it."""
+        try:
+            found = await self.redis.xinfo_consumers(self.keys.requests(model), WORKER_GROUP)
+        except ResponseError:
+            return {}
+        return {c["name"]: int(c["pending"]) for c in found}
+
+    async def forget_consumer(self, model: str, consumer: str) -> None:
+        await self.redis.xgroup_delconsumer(self.keys.requests(model), WORKER_GROUP, consumer)
 
     async def cancel(self, request_id: str) -> None:
         """Tell every worker to drop this request at its next step."""

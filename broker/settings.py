@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(1.0, gt=0)
     # A worker whose heartbeat key is older than this is gone: /v1/models drops it.
     worker_ttl_s: float = Field(5.0, gt=0)
+    # A request whose worker dies this many times more ends with an error instead.
+    max_attempts: int = Field(3, ge=1)
     chat_template: str | None = None
     worker_id: str | None = None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 import time
@@ -43,6 +44,8 @@ class Worker:
         worker_id: str | None = None,
         heartbeat_s: float = 1.0,
         worker_ttl_s: float = 5.0,
+        max_attempts: int = 3,
+        progress_ttl_s: int = 3600,
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
@@ -55,9 +58,15 @@ class Worker:
         self.worker_id = worker_id or new_worker_id()
         self.heartbeat_s = heartbeat_s
         self.worker_ttl_s = worker_ttl_s
+        # A request whose worker died more often than this ends with an error.
+        self.max_attempts = max_attempts
+        self.progress_ttl_s = progress_ttl_s
         # Choices being generated, by engine id; and choices left per request id.
         self.active: dict[str, Sequence] = {}
         self.open: dict[str, int] = {}
+        # Choices that finished this step: their last progress is still to be written.
+        self._finished: dict[str, Sequence] = {}
+        self._next_reclaim = 0.0
         self.started_at = time.time()
         self.tokens_out = 0
         self.requests_done = 0
@@ -76,12 +85,13 @@ class Worker:
         try:
             while not (self._stopping.is_set() and not self.active):
                 claimed = await self.claim()
-                await self.admit(claimed)
+                events, done = await self.admit(claimed)
                 outputs = await self.engine.step(_STEP_WAIT_S if self.active else 0)
-                events, done = self.collect(outputs)
+                events += self.collect(outputs, done)
                 events += self.expire_overdue(done)
-                await self.queue.publish(events)
-                await self.queue.ack(self.model, done)
+                unheard = await self.queue.publish(events, self.progress(events), self.progress_ttl_s)
+                await self.ack(done)
+                await self.drop_unheard(unheard)
         finally:
             for task in side_tasks:
                 task.cancel()
@@ -107,59 +117,104 @@ class Worker:
         self._stopping.set()
 
     async def claim(self) -> list[Claimed]:
+        """New requests, and requests of dead workers, up to the free batch slots."""
         if self._stopping.is_set():
             return []
         free = self.engine.max_batch - len(self.active)
-        block_ms = None if self.active else _IDLE_BLOCK_MS
-        return await self.queue.claim(self.model, self.worker_id, free, block_ms)
+        reclaimed = await self.reclaim(free) if time.monotonic() >= self._next_reclaim else []
+        free -= len(reclaimed)
+        block_ms = None if self.active or reclaimed else _IDLE_BLOCK_MS
+        return reclaimed + await self.queue.claim(self.model, self.worker_id, free, block_ms)
 
-    async def admit(self, claimed: list[Claimed]) -> None:
+    async def reclaim(self, free: int) -> list[Claimed]:
+        self._next_reclaim = time.monotonic() + self.worker_ttl_s / 2
+        live = {w.worker_id for w in await self.registry.live()} | {self.worker_id}
+        consumers = await self.queue.consumers(self.model)
+        for name in [c for c, pending in consumers.items() if c not in live and not pending]:
+            await self.queue.forget_consumer(self.model, name)  # a stopped worker's empty entry
+        dead = {c for c, pending in consumers.items() if c not in live and pending}
+        min_idle_ms = int(self.worker_ttl_s * 1000)
+        claimed = await self.queue.reclaim(self.model, self.worker_id, dead, free, min_idle_ms)
+        for item in claimed:
+            log.info("reclaimed %s from a dead worker", item.request.request_id)
+        return claimed
+
+    async def admit(self, claimed: list[Claimed]) -> tuple[list[tuple[str, Event]], list[Claimed]]:
+        """Start what was claimed. Returns the events to publish now and the requests already
+        over: tokenizer requests, requests that cannot run, resumed requests with nothing left."""
         if not claimed:
-            return
+            return [], []
+        progress = {c.request.request_id: await self._attempt(c) for c in claimed if c.reclaimed}
         # Chat templates and tokenizing are CPU work: keep them off the event loop.
-        prepared = await asyncio.to_thread(self._prepare, claimed)
-        # Requests answered at once: tokenizer requests, and those that cannot run.
-        answered: list[tuple[str, Event]] = []
-        answered_entries: list[str] = []
+        prepared = await asyncio.to_thread(self._prepare, claimed, progress)
+        events: list[tuple[str, Event]] = []
+        done: list[Claimed] = []
         for item, result in zip(claimed, prepared, strict=True):
+            request_id = item.request.request_id
             if isinstance(result, Event):
-                answered.append((item.request.request_id, result))
-                answered_entries.append(item.entry_id)
+                events.append((request_id, result))
+                done.append(item)
                 continue
-            self.open[item.request.request_id] = len(result)
+            self.open[request_id] = len(result)
+            if not result:  # every choice had finished before its worker died
+                del self.open[request_id]
+                done.append(item)
             for sequence in result:
                 self.active[sequence.engine_id] = sequence
-                self.engine.add(sequence.engine_id, sequence.prompt_ids, sequence.params)
-        if answered:
-            await self.queue.publish(answered)
-            await self.queue.ack(self.model, answered_entries)
+                if sequence.params.max_new_tokens <= 0:  # resumed with its whole budget spent
+                    events.append((request_id, sequence.finish("length")))
+                    done += self._release(sequence)
+                else:
+                    self.engine.add(sequence.engine_id, sequence.engine_prompt, sequence.params)
+        return events, done
 
-    def _prepare(self, claimed: list[Claimed]) -> list[list[Sequence] | Event]:
+    async def _attempt(self, item: Claimed) -> dict | Event:
+        """Count a reclaimed request's attempt; its progress, or the error that ends it."""
+        attempts = await self.queue.count_attempt(item.request.request_id)
+        if attempts > self.max_attempts:
+            return rejection("worker_lost", f"the request's worker died {attempts} times; giving up")
+        fields = await self.queue.progress(item.request.request_id)
+        return {k: json.loads(v) for k, v in fields.items() if k != "attempts"}
+
+    def _prepare(
+        self, claimed: list[Claimed], progress: dict[str, dict | Event]
+    ) -> list[list[Sequence] | Event]:
         prepared: list[list[Sequence] | Event] = []
         at_ms = now_ms()
         for item in claimed:
-            if item.request.expired(at_ms):
+            earlier = progress.get(item.request.request_id, {})
+            if isinstance(earlier, Event):
+                prepared.append(earlier)
+            elif item.request.expired(at_ms):
                 prepared.append(rejection("deadline_exceeded", "the request's deadline passed in the queue"))
-                continue
-            try:
-                if item.request.kind != "generate":
-                    prepared.append(answer(item, self.tokenizer, self.engine))
-                    continue
-                ids = encode_prompt(item, self.tokenizer)
-                context = self.engine.context_length
-                choices = range(item.request.n)
-                prepared.append([Sequence(item, ids, self.tokenizer, context, index=i) for i in choices])
-            except InvalidPrompt as e:
-                prepared.append(rejection(e.code, str(e)))
-            except Exception as e:  # one bad request must never take the worker down
-                log.exception("could not start %s", item.request.request_id)
-                prepared.append(rejection("engine_error", f"{type(e).__name__}: {e}"))
+            else:
+                prepared.append(self._start(item, earlier))
         return prepared
 
-    def collect(self, outputs: list) -> tuple[list[tuple[str, Event]], list[str]]:
-        """Events for this step's outputs, and the stream entries of requests that finished."""
+    def _start(self, item: Claimed, earlier: dict) -> list[Sequence] | Event:
+        try:
+            if item.request.kind != "generate":
+                return answer(item, self.tokenizer, self.engine)
+            ids = encode_prompt(item, self.tokenizer)
+            choices = []
+            for index in range(item.request.n):
+                sequence = Sequence(item, ids, self.tokenizer, self.engine.context_length, index=index)
+                done_before = earlier.get(str(index))
+                if done_before is not None:
+                    if done_before["done"]:
+                        continue
+                    sequence.resume(done_before)
+                choices.append(sequence)
+            return choices
+        except InvalidPrompt as e:
+            return rejection(e.code, str(e))
+        except Exception as e:  # one bad request must never take the worker down
+            log.exception("could not start %s", item.request.request_id)
+            return rejection("engine_error", f"{type(e).__name__}: {e}")
+
+    def collect(self, outputs: list, done: list[Claimed]) -> list[tuple[str, Event]]:
+        """Events for this step's outputs; requests that finished are added to `done`."""
         events: list[tuple[str, Event]] = []
-        done: list[str] = []
         for out in outputs:
             sequence = self.active.get(out.request_id)
             if sequence is None:
@@ -170,9 +225,9 @@ class Worker:
                 if not out.finished:  # a stop string ended it before the engine did
                     self.engine.cancel(sequence.engine_id)
                 done += self._release(sequence)
-        return events, done
+        return events
 
-    def expire_overdue(self, done: list[str]) -> list[tuple[str, Event]]:
+    def expire_overdue(self, done: list[Claimed]) -> list[tuple[str, Event]]:
         at_ms = now_ms()
         events = []
         for sequence in [s for s in self.active.values() if s.claimed.request.expired(at_ms)]:
@@ -183,15 +238,37 @@ class Worker:
             done += self._release(sequence)
         return events
 
-    def _release(self, sequence: Sequence) -> list[str]:
-        """Forget a finished choice; the request's stream entry once its last choice is done."""
+    def progress(self, events: list[tuple[str, Event]]) -> dict[str, dict[str, str]]:
+        """Where each choice that published this step stands, for a worker that may take over."""
+        touched: dict[str, dict[str, str]] = {}
+        for request_id, event in events:
+            sequence = self.active.get(f"{request_id}/{event.index}") or self._finished.get(
+                f"{request_id}/{event.index}"
+            )
+            if sequence is not None:
+                touched.setdefault(request_id, {})[str(event.index)] = json.dumps(sequence.progress())
+        self._finished.clear()
+        return touched
+
+    def _release(self, sequence: Sequence) -> list[Claimed]:
+        """Forget a finished choice; the request once its last choice is done."""
         del self.active[sequence.engine_id]
+        self._finished[sequence.engine_id] = sequence
         self.open[sequence.request_id] -= 1
         if self.open[sequence.request_id] > 0:
             return []
         del self.open[sequence.request_id]
         self.requests_done += 1
-        return [sequence.claimed.entry_id]
+        return [sequence.claimed]
+
+    async def ack(self, done: list[Claimed]) -> None:
+        await self.queue.ack(self.model, [c.entry_id for c in done], [c.request.request_id for c in done])
+
+    async def drop_unheard(self, request_ids: set[str]) -> None:
+        """No gateway received these requests' events (it died or restarted): stop them."""
+        for request_id in request_ids & self.open.keys():
+            log.info("no gateway listens for %s any more", request_id)
+            await self._cancel(request_id)
 
     # ------------------------------------------------------------------ side tasks
 
@@ -243,9 +320,9 @@ class Worker:
     async def _cancel(self, request_id: str) -> None:
         if request_id not in self.open:
             return
-        done: list[str] = []
+        done: list[Claimed] = []
         for sequence in [s for s in self.active.values() if s.request_id == request_id]:
             self.engine.cancel(sequence.engine_id)
             done += self._release(sequence)
-        await self.queue.ack(self.model, done)
+        await self.ack(done)
         log.info("cancelled %s", request_id)

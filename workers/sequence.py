@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from broker.queue import Claimed
@@ -85,6 +86,10 @@ class Sequence:
         self.detokenizer = IncrementalDetokenizer(tokenizer)
         self.stops = StopStrings(request.stop)
         self.completion_tokens = 0
+        # Everything generated and sent so far: what another worker needs to continue this
+        # choice if this one dies (see `progress` and `resume`).
+        self.generated: list[int] = []
+        self.sent_chars = 0
         # The prompt's text, sent ahead of the first delta when the request asks for an echo.
         self._echo = tokenizer.decode(prompt_ids, skip_special_tokens=False) if request.echo else ""
         self.finished = False
@@ -100,6 +105,7 @@ class Sequence:
         if out.error is not None:
             return [self.fail("engine_error", out.error)]
         self.completion_tokens += len(out.new_token_ids)
+        self.generated += out.new_token_ids
         ids = out.new_token_ids
         if out.finish_reason == "stop" and ids:
             ids = ids[:-1]  # the EOS or stop token itself is not part of the text
@@ -110,6 +116,7 @@ class Sequence:
             text += self.stops.feed(self.detokenizer.flush())[0] + self.stops.flush()
         if self._echo:
             text, self._echo = self._echo + text, ""
+        self.sent_chars += len(text)
         events = []
         if text or logprobs:
             events.append(
@@ -118,6 +125,31 @@ class Sequence:
         if reason is not None:
             events.append(self.finish(reason))
         return events
+
+    @property
+    def engine_prompt(self) -> list[int]:
+        """What the engine starts from: the prompt, plus the tokens of an earlier attempt."""
+        return self.prompt_ids + self.generated
+
+    def progress(self) -> dict:
+        return {"seq": self._seq, "tokens": self.generated, "sent": self.sent_chars, "done": self.finished}
+
+    def resume(self, progress: dict) -> None:
+        """Continue where an earlier worker stopped: same seq numbers, the same text already
+        sent, only the tokens still missing left to generate. (A seeded choice draws afresh
+        from its seed, and penalties see only the new tokens: exact for greedy decoding.)"""
+        self._seq = progress["seq"]
+        self.generated = list(progress["tokens"])
+        self.completion_tokens = len(self.generated)
+        self.sent_chars = progress["sent"]
+        sent_text = self.sent_chars
+        if self._echo and self.sent_chars:
+            sent_text -= len(self._echo)
+            self._echo = ""
+        decoded = self.detokenizer.push(self.generated)
+        self.stops.hold(decoded[sent_text:])  # generated but held back: still to be sent
+        left = self.params.max_new_tokens - len(self.generated)
+        self.params = dataclasses.replace(self.params, max_new_tokens=max(left, 0))
 
     def _entry(self, token_id: int, logprob: float) -> TopLogprob:
         text = self.tokenizer.decode([token_id])

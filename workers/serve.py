@@ -40,6 +40,8 @@ async def serve(settings: Settings) -> None:
         worker_id=settings.worker_id,
         heartbeat_s=settings.heartbeat_s,
         worker_ttl_s=settings.worker_ttl_s,
+        max_attempts=settings.max_attempts,
+        progress_ttl_s=int(settings.request_timeout_s) + 60,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -77,3 +77,7 @@ class StopStrings:
     def flush(self) -> str:
         held, self._held = self._held, ""
         return held
+
+    def hold(self, text: str) -> None:
+        """Start with `text` held back (a request resumed by another worker)."""
+        self._held = text

@@ -1,0 +1,87 @@
+"""Nothing lost: a worker killed mid-stream, a gateway that went away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import redis
+
+from tests.conftest import MODEL, Stack
+
+PROMPTS = [
+    "Write a short story about a lighthouse.",
+    "Explain how rain forms.",
+    "Describe a busy market in the morning.",
+    "Tell me about the history of bicycles.",
+    "Write a poem about autumn leaves.",
+    "Explain what a computer does.",
+    "Describe your favourite meal.",
+    "Tell me a story about a lost dog.",
+]
+TOKENS = 40
+
+
+async def stream_text(client: httpx.AsyncClient, prompt: str) -> tuple[str, int]:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
+            "max_tokens": TOKENS, "stream": True}  # fmt: skip
+    text, chunks = "", 0
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                text += chunk["choices"][0]["delta"].get("content") or ""
+                chunks += 1
+    return text, chunks
+
+
+async def test_requests_survive_a_worker_killed_mid_stream(stack: Stack, greedy) -> None:
+    expected = {p: greedy([{"role": "user", "content": p}], TOKENS)[0] for p in PROMPTS}
+    doomed = stack.start_worker()
+    async with httpx.AsyncClient(base_url=stack.url, timeout=120) as client:
+        # Twice the main worker's batch, so that both workers hold requests.
+        requests = PROMPTS * 2
+        tasks = [asyncio.create_task(stream_text(client, p)) for p in requests]
+        # Kill the second worker while it is generating for some of the requests.
+        deadline = time.monotonic() + 60
+        while (
+            int(stack.worker_info(doomed.worker_id).get("in_flight", 0)) < 2 and time.monotonic() < deadline
+        ):
+            await asyncio.sleep(0.05)
+        assert int(stack.worker_info(doomed.worker_id)["in_flight"]) >= 2
+        await asyncio.sleep(1.0)  # tokens have been streamed from it
+        doomed.kill()
+        results = await asyncio.gather(*tasks)
+
+    for prompt, (text, _) in zip(requests, results, strict=True):
+        assert text == expected[prompt], prompt
+    r = redis.Redis.from_url(stack.redis_url)
+    assert r.xlen(f"{stack.key_prefix}:q:{{{MODEL}}}") == 0  # everything acked, nothing left over
+    assert not list(r.scan_iter(f"{stack.key_prefix}:progress:*"))
+
+
+async def test_a_request_whose_gateway_is_gone_is_cancelled(stack: Stack) -> None:
+    from broker.connection import connect
+    from broker.keys import Keys
+    from broker.queue import RequestQueue
+    from broker.schemas import ChatMessage, GenerationRequest, now_ms
+
+    r = connect(stack.redis_url)
+    # A request enqueued by a gateway that is not listening (as after a gateway crash).
+    request = GenerationRequest(
+        request_id="deadgateway.1",
+        model=MODEL,
+        messages=[ChatMessage(role="user", content="Write a very long story.")],
+        max_new_tokens=2000,
+        deadline_ms=now_ms() + 600_000,
+    )
+    await RequestQueue(r, Keys(stack.key_prefix)).enqueue(request)
+    started = time.monotonic()
+    while await r.xlen(f"{stack.key_prefix}:q:{{{MODEL}}}") and time.monotonic() - started < 10:
+        await asyncio.sleep(0.05)
+    assert await r.xlen(f"{stack.key_prefix}:q:{{{MODEL}}}") == 0
+    assert time.monotonic() - started < 5  # dropped after its first step, not after 2000 tokens
+    await r.aclose()
