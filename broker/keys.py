@@ -8,20 +8,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Consumer group that all workers of a model join on its request stream.
+# Consumer group that all workers of a model join on its request streams.
 WORKER_GROUP = "workers"
+# Request lanes, most urgent first.
+LANES = ("interactive", "batch")
 
 
 @dataclass(frozen=True)
 class Keys:
     prefix: str = "corral"
 
-    def requests(self, model: str) -> str:
-        """Stream of interactive generation requests for one model.
+    def requests(self, model: str, lane: str = "interactive") -> str:
+        """Stream of one model's requests in one lane: `interactive` (chat and API traffic) or
+        `batch` (judge and bulk traffic, read only when no interactive work waits).
 
         Written by gateways (XADD), read by workers (XREADGROUP, group `workers`). Entries are
         deleted when acked, so the stream holds only waiting and in-flight work. No TTL."""
-        return f"{self.prefix}:q:{{{model}}}"
+        stream = f"{self.prefix}:q:{{{model}}}"
+        return stream if lane == "interactive" else f"{stream}:{lane}"
 
     def output(self, request_id: str) -> str:
         """Pub/sub channel of one request's token events. Published by the worker that holds the

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import ResponseError
 
-from broker.keys import WORKER_GROUP, Keys
+from broker.keys import LANES, WORKER_GROUP, Keys
 from broker.schemas import Event, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,10 @@ class Claimed:
     # Taken over from a dead worker: its progress says where to continue.
     reclaimed: bool = False
 
+    @property
+    def lane(self) -> str:
+        return self.request.lane
+
 
 class RequestQueue:
     def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
@@ -36,30 +40,44 @@ class RequestQueue:
         self.keys = keys
 
     async def enqueue(self, request: GenerationRequest) -> str:
-        return await self.redis.xadd(self.keys.requests(request.model), {_FIELD: request.model_dump_json()})
+        stream = self.keys.requests(request.model, request.lane)
+        return await self.redis.xadd(stream, {_FIELD: request.model_dump_json()})
 
     async def ensure_group(self, model: str) -> None:
-        try:
-            await self.redis.xgroup_create(self.keys.requests(model), WORKER_GROUP, id="0", mkstream=True)
-        except ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+        for lane in LANES:
+            try:
+                await self.redis.xgroup_create(
+                    self.keys.requests(model, lane), WORKER_GROUP, id="0", mkstream=True
+                )
+            except ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
 
-    async def claim(self, model: str, consumer: str, count: int, block_ms: int | None) -> list[Claimed]:
-        """Up to `count` new requests; waits up to `block_ms` for the first when none is waiting
-        (None: return at once)."""
+    async def claim(
+        self,
+        model: str,
+        consumer: str,
+        count: int,
+        block_ms: int | None,
+        lanes: tuple[str, ...] = ("interactive",),
+    ) -> list[Claimed]:
+        """Up to `count` new requests from these lanes; waits up to `block_ms` for the first
+        when none is waiting (None: return at once)."""
         if count <= 0:
             return []
-        stream = self.keys.requests(model)
-        reply = await self.redis.xreadgroup(
-            WORKER_GROUP, consumer, {stream: ">"}, count=count, block=block_ms
-        )
-        entries = [entry for _stream, stream_entries in reply or [] for entry in stream_entries]
-        claimed = self._parse(stream, entries)
-        taken = {c.entry_id for c in claimed}
-        rejected = [entry_id for entry_id, _ in entries if entry_id not in taken]
-        if rejected:
-            await self.ack(model, rejected)
+        streams = {self.keys.requests(model, lane): ">" for lane in lanes}
+        reply = await self.redis.xreadgroup(WORKER_GROUP, consumer, streams, count=count, block=block_ms)
+        claimed: list[Claimed] = []
+        for stream, entries in reply or []:
+            parsed = self._parse(stream, entries)
+            claimed += parsed
+            taken = {c.entry_id for c in parsed}
+            rejected = [entry_id for entry_id, _ in entries if entry_id not in taken]
+            if rejected:
+                await self.redis.xack(stream, WORKER_GROUP, *rejected)
+                await self.redis.xdel(stream, *rejected)
+        # Reading several lanes can return `count` from each: every entry read is now pending
+        # here, so all are returned (the engine queues what exceeds its batch).
         return claimed
 
     def _parse(self, stream: str, entries: list) -> list[Claimed]:
@@ -75,10 +93,16 @@ class RequestQueue:
                 log.error("rejected malformed stream entry %s on %s: %s", entry_id, stream, e)
         return claimed
 
-    async def ack(self, model: str, entry_ids: list[str], request_ids: list[str] | None = None) -> None:
+    async def ack(
+        self,
+        model: str,
+        entry_ids: list[str],
+        request_ids: list[str] | None = None,
+        lane: str = "interactive",
+    ) -> None:
         if not entry_ids:
             return
-        stream = self.keys.requests(model)
+        stream = self.keys.requests(model, lane)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xack(stream, WORKER_GROUP, *entry_ids)
             pipe.xdel(stream, *entry_ids)
@@ -90,17 +114,18 @@ class RequestQueue:
         """Whether this model has ever had a worker (its stream and group exist)."""
         return bool(await self.redis.exists(self.keys.requests(model)))
 
-    async def depth(self, model: str) -> int:
+    async def depth(self, model: str, lane: str = "interactive") -> int:
         """Requests waiting for a worker (delivered-but-unacked ones are not counted)."""
+        stream = self.keys.requests(model, lane)
         try:
-            groups = await self.redis.xinfo_groups(self.keys.requests(model))
+            groups = await self.redis.xinfo_groups(stream)
         except ResponseError:  # no such stream yet
             return 0
         for group in groups:
             if group["name"] == WORKER_GROUP:
                 lag = group.get("lag")
-                return int(lag) if lag is not None else await self.redis.xlen(self.keys.requests(model))
-        return await self.redis.xlen(self.keys.requests(model))
+                return int(lag) if lag is not None else await self.redis.xlen(stream)
+        return await self.redis.xlen(stream)
 
     async def publish(
         self,
@@ -135,28 +160,37 @@ class RequestQueue:
         self, model: str, consumer: str, dead: set[str], count: int, min_idle_ms: int
     ) -> list[Claimed]:
         """Take over up to `count` requests pending on consumers in `dead` (workers whose
-        heartbeat expired). XCLAIM's min-idle check makes sure two live workers never both
-        take the same request."""
-        if count <= 0 or not dead:
-            return []
-        stream = self.keys.requests(model)
-        pending = await self.redis.xpending_range(stream, WORKER_GROUP, min="-", max="+", count=1000)
-        orphans = [p["message_id"] for p in pending if p["consumer"] in dead][:count]
-        if not orphans:
-            return []
-        entries = await self.redis.xclaim(stream, WORKER_GROUP, consumer, min_idle_ms, orphans)
-        return [Claimed(c.entry_id, c.request, reclaimed=True) for c in self._parse(stream, entries)]
+        heartbeat expired), interactive lane first. XCLAIM's min-idle check makes sure two live
+        workers never both take the same request."""
+        claimed: list[Claimed] = []
+        for lane in LANES:
+            if len(claimed) >= count or not dead:
+                break
+            stream = self.keys.requests(model, lane)
+            pending = await self.redis.xpending_range(stream, WORKER_GROUP, min="-", max="+", count=1000)
+            orphans = [p["message_id"] for p in pending if p["consumer"] in dead][: count - len(claimed)]
+            if orphans:
+                entries = await self.redis.xclaim(stream, WORKER_GROUP, consumer, min_idle_ms, orphans)
+                claimed += [
+                    Claimed(c.entry_id, c.request, reclaimed=True) for c in self._parse(stream, entries)
+                ]
+        return claimed
 
     async def consumers(self, model: str) -> dict[str, int]:
-        """Consumer name → requests pending on it."""
-        try:
-            found = await self.redis.xinfo_consumers(self.keys.requests(model), WORKER_GROUP)
-        except ResponseError:
-            return {}
-        return {c["name"]: int(c["pending"]) for c in found}
+        """Consumer name → requests pending on it, over all lanes."""
+        pending: dict[str, int] = {}
+        for lane in LANES:
+            try:
+                found = await self.redis.xinfo_consumers(self.keys.requests(model, lane), WORKER_GROUP)
+            except ResponseError:
+                continue
+            for c in found:
+                pending[c["name"]] = pending.get(c["name"], 0) + int(c["pending"])
+        return pending
 
     async def forget_consumer(self, model: str, consumer: str) -> None:
-        await self.redis.xgroup_delconsumer(self.keys.requests(model), WORKER_GROUP, consumer)
+        for lane in LANES:
+            await self.redis.xgroup_delconsumer(self.keys.requests(model, lane), WORKER_GROUP, consumer)
 
     async def cancel(self, request_id: str) -> None:
         """Tell every worker to drop this request at its next step."""

@@ -27,6 +27,8 @@ class GenerationRequest(BaseModel):
 
     request_id: str
     model: str
+    # Which of the model's streams it waits on (broker.keys.LANES).
+    lane: Literal["interactive", "batch"] = "interactive"
     # generate: token events; tokenize / detokenize: one `done` event with a `result`.
     kind: Literal["generate", "tokenize", "detokenize", "embed"] = "generate"
     messages: list[ChatMessage] | None = None

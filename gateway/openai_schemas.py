@@ -53,6 +53,10 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1)
+    # Corral's extensions: the request's deadline in seconds (default CORRAL_REQUEST_TIMEOUT_S);
+    # `batch` lane waits until no interactive request waits (judges, bulk jobs).
+    timeout: float | None = Field(None, gt=0, le=86_400)
+    lane: Literal["interactive", "batch"] = "interactive"
     # vLLM's extensions: token ids that end generation, and generating exactly max_tokens.
     stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
     ignore_eos: bool = False

@@ -101,13 +101,13 @@ async def detokenize(body: DetokenizeCreate, gateway: GatewayDep) -> dict:
     return await _ask(gateway, body.model, "detokenize", prompt_token_ids=body.tokens)
 
 
-def _new_request(gateway: Gateway, **fields) -> GenerationRequest:
-    """A request with a fresh id (routed back to this gateway) and the default deadline."""
+def _new_request(gateway: Gateway, timeout_s: float | None = None, **fields) -> GenerationRequest:
+    """A request with a fresh id (routed back to this gateway) and its deadline."""
     created_ms = int(time.time() * 1000)
     return GenerationRequest(
         request_id=gateway.hub.new_request_id(),
         created_ms=created_ms,
-        deadline_ms=created_ms + int(gateway.settings.request_timeout_s * 1000),
+        deadline_ms=created_ms + int((timeout_s or gateway.settings.request_timeout_s) * 1000),
         **fields,
     )
 
@@ -186,7 +186,7 @@ async def _generate(
     await _require_worker(gateway, body.model)
     settings = gateway.settings
     if settings.max_backlog:
-        waiting = await gateway.queue.depth(body.model)
+        waiting = await gateway.queue.depth(body.model, body.lane)
         if waiting >= settings.max_backlog:
             raise Backlogged(body.model, waiting)
     max_tokens = body.requested_max_tokens() or settings.default_max_tokens
@@ -202,12 +202,14 @@ async def _generate(
         )
     request = _new_request(
         gateway,
+        timeout_s=body.timeout,
         model=body.model,
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
         max_new_tokens=max_tokens,
         n=body.n,
+        lane=body.lane,
         stop=body.stop_list(),
         stop_token_ids=body.stop_token_ids,
         ignore_eos=body.ignore_eos,

@@ -112,9 +112,11 @@ class Stack:
         self.processes.append(process)
         return process
 
-    def start_worker(self, served_name: str = MODEL, worker_id: str | None = None) -> subprocess.Popen:
+    def start_worker(
+        self, served_name: str = MODEL, worker_id: str | None = None, **env: str
+    ) -> subprocess.Popen:
         worker_id = worker_id or f"w-{uuid.uuid4().hex[:6]}"
-        process = self.start("workers", CORRAL_SERVED_NAME=served_name, CORRAL_WORKER_ID=worker_id)
+        process = self.start("workers", CORRAL_SERVED_NAME=served_name, CORRAL_WORKER_ID=worker_id, **env)
         process.worker_id = worker_id  # type: ignore[attr-defined]
         self.wait_for_worker(worker_id, process)
         return process

@@ -42,6 +42,16 @@ def test_a_deadline_passing_mid_stream_ends_it_with_an_error_the_client_raises(s
     assert caught.value.body["code"] == "deadline_exceeded"
 
 
+def test_a_client_timeout_sets_the_deadline(stack: Stack) -> None:
+    api = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+    story = [{"role": "user", "content": "Write a very long story about a dragon."}]
+    with pytest.raises(openai.APIStatusError) as caught:
+        api.chat.completions.create(
+            model=MODEL, messages=story, max_tokens=1000, extra_body={"ignore_eos": True, "timeout": 1.0}
+        )
+    assert caught.value.status_code == 504
+
+
 async def test_the_async_client_streams_and_completes(stack: Stack) -> None:
     api = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
     question = [{"role": "user", "content": PROMPTS[0]}]

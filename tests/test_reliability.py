@@ -85,3 +85,47 @@ async def test_a_request_whose_gateway_is_gone_is_cancelled(stack: Stack) -> Non
     assert await r.xlen(f"{stack.key_prefix}:q:{{{MODEL}}}") == 0
     assert time.monotonic() - started < 5  # dropped after its first step, not after 2000 tokens
     await r.aclose()
+
+
+async def test_batch_lane_waits_while_interactive_work_waits(stack: Stack) -> None:
+    stack.start_worker(served_name="one-slot", CORRAL_MAX_BATCH="1")
+    finished: list[str] = []
+
+    async def ask(client: httpx.AsyncClient, name: str, lane: str, tokens: int) -> None:
+        body = {"model": "one-slot", "messages": [{"role": "user", "content": "Tell me a story."}],
+                "max_tokens": tokens, "ignore_eos": True, "lane": lane}  # fmt: skip
+        response = await client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        finished.append(name)
+
+    async with httpx.AsyncClient(base_url=stack.url, timeout=120) as client:
+        holder = asyncio.create_task(ask(client, "holder", "interactive", 30))
+        await asyncio.sleep(1.0)  # the single slot is taken
+        batch = asyncio.create_task(ask(client, "batch", "batch", 4))
+        await asyncio.sleep(0.3)  # the batch request is queued first...
+        interactive = asyncio.create_task(ask(client, "interactive", "interactive", 4))
+        await asyncio.gather(holder, batch, interactive)
+    assert finished == ["holder", "interactive", "batch"]  # ...but waits for interactive work
+
+
+async def test_sigterm_drains_a_busy_worker_which_exits_0(stack: Stack) -> None:
+    worker = stack.start_worker(served_name="draining")
+
+    async def ask(client: httpx.AsyncClient) -> dict:
+        body = {"model": "draining", "messages": [{"role": "user", "content": "Tell me a story."}],
+                "max_tokens": 24, "ignore_eos": True}  # fmt: skip
+        response = await client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    async with httpx.AsyncClient(base_url=stack.url, timeout=120) as client:
+        tasks = [asyncio.create_task(ask(client)) for _ in range(3)]
+        while stack.worker_info(worker.worker_id).get("in_flight") != "3":
+            await asyncio.sleep(0.05)
+        worker.terminate()
+        replies = await asyncio.gather(*tasks)
+    assert [r["usage"]["completion_tokens"] for r in replies] == [24, 24, 24]
+    assert worker.wait(timeout=30) == 0
+    r = redis.Redis.from_url(stack.redis_url)
+    assert r.xlen(f"{stack.key_prefix}:q:{{draining}}") == 0
+    assert not r.exists(f"{stack.key_prefix}:worker:{worker.worker_id}")  # deregistered at once

@@ -13,7 +13,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from broker.keys import Keys
+from broker.keys import LANES, Keys
 from broker.queue import Claimed, RequestQueue
 from broker.registry import WorkerRegistry
 from broker.schemas import Event, WorkerInfo, now_ms
@@ -123,8 +123,12 @@ class Worker:
         free = self.engine.max_batch - len(self.active)
         reclaimed = await self.reclaim(free) if time.monotonic() >= self._next_reclaim else []
         free -= len(reclaimed)
-        block_ms = None if self.active or reclaimed else _IDLE_BLOCK_MS
-        return reclaimed + await self.queue.claim(self.model, self.worker_id, free, block_ms)
+        if self.active or reclaimed:
+            # Batch work only takes the slots interactive work leaves free.
+            claimed = await self.queue.claim(self.model, self.worker_id, free, None, ("interactive",))
+            batch = await self.queue.claim(self.model, self.worker_id, free - len(claimed), None, ("batch",))
+            return reclaimed + claimed + batch
+        return await self.queue.claim(self.model, self.worker_id, free, _IDLE_BLOCK_MS, LANES)
 
     async def reclaim(self, free: int) -> list[Claimed]:
         self._next_reclaim = time.monotonic() + self.worker_ttl_s / 2
@@ -262,7 +266,11 @@ class Worker:
         return [sequence.claimed]
 
     async def ack(self, done: list[Claimed]) -> None:
-        await self.queue.ack(self.model, [c.entry_id for c in done], [c.request.request_id for c in done])
+        for lane in LANES:
+            in_lane = [c for c in done if c.lane == lane]
+            await self.queue.ack(
+                self.model, [c.entry_id for c in in_lane], [c.request.request_id for c in in_lane], lane
+            )
 
     async def drop_unheard(self, request_ids: set[str]) -> None:
         """No gateway received these requests' events (it died or restarted): stop them."""
