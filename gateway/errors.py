@@ -7,6 +7,7 @@ import json
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
@@ -112,6 +113,13 @@ def install_error_handlers(app: FastAPI) -> None:
         param = _validation_param(tuple(first.get("loc", ())))
         message = f"{param}: {first.get('msg', 'invalid value')}" if param else str(first.get("msg"))
         return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_value"), 400)
+
+    @app.exception_handler(RedisError)
+    async def on_redis_error(_: Request, exc: RedisError) -> JSONResponse:
+        body = error_body(
+            "The queue is unreachable; retry shortly.", "server_error", None, "queue_unavailable"
+        )
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

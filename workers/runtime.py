@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 # How long an idle worker blocks on its stream before it looks at its stop flag again.
 _IDLE_BLOCK_MS = 1000
+# Retry pace while Redis is unreachable.
+_BACKOFF_MIN_S = 0.1
+_BACKOFF_MAX_S = 2.0
 # How long a busy worker waits for engine output before it checks deadlines again.
 _STEP_WAIT_S = 0.5
 
@@ -67,6 +70,10 @@ class Worker:
         # Choices that finished this step: their last progress is still to be written.
         self._finished: dict[str, Sequence] = {}
         self._next_reclaim = 0.0
+        # Kept across a Redis outage: events not yet published, requests not yet acked.
+        self._unpublished: list[tuple[str, Event]] = []
+        self._unacked: list[Claimed] = []
+        self._unheard_since: dict[str, float] = {}
         self.started_at = time.time()
         self.tokens_out = 0
         self.requests_done = 0
@@ -82,16 +89,18 @@ class Worker:
         await self.beat()
         side_tasks = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._listen_for_cancels())]
         log.info("worker %s serving %s on %s", self.worker_id, self.model, self.device)
+        backoff_s = _BACKOFF_MIN_S
         try:
             while not (self._stopping.is_set() and not self.active):
-                claimed = await self.claim()
-                events, done = await self.admit(claimed)
-                outputs = await self.engine.step(_STEP_WAIT_S if self.active else 0)
-                events += self.collect(outputs, done)
-                events += self.expire_overdue(done)
-                unheard = await self.queue.publish(events, self.progress(events), self.progress_ttl_s)
-                await self.ack(done)
-                await self.drop_unheard(unheard)
+                try:
+                    await self.iterate()
+                    backoff_s = _BACKOFF_MIN_S
+                except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as e:
+                    # The engine keeps generating; its output waits in the engine, and what was
+                    # not published or acked waits here, until Redis answers again.
+                    log.warning("redis unreachable (%s); retrying in %.1fs", e, backoff_s)
+                    await asyncio.sleep(backoff_s)
+                    backoff_s = min(backoff_s * 2, _BACKOFF_MAX_S)
         finally:
             for task in side_tasks:
                 task.cancel()
@@ -100,6 +109,23 @@ class Worker:
                 await self.registry.remove(self.worker_id)
             self.engine.stop()
             log.info("worker %s stopped", self.worker_id)
+
+    async def iterate(self) -> None:
+        """One turn of the loop: claim → admit → step → publish → ack."""
+        claimed = await self.claim()
+        events, done = await self.admit(claimed)
+        outputs = await self.engine.step(_STEP_WAIT_S if self.active else 0)
+        events += self.collect(outputs, done)
+        events += self.expire_overdue(done)
+        self._unpublished += events
+        self._unacked += done
+        unheard = await self.queue.publish(
+            self._unpublished, self.progress(self._unpublished), self.progress_ttl_s
+        )
+        self._unpublished = []
+        await self.ack(self._unacked)
+        self._unacked = []
+        await self.drop_unheard(unheard)
 
     async def warmup(self) -> None:
         """Run one tiny request before registering, so the engine's first-batch set-up (cache
@@ -273,10 +299,18 @@ class Worker:
             )
 
     async def drop_unheard(self, request_ids: set[str]) -> None:
-        """No gateway received these requests' events (it died or restarted): stop them."""
+        """Stop requests whose events no gateway has received for a while (it died, or was
+        restarted); a short gap is forgiven, as a gateway resubscribing after a Redis restart."""
+        now = time.monotonic()
+        for request_id in list(self._unheard_since):
+            if request_id not in request_ids or request_id not in self.open:
+                del self._unheard_since[request_id]
         for request_id in request_ids & self.open.keys():
-            log.info("no gateway listens for %s any more", request_id)
-            await self._cancel(request_id)
+            since = self._unheard_since.setdefault(request_id, now)
+            if now - since >= self.worker_ttl_s:
+                log.info("no gateway listens for %s any more", request_id)
+                del self._unheard_since[request_id]
+                await self._cancel(request_id)
 
     # ------------------------------------------------------------------ side tasks
 
