@@ -116,3 +116,32 @@ def test_langchain_chat_openai_invokes_and_streams(stack: Stack) -> None:
     streamed = "".join(chunk.content for chunk in llm.stream("What is the capital of France?"))
     assert reply.content and streamed == reply.content
     assert reply.usage_metadata["output_tokens"] >= 1
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"temperature": 1.0, "seed": 7},
+        {"temperature": 0, "presence_penalty": 1.5},
+        {"temperature": 0, "frequency_penalty": 1.5},
+        {"temperature": 0, "extra_body": {"repetition_penalty": 1.5}},
+        {"temperature": 1.3, "seed": 3, "extra_body": {"min_p": 0.3, "top_k": 20}},
+        {"temperature": 0.8, "seed": 11, "top_p": 0.5},
+        {"temperature": 0, "stop": ["."], "max_completion_tokens": 12},
+    ],
+)
+async def test_every_sampling_field_streams_what_the_async_client_gets_unstreamed(
+    stack: Stack, fields
+) -> None:
+    api = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+    request = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": PROMPTS[1]}],
+        "max_tokens": 16,
+        **fields,
+    }
+    reply = await api.chat.completions.create(**request)
+    parts = []
+    async for chunk in await api.chat.completions.create(**request, stream=True):
+        parts += [c.delta.content or "" for c in chunk.choices]
+    assert "".join(parts) == reply.choices[0].message.content
