@@ -81,7 +81,8 @@ async def embeddings(body: EmbeddingCreate, gateway: GatewayDep, who: Caller, li
     await limits.admit(who)
     result = await _ask(gateway, body.model, "embed", inputs=body.inputs())
     tokens = result["prompt_tokens"]
-    gateway.hub.in_background(limits.spend(who, tokens))
+    if limits.tokens_per_min:
+        gateway.hub.in_background(limits.spend(who, tokens))
     return {
         "object": "list",
         "data": embedding_body(result["embeddings"], body.encoding_format),
@@ -165,7 +166,8 @@ class _Call:
         if usage is not None:
             self.gateway.metrics.output_tokens.labels(model).inc(usage.completion_tokens)
             self.gateway.metrics.prompt_tokens.labels(model).inc(usage.prompt_tokens)
-            self.gateway.hub.in_background(self.gateway.limits.spend(self.caller, usage.total_tokens))
+            if self.gateway.limits.tokens_per_min:  # no task per request when nothing is limited
+                self.gateway.hub.in_background(self.gateway.limits.spend(self.caller, usage.total_tokens))
 
     def first_token(self) -> None:
         self.gateway.metrics.ttft.labels(self.request.model).observe(time.perf_counter() - self.received)

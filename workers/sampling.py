@@ -37,7 +37,13 @@ class _Batch:
     """What the two processors share about the rows of the batch being sampled."""
 
     rows: list = field(default_factory=list)  # RequestState per score row
+    # Whether any row uses Corral's fields: most batches use none, and then cost nothing.
+    used: bool = False
     raw_logprobs: dict[int, torch.Tensor] = field(default_factory=dict)  # row → log_softmax of raw logits
+
+
+def _kwargs_of(*processors: type) -> frozenset[str]:
+    return frozenset(name for processor in processors for name in processor.supported_kwargs)
 
 
 class Penalties(ContinuousBatchingLogitsProcessor):
@@ -57,10 +63,15 @@ class Penalties(ContinuousBatchingLogitsProcessor):
 
     def prepare_tensor_args(self, requests_with_new_token: list) -> torch.Tensor:
         self.batch.rows = [request.state for request in requests_with_new_token]
+        self.batch.used = any(
+            _CORRAL_KWARGS & state.logit_processor_kwargs.keys() for state in self.batch.rows
+        )
         return torch.zeros(len(self.batch.rows), dtype=torch.int32)
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         self.batch.raw_logprobs = {}
+        if not self.batch.used:
+            return scores
         for row, state in enumerate(self.batch.rows[: scores.size(0)]):
             kwargs = state.logit_processor_kwargs
             if not kwargs:
@@ -100,6 +111,8 @@ class Sampler(ContinuousBatchingLogitsProcessor):
         return torch.zeros(len(requests_with_new_token), dtype=torch.int32)
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        if not self.batch.used:
+            return scores
         for row, state in enumerate(self.batch.rows[: scores.size(0)]):
             kwargs = state.logit_processor_kwargs
             min_p = kwargs.get("min_p", 0.0)
@@ -138,6 +151,10 @@ class Sampler(ContinuousBatchingLogitsProcessor):
         with self._lock:
             self._choices.pop(request_id, None)
         self._generators.pop(request_id, None)
+
+
+# Every per-request field these processors read.
+_CORRAL_KWARGS = _kwargs_of(Penalties, Sampler)
 
 
 def install(manager) -> Sampler:
