@@ -1,8 +1,11 @@
 """Serving benchmark: the gateway path against the same engine called in-process, in one run.
 
-For each concurrency, `concurrency` clients each send `rounds` requests back to back (same
-prompts, temperature 0, exactly --max-tokens output tokens). Prints aggregate output tokens/s
-and time to first token (p50/p95) for both paths and their ratio, and writes them as JSON.
+Both paths run side by side in one process tree and take turns: each round sends `concurrency`
+requests at once in-process, then the same requests through the gateway (same prompts,
+temperature 0, exactly --max-tokens output tokens). Prints aggregate output tokens/s and time to
+first token (p50/p95) for both paths, the tok/s ratio, and the TTFT overhead two ways: the
+difference of the p50s, and the p50 of the per-request differences (request i through the
+gateway minus request i in-process, same prompt, same round). Writes the figures as JSON.
 
     python bench/serve.py                       # concurrency 1, 4, 16 on the default model
     python bench/serve.py --concurrency 1 16 --max-tokens 32
@@ -147,59 +150,58 @@ def start_stack(settings: Settings, prefix: str) -> tuple[list[subprocess.Popen]
 # --------------------------------------------------------------------------- driver
 
 
-async def drive(generate, concurrency: int, rounds: int, max_tokens: int) -> tuple[list[float], int, float]:
-    ttfts: list[float] = []
-    total = 0
-
-    async def client(c: int) -> None:
-        nonlocal total
-        for r in range(rounds):
-            ttft, tokens = await generate(prompt(c * rounds + r), max_tokens)
-            ttfts.append(ttft)
-            total += tokens
-
+async def batch(
+    generate, concurrency: int, first_prompt: int, max_tokens: int
+) -> tuple[list[float], int, float]:
+    """`concurrency` requests at once; their TTFTs (in prompt order), tokens and wall time."""
     start = time.perf_counter()
-    await asyncio.gather(*(client(c) for c in range(concurrency)))
-    return ttfts, total, time.perf_counter() - start
+    done = await asyncio.gather(*(generate(prompt(first_prompt + c), max_tokens) for c in range(concurrency)))
+    return [ttft for ttft, _ in done], sum(tokens for _, tokens in done), time.perf_counter() - start
 
 
-async def bench_in_process(settings: Settings, args: argparse.Namespace) -> list[Result]:
+async def bench(settings: Settings, args: argparse.Namespace) -> list[tuple[Result, Result, list[float]]]:
+    """Both paths, interleaved round by round so that both see the same machine: this box's speed
+    drifts by tens of percent over minutes, far more than the overhead being measured."""
     local = InProcess(settings)
     local.engine.start()
     stop = asyncio.Event()
     runner = asyncio.create_task(local.run(stop))
-    await local.generate(prompt(0), 4)  # warm-up: the first batch allocates the cache
-    results = []
-    for c in args.concurrency:
-        ttfts, tokens, wall = await drive(local.generate, c, args.rounds, args.max_tokens)
-        results.append(summarize("in-process", c, ttfts, tokens, wall))
-        print(row(results[-1]), flush=True)
-    stop.set()
-    await runner
-    local.engine.stop()
-    return results
-
-
-async def bench_gateway(settings: Settings, args: argparse.Namespace) -> list[Result]:
     processes, url = start_stack(settings, f"bench-{uuid.uuid4().hex[:8]}")
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     results = []
     try:
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
         async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
 
-            async def generate(messages: list[dict], max_tokens: int):
+            async def remote(messages: list[dict], max_tokens: int):
                 return await gateway_generate(client, settings.model_name, messages, max_tokens)
 
-            await generate(prompt(0), 4)
+            paths = {"in-process": local.generate, "gateway": remote}
+            for generate in paths.values():  # warm-up: first batches allocate caches
+                await generate(prompt(0), 4)
             for c in args.concurrency:
-                ttfts, tokens, wall = await drive(generate, c, args.rounds, args.max_tokens)
-                results.append(summarize("gateway", c, ttfts, tokens, wall))
-                print(row(results[-1]), flush=True)
+                ttfts: dict[str, list[float]] = {name: [] for name in paths}
+                tokens = dict.fromkeys(paths, 0)
+                wall = dict.fromkeys(paths, 0.0)
+                for r in range(max(args.rounds, -(-args.min_requests // c))):
+                    for name, generate in paths.items():
+                        round_ttfts, round_tokens, round_wall = await batch(
+                            generate, c, r * c, args.max_tokens
+                        )
+                        ttfts[name] += round_ttfts
+                        tokens[name] += round_tokens
+                        wall[name] += round_wall
+                a, b = (summarize(name, c, ttfts[name], tokens[name], wall[name]) for name in paths)
+                paired = [(g - i) * 1000 for i, g in zip(ttfts["in-process"], ttfts["gateway"], strict=True)]
+                results.append((a, b, paired))
+                print(row(a), row(b), sep="\n", flush=True)
     finally:
         for p in processes:
             p.terminate()
         for p in processes:
             p.wait(timeout=30)
+        stop.set()
+        await runner
+        local.engine.stop()
     return results
 
 
@@ -215,7 +217,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--rounds", type=int, default=2, help="requests per client")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per concurrency (at least)")
+    parser.add_argument(
+        "--min-requests", type=int, default=16, help="requests per path per concurrency (at least)"
+    )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="model threads, both paths (0: auto)")
     parser.add_argument("--port", type=int, default=8077)
@@ -230,17 +235,27 @@ def main() -> None:
     print(
         f"model {settings.model}, threads {settings.threads or 'auto'}, {args.max_tokens} tokens per request"
     )
-    local = asyncio.run(bench_in_process(settings, args))
-    remote = asyncio.run(bench_gateway(settings, args))
+    results = asyncio.run(bench(settings, args))
 
-    print("\nconcurrency  gateway/in-process tok/s   TTFT p50 overhead")
-    for a, b in zip(local, remote, strict=True):
+    print("\nconcurrency  gateway/in-process tok/s   TTFT p50 overhead   paired TTFT overhead p50")
+    for a, b, paired in results:
         overhead = b.ttft_p50_ms - a.ttft_p50_ms
-        print(f"{a.concurrency:>11}  {b.tokens_per_s / a.tokens_per_s:>24.3f}   {overhead:>+13.1f} ms")
+        print(
+            f"{a.concurrency:>11}  {b.tokens_per_s / a.tokens_per_s:>24.3f}   {overhead:>+14.1f} ms"
+            f"   {statistics.median(paired):>+21.1f} ms"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
-        json.dumps([asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in local + remote], indent=2)
+        json.dumps(
+            [
+                asdict(r)
+                | {"tokens_per_s": r.tokens_per_s, "paired_ttft_overhead_p50_ms": statistics.median(p)}
+                for a, b, p in results
+                for r in (a, b)
+            ],
+            indent=2,
+        )
     )
     print(f"\nwrote {out}")
 
