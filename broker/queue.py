@@ -21,6 +21,29 @@ log = logging.getLogger(__name__)
 # Field of a stream entry that holds the request's JSON.
 _FIELD = "r"
 
+# Waiting requests = entries − entries pending on a worker (acked entries are deleted, so the
+# stream holds nothing else). Counting and adding in one script makes the backlog limit exact
+# however many gateways race for the last place.
+_ENQUEUE_BOUNDED = """
+local pending = 0
+local ok, summary = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1])
+if ok then pending = summary[1] end
+local waiting = redis.call('XLEN', KEYS[1]) - pending
+local limit = tonumber(ARGV[2])
+if limit > 0 and waiting >= limit then
+    return {0, tostring(waiting)}
+end
+return {1, redis.call('XADD', KEYS[1], '*', ARGV[3], ARGV[4])}
+"""
+
+
+class QueueFull(Exception):
+    """The model's lane already has `waiting` requests waiting: the backlog limit."""
+
+    def __init__(self, waiting: int) -> None:
+        super().__init__(f"{waiting} requests waiting")
+        self.waiting = waiting
+
 
 @dataclass(frozen=True)
 class Claimed:
@@ -38,10 +61,20 @@ class RequestQueue:
     def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
+        self._enqueue_bounded = redis.register_script(_ENQUEUE_BOUNDED)
 
-    async def enqueue(self, request: GenerationRequest) -> str:
+    async def enqueue(self, request: GenerationRequest, max_waiting: int = 0) -> str:
+        """Add a request to its model's lane; with `max_waiting`, raise QueueFull instead when
+        that many requests already wait there."""
         stream = self.keys.requests(request.model, request.lane)
-        return await self.redis.xadd(stream, {_FIELD: request.model_dump_json()})
+        if not max_waiting:
+            return await self.redis.xadd(stream, {_FIELD: request.model_dump_json()})
+        added, value = await self._enqueue_bounded(
+            keys=[stream], args=[WORKER_GROUP, max_waiting, _FIELD, request.model_dump_json()]
+        )
+        if not added:
+            raise QueueFull(int(value))
+        return value
 
     async def ensure_group(self, model: str) -> None:
         for lane in LANES:
@@ -117,27 +150,24 @@ class RequestQueue:
     async def depth(self, model: str, lane: str = "interactive") -> int:
         """Requests waiting for a worker (delivered-but-unacked ones are not counted)."""
         stream = self.keys.requests(model, lane)
-        try:
-            groups = await self.redis.xinfo_groups(stream)
-        except ResponseError:  # no such stream yet
-            return 0
-        for group in groups:
-            if group["name"] == WORKER_GROUP:
-                lag = group.get("lag")
-                return int(lag) if lag is not None else await self.redis.xlen(stream)
-        return await self.redis.xlen(stream)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(stream)
+            pipe.xpending(stream, WORKER_GROUP)
+            length, pending = await pipe.execute(raise_on_error=False)
+        if isinstance(length, Exception):
+            raise length
+        return length - (0 if isinstance(pending, Exception) else int(pending["pending"]))
 
     async def publish(
         self,
         events: list[tuple[str, Event]],
         progress: dict[str, dict[str, str]] | None = None,
         ttl_s: int = 3600,
-    ) -> set[str]:
+    ) -> list[bool]:
         """Publish many requests' events, and record their progress, in one round trip (one
-        pipeline per engine step). Returns the requests nobody received events for: their
-        gateway is gone."""
+        pipeline per engine step). Returns, for each event, whether any gateway received it."""
         if not events and not progress:
-            return set()
+            return []
         async with self.redis.pipeline(transaction=False) as pipe:
             for request_id, event in events:
                 pipe.publish(self.keys.output(request_id), event.model_dump_json(exclude_defaults=True))
@@ -145,10 +175,7 @@ class RequestQueue:
                 pipe.hset(self.keys.progress(request_id), mapping=fields)
                 pipe.expire(self.keys.progress(request_id), ttl_s)
             replies = await pipe.execute()
-        heard: dict[str, bool] = {}
-        for (request_id, _), receivers in zip(events, replies, strict=False):
-            heard[request_id] = heard.get(request_id, False) or receivers > 0
-        return {request_id for request_id, any_heard in heard.items() if not any_heard}
+        return [receivers > 0 for receivers in replies[: len(events)]]
 
     async def progress(self, request_id: str) -> dict[str, str]:
         return await self.redis.hgetall(self.keys.progress(request_id))

@@ -117,6 +117,8 @@ class WorkerInfo(BaseModel):
     max_batch: int
     in_flight: int = 0
     requests_done: int = 0
+    # Requests taken over from workers that died or handed them back.
+    reclaimed: int = 0
     tokens_per_s: float = 0.0
     context_length: int = 0
     started_at: float = Field(default_factory=time.time)

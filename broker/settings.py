@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     worker_ttl_s: float = Field(5.0, gt=0)
     # A request whose worker dies this many times more ends with an error instead.
     max_attempts: int = Field(3, ge=1)
+    # After SIGTERM, how long in-flight requests may take to finish; what is still running then
+    # is handed back (left pending, with its progress) for a live worker to continue.
+    drain_timeout_s: float = Field(30.0, ge=0)
     chat_template: str | None = None
     worker_id: str | None = None
 

@@ -81,20 +81,42 @@ class EventHub:
                 backoff_s = min(backoff_s * 2, _RECONNECT_MAX_S)
 
 
-async def events(queue: asyncio.Queue[str], deadline_s: float, choices: int = 1) -> AsyncIterator[Event]:
-    """A request's events in order until every choice has ended, or until the first error;
-    raises TimeoutError at the deadline (a loop.time() value). Duplicates (a seq already seen
-    for that choice) are dropped."""
+class EventsLost(Exception):
+    """A gap in a choice's seq numbers stayed open: some of its events never arrived."""
+
+
+async def events(
+    queue: asyncio.Queue[str], deadline_s: float, choices: int = 1, gap_timeout_s: float = 15.0
+) -> AsyncIterator[Event]:
+    """A request's events in seq order until every choice has ended, or until the first error;
+    raises TimeoutError at the deadline (a loop.time() value).
+
+    Duplicates (a seq already passed on) are dropped. An event that arrives ahead of a missing
+    one waits for it: a worker republishes what no gateway received, as while this gateway's
+    subscription was down, so the gap fills. One that stays open `gap_timeout_s` raises
+    EventsLost rather than hand on text with a hole in it."""
     last_seq = [0] * choices
+    early: list[dict[int, Event]] = [{} for _ in range(choices)]
+    gap_since: float | None = None
     ended = 0
     loop = asyncio.get_running_loop()
     while ended < choices:
-        raw = await asyncio.wait_for(queue.get(), max(deadline_s - loop.time(), 0))
+        wait_until = deadline_s if gap_since is None else min(deadline_s, gap_since + gap_timeout_s)
+        try:
+            raw = await asyncio.wait_for(queue.get(), max(wait_until - loop.time(), 0))
+        except TimeoutError:
+            if gap_since is not None and loop.time() >= gap_since + gap_timeout_s:
+                raise EventsLost() from None
+            raise
         event = Event.model_validate_json(raw)
         if event.seq <= last_seq[event.index]:
             continue
-        last_seq[event.index] = event.seq
-        yield event
-        if event.type == "error":
-            return
-        ended += event.type == "done"
+        index = event.index
+        early[index][event.seq] = event
+        while (ready := early[index].pop(last_seq[index] + 1, None)) is not None:
+            last_seq[index] = ready.seq
+            yield ready
+            if ready.type == "error":
+                return
+            ended += ready.type == "done"
+        gap_since = None if not any(early) else gap_since if gap_since is not None else loop.time()

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from broker.queue import QueueFull
 from broker.schemas import ChatMessage, Event, GenerationRequest, Usage, WorkerInfo
 from gateway.auth import Caller, LimitsDep, caller
 from gateway.errors import (
@@ -21,7 +22,7 @@ from gateway.errors import (
     ModelUnavailable,
     sse_error,
 )
-from gateway.hub import events
+from gateway.hub import EventsLost, events
 from gateway.openai_schemas import (
     ChatCompletionCreate,
     CompletionCreate,
@@ -154,11 +155,16 @@ class _Call:
 
     async def events(self) -> AsyncIterator[Event]:
         try:
-            async for event in events(self.queue, self.deadline, self.request.n):
+            gap_timeout_s = 3 * self.gateway.settings.worker_ttl_s
+            async for event in events(self.queue, self.deadline, self.request.n, gap_timeout_s):
                 self.finished = event.type != "delta"
                 yield event
         except TimeoutError:
             raise DeadlineExceeded() from None
+        except EventsLost:
+            raise GenerationFailed(
+                "events_lost", "part of the answer was lost between the worker and the gateway"
+            ) from None
 
     def count(self, status: str, usage: Usage | None = None) -> None:
         model = self.request.model
@@ -187,10 +193,6 @@ async def _generate(
         raise InvalidRequest(refused[1], param=refused[0], code="unsupported_parameter")
     await _require_worker(gateway, body.model)
     settings = gateway.settings
-    if settings.max_backlog:
-        waiting = await gateway.queue.depth(body.model, body.lane)
-        if waiting >= settings.max_backlog:
-            raise Backlogged(body.model, waiting)
     max_tokens = body.requested_max_tokens() or settings.default_max_tokens
     if max_tokens > settings.max_tokens_limit:
         raise InvalidRequest(
@@ -226,7 +228,11 @@ async def _generate(
     call = _Call(gateway, request, endpoint, who)
     shape = ResponseShape(_response_id(endpoint, request.request_id), body.model, chat=endpoint == "chat")
     try:
-        await gateway.queue.enqueue(request)
+        await gateway.queue.enqueue(request, settings.max_backlog)
+    except QueueFull as e:
+        call.finished = True  # never queued: nothing to cancel
+        call.release()
+        raise Backlogged(body.model, e.waiting) from None
     except BaseException:
         call.release()
         raise
@@ -257,7 +263,6 @@ async def _complete(call: _Call, shape: ResponseShape) -> JSONResponse:
         async for event in call.events():
             if event.type == "error":
                 assert event.error is not None
-                call.count("error")
                 raise GenerationFailed(event.error.code, event.error.message)
             if event.text and not any(texts):
                 call.first_token()
@@ -270,6 +275,9 @@ async def _complete(call: _Call, shape: ResponseShape) -> JSONResponse:
                 usages.append(event.usage)
     except DeadlineExceeded:
         call.count("timeout")
+        raise
+    except GenerationFailed:
+        call.count("error")
         raise
     finally:
         call.release()
@@ -313,5 +321,8 @@ async def _stream(call: _Call, shape: ResponseShape, include_usage: bool) -> Asy
     except DeadlineExceeded as e:
         call.count("timeout")
         yield sse_error(e.code or "deadline_exceeded", e.message)
+    except GenerationFailed as e:
+        call.count("error")
+        yield sse_error(e.code or "engine_error", e.message)
     finally:
         call.release()

@@ -132,11 +132,19 @@ class Stack:
             time.sleep(0.1)
         raise TimeoutError(f"worker {worker_id} did not register")
 
-    def wait_for_gateway(self, timeout_s: float = 60) -> None:
+    def start_gateway(self, **env: str) -> str:
+        """Another gateway on the same Redis and prefix, with its own settings; its URL."""
+        port = free_port()
+        self.start("gateway", CORRAL_PORT=str(port), **env)
+        url = f"http://127.0.0.1:{port}"
+        self.wait_for_gateway(url=url)
+        return url
+
+    def wait_for_gateway(self, timeout_s: float = 60, url: str | None = None) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                if httpx.get(f"{url or self.url}/readyz", timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

@@ -11,7 +11,6 @@ import openai
 import pytest
 
 from tests.conftest import MODEL, Stack
-from tests.test_openai_api import start_gateway
 
 PROMPTS = [
     "What is the capital of France?",
@@ -23,7 +22,7 @@ PROMPTS = [
 
 
 def test_a_deadline_passing_mid_stream_ends_it_with_an_error_the_client_raises(stack: Stack) -> None:
-    url = start_gateway(stack, CORRAL_REQUEST_TIMEOUT_S="1.5")
+    url = stack.start_gateway(CORRAL_REQUEST_TIMEOUT_S="1.5")
     api = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
     story = [{"role": "user", "content": "Write a very long story about a dragon."}]
     received = []

@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 
 from broker.connection import EmbeddedValkey, connect
 from broker.keys import Keys
-from broker.queue import RequestQueue
+from broker.queue import QueueFull, RequestQueue
 from broker.registry import WorkerRegistry
 from broker.schemas import ChatMessage, Event, GenerationRequest, WorkerInfo, now_ms
 
@@ -54,6 +54,45 @@ async def test_ack_removes_the_entry_and_depth_counts_only_waiting_work(redis_ur
 
     assert await r.xlen(keys.requests("m")) == 1
     assert (await r.xpending(keys.requests("m"), "workers"))["pending"] == 0
+    await r.aclose()
+
+
+async def test_the_backlog_limit_admits_exactly_its_number_however_many_race(redis_url, key_prefix) -> None:
+    r = connect(redis_url)
+    queue = RequestQueue(r, Keys(key_prefix))
+    await queue.ensure_group("m")
+
+    results = await asyncio.gather(
+        *(queue.enqueue(request(i), max_waiting=5) for i in range(20)), return_exceptions=True
+    )
+
+    assert sum(isinstance(x, str) for x in results) == 5
+    refused = [x for x in results if not isinstance(x, str)]
+    assert len(refused) == 15 and all(isinstance(x, QueueFull) and x.waiting == 5 for x in refused)
+    # Requests a worker has taken are in flight, not waiting: they free places.
+    await queue.claim("m", "w1", count=2, block_ms=None)
+    assert await queue.depth("m") == 3
+    await queue.enqueue(request(20), max_waiting=5)
+    await queue.enqueue(request(21), max_waiting=5)
+    try:
+        await queue.enqueue(request(22), max_waiting=5)
+        raise AssertionError("a sixth waiting request was admitted")
+    except QueueFull as e:
+        assert e.waiting == 5
+    await r.aclose()
+
+
+async def test_publish_reports_which_events_a_gateway_received(redis_url, key_prefix) -> None:
+    r = connect(redis_url)
+    keys = Keys(key_prefix)
+    queue = RequestQueue(r, keys)
+    pubsub = r.pubsub(ignore_subscribe_messages=True)
+    await pubsub.psubscribe(keys.output_pattern("gwA"))
+    a, b = Event(seq=1, type="delta", text="a"), Event(seq=1, type="delta", text="b")
+    events = [("gwA.1", a), ("gwB.1", b)]
+
+    assert await queue.publish(events) == [True, False]  # nobody listens for gateway B
+    await pubsub.aclose()
     await r.aclose()
 
 

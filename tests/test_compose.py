@@ -18,6 +18,7 @@ def test_compose_runs_redis_with_aof_a_gateway_and_cpu_and_gpu_workers() -> None
         assert services[worker]["command"][:2] == ["corral", "worker"]
         assert services[worker]["environment"]["CORRAL_REDIS_URL"] == "redis://redis:6379/0"
         assert services[worker]["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert services[worker]["stop_grace_period"] == "40s"  # longer than the 30 s drain
     gpu = services["worker-gpu"]
     assert gpu["profiles"] == ["gpu"]
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"

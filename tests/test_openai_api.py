@@ -9,7 +9,7 @@ import openai
 import pytest
 import redis
 
-from tests.conftest import MODEL, Stack, free_port
+from tests.conftest import MODEL, Stack
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -95,23 +95,9 @@ def test_a_known_model_without_a_live_worker_is_a_503_with_retry_after(stack: St
     assert response.json()["error"]["code"] == "model_unavailable"
 
 
-def start_gateway(stack: Stack, **env: str) -> str:
-    port = free_port()
-    stack.start("gateway", CORRAL_PORT=str(port), **env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise TimeoutError("gateway did not start")
-
-
 def test_two_gateways_share_one_request_limit_per_key_and_never_store_the_key(stack: Stack) -> None:
     env = {"CORRAL_API_KEYS": "sk-alpha-secret,sk-beta-secret", "CORRAL_RATE_LIMIT_REQUESTS_PER_MIN": "3"}
-    urls = [start_gateway(stack, **env), start_gateway(stack, **env)]
+    urls = [stack.start_gateway(**env), stack.start_gateway(**env)]
     alpha = {"Authorization": "Bearer sk-alpha-secret"}
 
     if time.time() % 60 > 50:  # let the burst below fall in one fixed one-minute window
@@ -134,7 +120,7 @@ def test_two_gateways_share_one_request_limit_per_key_and_never_store_the_key(st
 
 
 def test_tokens_per_minute_limit_stops_a_caller_after_spending_it(stack: Stack) -> None:
-    url = start_gateway(stack, CORRAL_RATE_LIMIT_TOKENS_PER_MIN="30")
+    url = stack.start_gateway(CORRAL_RATE_LIMIT_TOKENS_PER_MIN="30")
     if time.time() % 60 > 50:
         time.sleep(61 - time.time() % 60)
     first = post_chat(url, {"max_tokens": 8})
@@ -275,7 +261,7 @@ def test_a_full_backlog_is_a_429_with_retry_after(stack: Stack) -> None:
         await r.aclose()
 
     asyncio.run(busy_model_with_three_waiting())
-    url = start_gateway(stack, CORRAL_MAX_BACKLOG="3")
+    url = stack.start_gateway(CORRAL_MAX_BACKLOG="3")
     response = httpx.post(
         f"{url}/v1/chat/completions", json={"model": "stalled-model", "messages": QUESTION}, timeout=10
     )

