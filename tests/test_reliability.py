@@ -28,9 +28,11 @@ TOKENS = 40
 DRAIN_PROMPTS = PROMPTS + PROMPTS[:4]
 
 
-async def stream_text(client: httpx.AsyncClient, prompt: str, max_tokens: int = TOKENS) -> tuple[str, int]:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
-            "max_tokens": max_tokens, "stream": True}  # fmt: skip
+async def stream_text(
+    client: httpx.AsyncClient, prompt: str, max_tokens: int = TOKENS, model: str = MODEL, **fields
+) -> tuple[str, int]:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
+            "max_tokens": max_tokens, "stream": True, **fields}  # fmt: skip
     text, chunks = "", 0
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
         async for line in response.aiter_lines():
@@ -68,6 +70,33 @@ async def test_40_streams_survive_a_worker_killed_mid_stream(stack: Stack, greed
     r = redis.Redis.from_url(stack.redis_url)
     assert r.xlen(f"{stack.key_prefix}:q:{{{MODEL}}}") == 0  # everything acked, nothing left over
     assert not list(r.scan_iter(f"{stack.key_prefix}:progress:*"))
+
+
+async def test_a_seeded_penalised_request_taken_over_mid_stream_is_what_one_run_gives(stack: Stack) -> None:
+    """Sampling state survives a takeover: the new worker's draws go on from the step the dead
+    one reached, and its penalties count the tokens the dead one generated."""
+    sampled = {"temperature": 0.9, "frequency_penalty": 0.6, "presence_penalty": 0.4, "max_tokens": 120}
+    doomed = stack.start_worker(served_name="takeover")
+    seeds = [11, 12, 13]
+    async with httpx.AsyncClient(base_url=stack.url, timeout=300) as client:
+        tasks = [
+            asyncio.create_task(stream_text(client, PROMPTS[0], model="takeover", seed=seed, **sampled))
+            for seed in seeds
+        ]
+        while int(stack.worker_info(doomed.worker_id).get("in_flight", 0)) < len(seeds):
+            await asyncio.sleep(0.05)
+        survivor = stack.start_worker(served_name="takeover")  # loads while the first generates
+        assert int(stack.worker_info(doomed.worker_id)["in_flight"]) == len(seeds)  # still going
+        doomed.kill()
+        interrupted = [text for text, _ in await asyncio.gather(*tasks)]
+        assert int(stack.worker_info(survivor.worker_id)["reclaimed"]) == len(seeds)
+        # The same requests, run start to end on the survivor.
+        whole = [
+            (await stream_text(client, PROMPTS[0], model="takeover", seed=seed, **sampled))[0]
+            for seed in seeds
+        ]
+    assert interrupted == whole
+    assert len(set(whole)) == len(seeds)  # the seeds did matter
 
 
 async def test_a_request_whose_gateway_is_gone_is_cancelled(stack: Stack) -> None:

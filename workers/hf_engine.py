@@ -36,6 +36,7 @@ _NEUTRAL = {
     "repetition_penalty": 1.0,
     "seed": None,
     "logprobs": None,
+    "resumed_tokens": 0,
 }
 # A temperature this small is treated as greedy.
 _GREEDY_BELOW = 1e-5

@@ -4,8 +4,10 @@ frequency penalties, the repetition penalty, min_p, a per-request seed, and logp
 They plug into transformers' own per-request logits-processor list (the same mechanism its
 temperature/top_k/top_p use): `Penalties` runs first on the raw logits, `Sampler` runs last. For a
 row that asks for a seed or logprobs, `Sampler` draws the token itself with the Gumbel-max trick
-(argmax of scores + Gumbel noise is a draw from softmax(scores)) from that request's own
-generator, then leaves only that token possible, so transformers' own sampling step picks it.
+(argmax of scores + Gumbel noise is a draw from softmax(scores)) with noise seeded by the
+request's seed and the step number, then leaves only that token possible, so transformers' own
+sampling step picks it. Seeding per step (not one generator per request) lets a request taken
+over by another worker continue with exactly the draws the first one would have made.
 
 Facts this relies on (transformers 5.23): `prepare_tensor_args` receives the batch's requests in
 the order of the score rows, and is called before `__call__` for the same batch (true without
@@ -46,12 +48,24 @@ def _kwargs_of(*processors: type) -> frozenset[str]:
     return frozenset(name for processor in processors for name in processor.supported_kwargs)
 
 
+def _generated(state, kwargs: dict) -> list[int]:
+    """The request's generated tokens, those of an earlier attempt (now ending the prompt) included."""
+    resumed = kwargs.get("resumed_tokens", 0)
+    return (state.initial_tokens[-resumed:] if resumed else []) + state.generated_tokens
+
+
+# Mixes a seed and a step number into the seed of that step's draw.
+_GOLDEN = 0x9E3779B97F4A7C15
+_SEED_MASK = (1 << 63) - 1
+
+
 class Penalties(ContinuousBatchingLogitsProcessor):
     supported_kwargs: ClassVar[dict[str, type]] = {
         "presence_penalty": float,
         "frequency_penalty": float,
         "repetition_penalty": float,
         "logprobs": int,
+        "resumed_tokens": int,
     }
     ignored_kwargs: ClassVar[tuple[str, ...]] = ()
 
@@ -87,8 +101,9 @@ class Penalties(ContinuousBatchingLogitsProcessor):
                 scores[row, seen] = torch.where(logits > 0, logits / repetition, logits * repetition)
             presence = kwargs.get("presence_penalty", 0.0)
             frequency = kwargs.get("frequency_penalty", 0.0)
-            if (presence or frequency) and state.generated_tokens:  # OpenAI's: on generated tokens only
-                generated = torch.tensor(state.generated_tokens, device=scores.device)
+            generated = _generated(state, kwargs)
+            if (presence or frequency) and generated:  # OpenAI's: on generated tokens only
+                generated = torch.tensor(generated, device=scores.device)
                 counts = torch.bincount(generated, minlength=scores.size(1)).to(scores.dtype)  # [V]
                 scores[row] -= frequency * counts + presence * (counts > 0).to(scores.dtype)
         return scores
@@ -100,7 +115,7 @@ class Sampler(ContinuousBatchingLogitsProcessor):
 
     def __init__(self, batch: _Batch) -> None:
         self.batch = batch
-        self._generators: dict[str, torch.Generator] = {}
+        self._seeds: dict[str, int] = {}
         self._choices: dict[str, list[TokenChoice]] = {}
         self._lock = threading.Lock()
 
@@ -120,17 +135,18 @@ class Sampler(ContinuousBatchingLogitsProcessor):
                 probs = torch.softmax(scores[row], dim=-1)
                 scores[row] = scores[row].masked_fill(probs < min_p * probs.max(), float("-inf"))
             if "seed" in kwargs or "logprobs" in kwargs:
-                self._draw(scores, row, state.request_id, kwargs)
+                self._draw(scores, row, state, kwargs)
         return scores
 
-    def _draw(self, scores: torch.Tensor, row: int, request_id: str, kwargs: dict) -> None:
-        generator = self._generators.get(request_id)
-        if generator is None:
-            generator = torch.Generator(device=scores.device)
-            generator.manual_seed(
-                kwargs["seed"] if "seed" in kwargs else int.from_bytes(os.urandom(8), "little")
-            )
-            self._generators[request_id] = generator
+    def _draw(self, scores: torch.Tensor, row: int, state, kwargs: dict) -> None:
+        """One draw, from a generator seeded by (request seed, step): the k-th token of a seeded
+        request is the same whether or not its run was interrupted before step k."""
+        base = self._seeds.get(state.request_id)
+        if base is None:
+            base = kwargs["seed"] if "seed" in kwargs else int.from_bytes(os.urandom(8), "little")
+            self._seeds[state.request_id] = base
+        step = len(_generated(state, kwargs))
+        generator = torch.Generator(device=scores.device).manual_seed((base * _GOLDEN + step) & _SEED_MASK)
         uniform = torch.rand(scores.size(1), generator=generator, device=scores.device)
         token = int(torch.argmax(scores[row] - torch.log(-torch.log(uniform))))
         scores[row] = torch.full_like(scores[row], float("-inf"))
@@ -139,8 +155,9 @@ class Sampler(ContinuousBatchingLogitsProcessor):
         if raw is not None:
             values, ids = torch.topk(raw, kwargs["logprobs"]) if kwargs["logprobs"] else (raw[:0], raw[:0])
             top = list(zip(ids.tolist(), values.tolist(), strict=True))
+            choice = TokenChoice(token, float(raw[token]), top)
             with self._lock:
-                self._choices.setdefault(request_id, []).append(TokenChoice(token, float(raw[token]), top))
+                self._choices.setdefault(state.request_id, []).append(choice)
 
     def take(self, request_id: str) -> list[TokenChoice]:
         """The choices recorded for a request since the last call (called from the event loop)."""
@@ -150,7 +167,7 @@ class Sampler(ContinuousBatchingLogitsProcessor):
     def forget(self, request_id: str) -> None:
         with self._lock:
             self._choices.pop(request_id, None)
-        self._generators.pop(request_id, None)
+        self._seeds.pop(request_id, None)
 
 
 # Every per-request field these processors read.

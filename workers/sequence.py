@@ -136,8 +136,8 @@ class Sequence:
 
     def resume(self, progress: dict) -> None:
         """Continue where an earlier worker stopped: same seq numbers, the same text already
-        sent, only the tokens still missing left to generate. (A seeded choice draws afresh
-        from its seed, and penalties see only the new tokens: exact for greedy decoding.)"""
+        sent, only the tokens still missing left to generate; penalties and a seeded draw carry
+        on from the tokens already generated."""
         self._seq = progress["seq"]
         self.generated = list(progress["tokens"])
         self.completion_tokens = len(self.generated)
@@ -149,7 +149,9 @@ class Sequence:
         decoded = self.detokenizer.push(self.generated)
         self.stops.hold(decoded[sent_text:])  # generated but held back: still to be sent
         left = self.params.max_new_tokens - len(self.generated)
-        self.params = dataclasses.replace(self.params, max_new_tokens=max(left, 0))
+        self.params = dataclasses.replace(
+            self.params, max_new_tokens=max(left, 0), resumed_tokens=len(self.generated)
+        )
 
     def _entry(self, token_id: int, logprob: float) -> TopLogprob:
         text = self.tokenizer.decode([token_id])
