@@ -101,3 +101,29 @@ def test_min_p_of_one_keeps_only_the_most_likely_token(stack: Stack) -> None:
     greedy = chat(stack, temperature=0).choices[0].message.content
     hot = chat(stack, temperature=1.5, n=3, extra_body={"min_p": 1.0})
     assert {c.message.content for c in hot.choices} == {greedy}
+
+
+def test_the_faster_top_k_and_top_p_keep_exactly_what_transformers_keeps() -> None:
+    import torch
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+    from transformers.generation.continuous_batching.cb_logits_processors import (
+        ContinuousBatchingTopKLogitsWarper,
+        ContinuousBatchingTopPLogitsWarper,
+    )
+
+    from workers.sampling import TopK, TopP
+
+    vocab = 500
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, vocab, generator=generator)
+    scores[2, :3] = 4.0  # ties at the threshold
+    ks = torch.tensor([1, 5, 3, vocab, 50, 2], dtype=torch.int32)
+    ps = torch.tensor([1.0, 0.9, 0.5, 1.0, 0.95, 0.2]).view(torch.int32)
+    reference_k = ContinuousBatchingTopKLogitsWarper(TopKLogitsWarper(top_k=50))
+    reference_p = ContinuousBatchingTopPLogitsWarper(TopPLogitsWarper(top_p=0.9))
+    fast_k, fast_p = TopK(TopKLogitsWarper(top_k=50)), TopP(TopPLogitsWarper(top_p=0.9))
+
+    assert torch.equal(fast_k(scores.clone(), ks), reference_k(scores.clone(), ks))
+    assert torch.equal(fast_p(scores.clone(), ps), reference_p(scores.clone(), ps))
+    greedy = torch.ones(6, dtype=torch.int32)
+    assert (fast_k(scores.clone(), greedy) > float("-inf")).sum(dim=-1).tolist() == [1, 1, 3, 1, 1, 1]

@@ -22,7 +22,11 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
+from transformers.generation.continuous_batching.cb_logits_processors import (
+    ContinuousBatchingLogitsProcessor,
+    ContinuousBatchingTopKLogitsWarper,
+    ContinuousBatchingTopPLogitsWarper,
+)
 
 
 @dataclass
@@ -170,6 +174,36 @@ class Sampler(ContinuousBatchingLogitsProcessor):
         self._seeds.pop(request_id, None)
 
 
+class TopK(ContinuousBatchingTopKLogitsWarper):
+    """transformers' per-request top-k without its full sort of every row: rows whose k covers the
+    vocabulary are left alone and the rest need only the top max(k) scores. Greedy rows (k=1)
+    then cost one partial top-k instead of a sort of the whole vocabulary."""
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        vocab = scores.size(-1)
+        top_k = tensor_arg[: scores.size(0)].to(torch.int64)  # [B]
+        limited = top_k < vocab
+        if not bool(limited.any()):
+            return scores
+        k_max = int(top_k[limited].max())
+        values = torch.topk(scores, k_max, dim=-1).values  # [B, k_max], descending
+        thresholds = values.gather(-1, (top_k.clamp(max=k_max) - 1).unsqueeze(-1))  # [B, 1]
+        thresholds = thresholds.masked_fill(~limited.unsqueeze(-1), float("-inf"))
+        return scores.masked_fill(scores < thresholds, self.filter_value)
+
+
+class TopP(ContinuousBatchingTopPLogitsWarper):
+    """transformers' per-request top-p, run only on the rows that ask for it (top_p < 1)."""
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        top_p = tensor_arg[: scores.size(0)].view(dtype=torch.float32)  # [B]
+        rows = (top_p < 1.0).nonzero().squeeze(-1)
+        if rows.numel() == 0:
+            return scores
+        scores[rows] = super().__call__(scores[rows], tensor_arg[rows])
+        return scores
+
+
 # Every per-request field these processors read.
 _CORRAL_KWARGS = _kwargs_of(Penalties, Sampler)
 
@@ -178,6 +212,10 @@ def install(manager) -> Sampler:
     """Add Corral's processors to a manager's list; call before the manager starts."""
     batch = _Batch()
     processors = manager.logit_processor
+    faster = {ContinuousBatchingTopKLogitsWarper: TopK, ContinuousBatchingTopPLogitsWarper: TopP}
+    for processor in processors.logits_processor:
+        if type(processor) in faster:
+            processor.__class__ = faster[type(processor)]  # same state, a faster __call__
     sampler = Sampler(batch)
     processors.logits_processor.insert(0, Penalties(batch))
     processors.logits_processor.append(sampler)
