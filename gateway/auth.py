@@ -104,7 +104,7 @@ class Limits:
             await pipe.execute()
 
 
-def get_limits(request: Request) -> Limits:
+async def get_limits(request: Request) -> Limits:
     return request.app.state.limits
 
 

@@ -53,7 +53,7 @@ class Gateway:
     limits: Limits
 
 
-def get_gateway(request: Request) -> Gateway:
+async def get_gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 

@@ -55,4 +55,9 @@ async def serve(settings: Settings) -> None:
 
 def main(settings: Settings | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(settings or Settings()))
+    try:
+        import uvloop
+    except ImportError:  # Windows
+        asyncio.run(serve(settings or Settings()))
+    else:
+        uvloop.run(serve(settings or Settings()))
