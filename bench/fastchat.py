@@ -32,7 +32,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.serve import start_stack
+from bench.serve import TOPICS, start_stack
 from broker.settings import Settings
 
 FASTCHAT = [
@@ -48,7 +48,6 @@ FASTCHAT = [
 # message in when a conversation has none).
 CONV_TEMPLATE = "orca-2"
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-TOPICS = ["a lighthouse", "a lost key", "the moon", "a robot", "an old map", "a jazz band", "rain", "a fox"]
 
 
 def messages(i: int) -> list[dict]:
@@ -99,7 +98,10 @@ def start_fastchat(python: str, folder: Path, name: str, threads: int, port: int
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     controller_port, worker_port = port + 1, port + 2
     controller = f"http://127.0.0.1:{controller_port}"
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
+    # FastChat writes its logs into the working directory: keep them out of the checkout.
+    logs = folder.parent / "fastchat-logs"
+    logs.mkdir(exist_ok=True)
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env, "cwd": logs}
     commands = [
         ["fastchat.serve.controller", "--host", "127.0.0.1", "--port", str(controller_port)],
         ["fastchat.serve.model_worker", "--model-path", str(folder), "--model-names", name,

@@ -119,4 +119,7 @@ async def events(
             if ready.type == "error":
                 return
             ended += ready.type == "done"
-        gap_since = None if not any(early) else gap_since if gap_since is not None else loop.time()
+        if not any(early):
+            gap_since = None
+        elif gap_since is None:
+            gap_since = loop.time()

@@ -105,8 +105,8 @@ class Penalties(ContinuousBatchingLogitsProcessor):
                 scores[row, seen] = torch.where(logits > 0, logits / repetition, logits * repetition)
             presence = kwargs.get("presence_penalty", 0.0)
             frequency = kwargs.get("frequency_penalty", 0.0)
-            generated = _generated(state, kwargs)
-            if (presence or frequency) and generated:  # OpenAI's: on generated tokens only
+            generated = _generated(state, kwargs) if presence or frequency else []
+            if generated:  # OpenAI's penalties count generated tokens only
                 generated = torch.tensor(generated, device=scores.device)
                 counts = torch.bincount(generated, minlength=scores.size(1)).to(scores.dtype)  # [V]
                 scores[row] -= frequency * counts + presence * (counts > 0).to(scores.dtype)
