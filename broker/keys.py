@@ -44,11 +44,16 @@ class Keys:
         return f"{self.prefix}:cancel"
 
     def progress(self, request_id: str) -> str:
-        """Hash of one in-flight request's progress, a field per choice index (JSON: tokens
-        generated, last seq, characters sent) plus `attempts`. Written by the worker with each
-        publish; read by a worker that reclaims the request; deleted on ack, and expires after
-        the request's deadline in any case."""
+        """String log of one in-flight request's progress (broker/progress.py's format): what
+        each choice generated and how far its events went. The worker holding the request
+        APPENDs to it with each publish; a worker that reclaims the request reads it. Deleted
+        on ack; expires a minute after the request's deadline in any case."""
         return f"{self.prefix}:progress:{request_id}"
+
+    def attempts(self, request_id: str) -> str:
+        """Counter of how many workers have taken one request over (INCR by the reclaiming
+        worker). Deleted on ack; expires with the request's progress."""
+        return f"{self.prefix}:progress:{request_id}:attempts"
 
     def rate(self, caller: str, what: str, window: int) -> str:
         """Counter of `what` (requests or tokens) one caller used in one minute window. Written

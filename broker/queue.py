@@ -14,6 +14,8 @@ from pydantic import ValidationError
 from redis.exceptions import ResponseError
 
 from broker.keys import LANES, WORKER_GROUP, Keys
+from broker.progress import ChoiceProgress, ProgressUpdate
+from broker.progress import parse as parse_progress
 from broker.schemas import Event, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -140,8 +142,11 @@ class RequestQueue:
             pipe.xack(stream, WORKER_GROUP, *entry_ids)
             pipe.xdel(stream, *entry_ids)
             if request_ids:
-                pipe.delete(*[self.keys.progress(r) for r in request_ids])
+                pipe.delete(*[k for r in request_ids for k in self._progress_keys(r)])
             await pipe.execute()
+
+    def _progress_keys(self, request_id: str) -> tuple[str, str]:
+        return self.keys.progress(request_id), self.keys.attempts(request_id)
 
     async def known(self, model: str) -> bool:
         """Whether this model has ever had a worker (its stream and group exist)."""
@@ -161,7 +166,7 @@ class RequestQueue:
     async def publish(
         self,
         events: list[tuple[str, Event]],
-        progress: dict[str, dict[str, str]] | None = None,
+        progress: dict[str, ProgressUpdate] | None = None,
         ttl_s: int = 3600,
     ) -> list[bool]:
         """Publish many requests' events, and record their progress, in one round trip (one
@@ -171,17 +176,24 @@ class RequestQueue:
         async with self.redis.pipeline(transaction=False) as pipe:
             for request_id, event in events:
                 pipe.publish(self.keys.output(request_id), event.model_dump_json(exclude_defaults=True))
-            for request_id, fields in (progress or {}).items():
-                pipe.hset(self.keys.progress(request_id), mapping=fields)
-                pipe.expire(self.keys.progress(request_id), ttl_s)
+            for request_id, update in (progress or {}).items():
+                key = self.keys.progress(request_id)
+                pipe.append(key, update.entries)
+                if update.expire_at_ms is not None:
+                    pipe.pexpireat(key, update.expire_at_ms)
             replies = await pipe.execute()
         return [receivers > 0 for receivers in replies[: len(events)]]
 
-    async def progress(self, request_id: str) -> dict[str, str]:
-        return await self.redis.hgetall(self.keys.progress(request_id))
+    async def progress(self, request_id: str) -> dict[int, ChoiceProgress]:
+        """Each choice's recorded progress, by index (empty if none was recorded)."""
+        return parse_progress(await self.redis.get(self.keys.progress(request_id)))
 
-    async def count_attempt(self, request_id: str) -> int:
-        return await self.redis.hincrby(self.keys.progress(request_id), "attempts", 1)
+    async def count_attempt(self, request_id: str, expire_at_ms: int) -> int:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.incr(self.keys.attempts(request_id))
+            pipe.pexpireat(self.keys.attempts(request_id), expire_at_ms)
+            attempts, _ = await pipe.execute()
+        return attempts
 
     async def reclaim(
         self, model: str, consumer: str, dead: set[str], count: int, min_idle_ms: int

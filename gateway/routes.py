@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 
+import orjson
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -288,41 +288,79 @@ async def _complete(call: _Call, shape: ResponseShape) -> JSONResponse:
     return JSONResponse(shape.complete(["".join(t) for t in texts], finish, usage, logprobs))
 
 
-def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+def _sse(payload: dict) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
-async def _stream(call: _Call, shape: ResponseShape, include_usage: bool) -> AsyncIterator[str]:
+class _Outbox:
+    """SSE chunks that leave in one write. Events that arrived together go out together, and a
+    choice's consecutive text deltas become one chunk: under load the gateway then pays per
+    write and per chunk, not per token."""
+
+    def __init__(self, shape: ResponseShape) -> None:
+        self.shape = shape
+        self._parts: list[bytes] = []
+        self._text: list[str] = []  # deltas of choice `_index` not yet made a chunk
+        self._index = 0
+
+    def text(self, index: int, text: str) -> None:
+        if self._text and index != self._index:
+            self._close_text()
+        self._index = index
+        self._text.append(text)
+
+    def chunk(self, payload: dict) -> None:
+        self._close_text()
+        self._parts.append(_sse(payload))
+
+    def _close_text(self) -> None:
+        if self._text:
+            self._parts.append(_sse(self.shape.chunk("".join(self._text), self._index)))
+            self._text = []
+
+    def take(self) -> bytes:
+        self._close_text()
+        out, self._parts = b"".join(self._parts), []
+        return out
+
+
+async def _stream(call: _Call, shape: ResponseShape, include_usage: bool) -> AsyncIterator[bytes]:
     sent_first = False
     usages: list[Usage] = []
+    outbox = _Outbox(shape)
     try:
         for index in range(call.request.n):
-            yield _sse(shape.chunk(None, index, first=True))
+            outbox.chunk(shape.chunk(None, index, first=True))
+        yield outbox.take()
         async for event in call.events():
             if event.type == "error":
                 assert event.error is not None
                 call.count("error")
-                yield sse_error(event.error.code, event.error.message)
+                yield outbox.take() + sse_error(event.error.code, event.error.message).encode()
                 return
-            if event.text or event.logprobs:
-                if not sent_first:
-                    call.first_token()
-                    sent_first = True
-                yield _sse(shape.chunk(event.text, event.index, logprobs=event.logprobs))
+            if not sent_first and (event.text or event.logprobs):
+                call.first_token()
+                sent_first = True
+            if event.logprobs:
+                outbox.chunk(shape.chunk(event.text, event.index, logprobs=event.logprobs))
+            elif event.text:
+                outbox.text(event.index, event.text)
             if event.type == "done":
                 assert event.usage is not None
                 usages.append(event.usage)
-                yield _sse(shape.chunk(None, event.index, finish_reason=event.finish_reason))
+                outbox.chunk(shape.chunk(None, event.index, finish_reason=event.finish_reason))
+            if call.queue.empty() and (ready := outbox.take()):  # nothing else waits: send it
+                yield ready
         usage = _total(usages)
         call.count("ok", usage)
         if include_usage:
-            yield _sse(shape.usage_chunk(usage))
-        yield "data: [DONE]\n\n"
+            outbox.chunk(shape.usage_chunk(usage))
+        yield outbox.take() + b"data: [DONE]\n\n"
     except DeadlineExceeded as e:
         call.count("timeout")
-        yield sse_error(e.code or "deadline_exceeded", e.message)
+        yield outbox.take() + sse_error(e.code or "deadline_exceeded", e.message).encode()
     except GenerationFailed as e:
         call.count("error")
-        yield sse_error(e.code or "engine_error", e.message)
+        yield outbox.take() + sse_error(e.code or "engine_error", e.message).encode()
     finally:
         call.release()

@@ -173,3 +173,33 @@ async def test_connect_decodes_replies_to_str(redis_url, key_prefix) -> None:
     await r.set(f"{key_prefix}:x", "1", ex=5)
     assert await r.get(f"{key_prefix}:x") == "1"
     await r.aclose()
+
+
+async def test_progress_is_appended_per_step_and_a_repeated_append_changes_nothing(
+    redis_url, key_prefix
+) -> None:
+    from broker.progress import ProgressUpdate, entry
+
+    r = connect(redis_url)
+    keys = Keys(key_prefix)
+    queue = RequestQueue(r, keys)
+    first = ProgressUpdate(entry(0, 0, [10, 11], seq=1, sent=5, done=False), expire_at_ms=now_ms() + 60_000)
+    first.entries += entry(1, 0, [20], seq=1, sent=3, done=False)
+    second = ProgressUpdate(entry(0, 2, [12, 13], seq=2, sent=9, done=True))
+    await queue.publish([], {"gw.1": first})
+    await queue.publish([], {"gw.1": second})
+    await queue.publish([], {"gw.1": second})  # a pipeline sent again after a dropped connection
+    await queue.count_attempt("gw.1", now_ms() + 60_000)
+
+    progress = await queue.progress("gw.1")
+
+    assert progress[0].tokens == [10, 11, 12, 13]
+    assert (progress[0].seq, progress[0].sent, progress[0].done) == (2, 9, True)
+    assert progress[1].tokens == [20]
+    assert (progress[1].seq, progress[1].sent, progress[1].done) == (1, 3, False)
+    # Only the new tokens travel: the log grows by each step's tokens, not by all so far.
+    assert len(await r.get(keys.progress("gw.1"))) == len(first.entries) + 2 * len(second.entries)
+    assert 0 < await r.pttl(keys.progress("gw.1")) <= 60_000
+    await queue.ack("m", ["0-1"], ["gw.1"])
+    assert not await r.exists(keys.progress("gw.1"), keys.attempts("gw.1"))
+    await r.aclose()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
 import time
@@ -14,6 +13,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from broker.keys import LANES, Keys
+from broker.progress import GRACE_MS, ChoiceProgress, ProgressUpdate
 from broker.queue import Claimed, RequestQueue
 from broker.registry import WorkerRegistry
 from broker.schemas import Event, WorkerInfo, now_ms
@@ -48,7 +48,6 @@ class Worker:
         heartbeat_s: float = 1.0,
         worker_ttl_s: float = 5.0,
         max_attempts: int = 3,
-        progress_ttl_s: int = 3600,
         drain_timeout_s: float = 30.0,
     ) -> None:
         self.engine = engine
@@ -64,7 +63,6 @@ class Worker:
         self.worker_ttl_s = worker_ttl_s
         # A request whose worker died more often than this ends with an error.
         self.max_attempts = max_attempts
-        self.progress_ttl_s = progress_ttl_s
         self.drain_timeout_s = drain_timeout_s
         self._drain_until = float("inf")
         # Choices being generated, by engine id; and choices left per request id.
@@ -219,16 +217,16 @@ class Worker:
                     self.engine.add(sequence.engine_id, sequence.engine_prompt, sequence.params)
         return events, done
 
-    async def _attempt(self, item: Claimed) -> dict | Event:
+    async def _attempt(self, item: Claimed) -> dict[int, ChoiceProgress] | Event:
         """Count a reclaimed request's attempt; its progress, or the error that ends it."""
-        attempts = await self.queue.count_attempt(item.request.request_id)
+        request = item.request
+        attempts = await self.queue.count_attempt(request.request_id, request.deadline_ms + GRACE_MS)
         if attempts > self.max_attempts:
             return rejection("worker_lost", f"the request's worker died {attempts} times; giving up")
-        fields = await self.queue.progress(item.request.request_id)
-        return {k: json.loads(v) for k, v in fields.items() if k != "attempts"}
+        return await self.queue.progress(request.request_id)
 
     def _prepare(
-        self, claimed: list[Claimed], progress: dict[str, dict | Event]
+        self, claimed: list[Claimed], progress: dict[str, dict[int, ChoiceProgress] | Event]
     ) -> list[list[Sequence] | Event]:
         prepared: list[list[Sequence] | Event] = []
         at_ms = now_ms()
@@ -242,7 +240,7 @@ class Worker:
                 prepared.append(self._start(item, earlier))
         return prepared
 
-    def _start(self, item: Claimed, earlier: dict) -> list[Sequence] | Event:
+    def _start(self, item: Claimed, earlier: dict[int, ChoiceProgress]) -> list[Sequence] | Event:
         try:
             if item.request.kind != "generate":
                 return answer(item, self.tokenizer, self.engine)
@@ -250,9 +248,9 @@ class Worker:
             choices = []
             for index in range(item.request.n):
                 sequence = Sequence(item, ids, self.tokenizer, self.engine.context_length, index=index)
-                done_before = earlier.get(str(index))
+                done_before = earlier.get(index)
                 if done_before is not None:
-                    if done_before["done"]:
+                    if done_before.done:
                         continue
                     sequence.resume(done_before)
                 choices.append(sequence)
@@ -289,17 +287,19 @@ class Worker:
             done += self._release(sequence)
         return events
 
-    def progress(self, events: list[tuple[str, Event]]) -> dict[str, dict[str, str]]:
-        """Where each choice that published this step stands, for a worker that may take over."""
-        touched: dict[str, dict[str, str]] = {}
+    def progress(self, events: list[tuple[str, Event]]) -> tuple[dict[str, ProgressUpdate], list]:
+        """Where each choice that published this turn stands, for a worker that may take over;
+        and the (sequence, tokens recorded) marks to set once that is written."""
+        updates: dict[str, ProgressUpdate] = {}
+        marks = []
+        recorded: set[Sequence] = set()
         for request_id, event in events:
-            sequence = self.active.get(f"{request_id}/{event.index}") or self._finished.get(
-                f"{request_id}/{event.index}"
-            )
-            if sequence is not None:
-                touched.setdefault(request_id, {})[str(event.index)] = json.dumps(sequence.progress())
-        self._finished.clear()
-        return touched
+            engine_id = f"{request_id}/{event.index}"
+            sequence = self.active.get(engine_id) or self._finished.get(engine_id)
+            if sequence is not None and sequence not in recorded:
+                recorded.add(sequence)
+                marks.append((sequence, sequence.record(updates.setdefault(request_id, ProgressUpdate()))))
+        return updates, marks
 
     def _release(self, sequence: Sequence) -> list[Claimed]:
         """Forget a finished choice; the request once its last choice is done."""
@@ -324,7 +324,11 @@ class Worker:
         leave in seq order), with the progress the new ones made."""
         retries = [(request_id, e) for request_id, events in self._unheard.items() for e in events]
         outgoing = retries + self._unpublished
-        heard = await self.queue.publish(outgoing, self.progress(self._unpublished), self.progress_ttl_s)
+        updates, marks = self.progress(self._unpublished)
+        heard = await self.queue.publish(outgoing, updates)
+        for sequence, recorded in marks:
+            sequence.recorded = recorded
+        self._finished.clear()
         self._unpublished = []
         unheard: dict[str, list[Event]] = {}
         for (request_id, event), received in zip(outgoing, heard, strict=True):

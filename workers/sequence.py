@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from broker.progress import GRACE_MS, ChoiceProgress, ProgressUpdate, entry
 from broker.queue import Claimed
 from broker.schemas import Event, EventError, FinishReason, TokenLogprob, TopLogprob, Usage
 from workers.engine import Engine, SamplingParams, StepOutput
@@ -87,8 +88,10 @@ class Sequence:
         self.stops = StopStrings(request.stop)
         self.completion_tokens = 0
         # Everything generated and sent so far: what another worker needs to continue this
-        # choice if this one dies (see `progress` and `resume`).
+        # choice if this one dies (see `record` and `resume`).
         self.generated: list[int] = []
+        # How many of `generated` are recorded in Redis already (set once a write succeeds).
+        self.recorded = 0
         self.sent_chars = 0
         # The prompt's text, sent ahead of the first delta when the request asks for an echo.
         self._echo = tokenizer.decode(prompt_ids, skip_special_tokens=False) if request.echo else ""
@@ -131,17 +134,26 @@ class Sequence:
         """What the engine starts from: the prompt, plus the tokens of an earlier attempt."""
         return self.prompt_ids + self.generated
 
-    def progress(self) -> dict:
-        return {"seq": self._seq, "tokens": self.generated, "sent": self.sent_chars, "done": self.finished}
+    def record(self, update: ProgressUpdate) -> int:
+        """Add where this choice stands to `update`: the tokens not yet recorded and its state.
+        Returns the token count recorded once the update is written (see `recorded`)."""
+        start = self.recorded
+        if start == 0:  # the log's first write: it lasts a little longer than the request can
+            update.expire_at_ms = self.claimed.request.deadline_ms + GRACE_MS
+        update.entries += entry(
+            self.index, start, self.generated[start:], self._seq, self.sent_chars, self.finished
+        )
+        return len(self.generated)
 
-    def resume(self, progress: dict) -> None:
+    def resume(self, progress: ChoiceProgress) -> None:
         """Continue where an earlier worker stopped: same seq numbers, the same text already
         sent, only the tokens still missing left to generate; penalties and a seeded draw carry
         on from the tokens already generated."""
-        self._seq = progress["seq"]
-        self.generated = list(progress["tokens"])
+        self._seq = progress.seq
+        self.generated = list(progress.tokens)
+        self.recorded = len(self.generated)
         self.completion_tokens = len(self.generated)
-        self.sent_chars = progress["sent"]
+        self.sent_chars = progress.sent
         sent_text = self.sent_chars
         if self._echo and self.sent_chars:
             sent_text -= len(self._echo)

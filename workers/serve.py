@@ -42,7 +42,6 @@ async def serve(settings: Settings) -> None:
         worker_ttl_s=settings.worker_ttl_s,
         max_attempts=settings.max_attempts,
         drain_timeout_s=settings.drain_timeout_s,
-        progress_ttl_s=int(settings.request_timeout_s) + 60,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
