@@ -94,7 +94,9 @@ def fastchat_model_folder(model_path: Path, home: Path) -> Path:
     return folder
 
 
-def start_fastchat(python: str, folder: Path, name: str, threads: int, port: int) -> list[subprocess.Popen]:
+def start_fastchat(
+    python: str, folder: Path, name: str, threads: int, dtype: str, port: int
+) -> list[subprocess.Popen]:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     controller_port, worker_port = port + 1, port + 2
     controller = f"http://127.0.0.1:{controller_port}"
@@ -105,7 +107,7 @@ def start_fastchat(python: str, folder: Path, name: str, threads: int, port: int
     commands = [
         ["fastchat.serve.controller", "--host", "127.0.0.1", "--port", str(controller_port)],
         ["fastchat.serve.model_worker", "--model-path", str(folder), "--model-names", name,
-         "--device", "cpu", "--conv-template", CONV_TEMPLATE, "--host", "127.0.0.1",
+         "--device", "cpu", "--dtype", dtype, "--conv-template", CONV_TEMPLATE, "--host", "127.0.0.1",
          "--port", str(worker_port), "--worker-address", f"http://127.0.0.1:{worker_port}",
          "--controller-address", controller],
         ["fastchat.serve.openai_api_server", "--host", "127.0.0.1", "--port", str(port),
@@ -197,26 +199,31 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="model threads, both servers")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="both servers; auto: what Corral picks on this CPU")  # fmt: skip
     parser.add_argument("--port", type=int, default=8077, help="Corral's port; FastChat uses the next three")
     parser.add_argument("--out", default="bench/results/fastchat.json")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
 
-    from workers.loading import resolve_model_path
+    from workers.loading import choose_dtype, resolve_model_path
 
+    dtype = str(choose_dtype(args.dtype, "cpu")).removeprefix("torch.")
     settings = Settings().with_overrides(
-        port=args.port, threads=args.threads, max_batch=max(16, *args.concurrency), kv_cache_tokens=32768
-    )
+        port=args.port, threads=args.threads, dtype=dtype, max_batch=max(16, *args.concurrency),
+        kv_cache_tokens=32768,
+    )  # fmt: skip
     if not settings.redis_url:
         settings = settings.with_overrides(redis_url="redis://127.0.0.1:6379/0")
     model_path = Path(resolve_model_path(settings.model, settings.home))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     python = fastchat_python(settings.home)
     folder = fastchat_model_folder(model_path, settings.home)
-    print(f"model {settings.model}, {args.threads} thread(s), {args.max_tokens} tokens a request", flush=True)
+    print(f"model {settings.model} in {dtype}, {args.threads} thread(s), {args.max_tokens} tokens a request",
+          flush=True)  # fmt: skip
 
-    processes = start_fastchat(python, folder, settings.model_name, args.threads, args.port + 1)
+    processes = start_fastchat(python, folder, settings.model_name, args.threads, dtype, args.port + 1)
     try:
         corral, url = start_stack(settings, f"bench-{uuid.uuid4().hex[:8]}")
         processes += corral

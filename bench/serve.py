@@ -78,9 +78,11 @@ class InProcess:
         from workers.hf_engine import TransformersEngine
         from workers.loading import load_model
 
-        loaded = load_model(settings.model, settings.home, threads=settings.threads)
+        loaded = load_model(settings.model, settings.home, settings.device, settings.dtype, settings.threads)
         self.tokenizer = loaded.tokenizer
-        self.engine = TransformersEngine(loaded, settings.max_batch, settings.kv_cache_tokens)
+        self.engine = TransformersEngine(
+            loaded, settings.max_batch, settings.kv_cache_tokens, settings.max_batch_tokens
+        )
         self.waiting: dict[str, asyncio.Queue] = {}
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -47,8 +47,12 @@ class Settings(BaseSettings):
     # 0 = choose from the core count (logged with the reason).
     threads: int = Field(0, ge=0)
     max_batch: int = Field(16, gt=0)
-    # KV-cache budget in tokens shared by all requests in the batch; 0 = size it from free memory.
+    # KV-cache budget in tokens shared by all requests in the batch; 0 = auto (on a CPU, room for
+    # max_batch full-context requests within a quarter of free memory; on a GPU, from free memory).
     kv_cache_tokens: int = Field(0, ge=0)
+    # Tokens one engine step may process (a long prompt is prefilled in chunks of this size);
+    # 0 = auto (1024 on a CPU, where a step of 8192 tokens takes seconds; transformers' default else).
+    max_batch_tokens: int = Field(0, ge=0)
     heartbeat_s: float = Field(1.0, gt=0)
     # A worker whose heartbeat key is older than this is gone: /v1/models drops it.
     worker_ttl_s: float = Field(5.0, gt=0)

@@ -101,6 +101,8 @@ class Stack:
             CORRAL_HEARTBEAT_S=str(HEARTBEAT_S),
             CORRAL_WORKER_TTL_S=str(WORKER_TTL_S),
             CORRAL_THREADS="1",
+            # What the `greedy` reference computes in; auto picks bf16 on CPUs with AMX.
+            CORRAL_DTYPE="float32",
             CORRAL_MAX_BATCH="8",
             CORRAL_KV_CACHE_TOKENS="16384",
         )

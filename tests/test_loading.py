@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.loading import ModelNotFound, choose_dtype, choose_threads, resolve_model_path
+from workers.loading import (
+    ModelNotFound,
+    choose_dtype,
+    choose_threads,
+    cpu_has_native_bf16,
+    resolve_model_path,
+)
 
 
 def test_the_builtin_model_resolves_to_a_cached_safetensors_folder(model_path: str) -> None:
@@ -35,10 +41,32 @@ def test_a_hub_id_is_passed_through_to_transformers(tmp_path: Path) -> None:
 
 
 def test_auto_choices_on_cpu_are_logged_with_their_reason(caplog) -> None:
+    native_bf16 = cpu_has_native_bf16()
     with caplog.at_level(logging.INFO, logger="workers.loading"):
-        assert choose_dtype("auto", "cpu") == torch.float32
+        assert choose_dtype("auto", "cpu") == (torch.bfloat16 if native_bf16 else torch.float32)
         assert choose_threads(0, "cpu") >= 1
-    assert "dtype=float32 (auto:" in caplog.text
+    assert ("dtype=bfloat16 (auto:" if native_bf16 else "dtype=float32 (auto:") in caplog.text
     assert "threads=" in caplog.text and "(auto:" in caplog.text
     assert choose_threads(3, "cpu") == 3
     assert choose_dtype("bfloat16", "cpu") == torch.bfloat16
+
+
+def test_a_cpu_worker_sizes_its_cache_and_steps_for_a_cpu(model_path: str, caplog) -> None:
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from workers.hf_engine import cpu_cache_plan, free_memory_bytes, kv_bytes_per_token
+
+    config = AutoConfig.from_pretrained(model_path)
+    loaded = SimpleNamespace(model=SimpleNamespace(config=config), dtype=torch.bfloat16, context_length=8192)
+    per_token = kv_bytes_per_token(config, torch.bfloat16)
+    assert per_token == 2 * 30 * 3 * 64 * 2  # SmolLM2: 30 layers, 3 KV heads of 64, bf16
+
+    with caplog.at_level(logging.INFO, logger="workers.hf_engine"):
+        kv_tokens, batch_tokens = cpu_cache_plan(loaded, max_batch=16, kv_cache_tokens=0, max_batch_tokens=0)
+    assert batch_tokens == 1024
+    budget = min(free_memory_bytes() / 4, 4 << 30) // per_token
+    assert kv_tokens == max(min(16 * 8192, budget), 1024)
+    assert "kv_cache_tokens=" in caplog.text and "max_batch_tokens=1024 (auto:" in caplog.text
+    assert cpu_cache_plan(loaded, 16, kv_cache_tokens=5000, max_batch_tokens=256) == (5000, 256)

@@ -127,3 +127,33 @@ def test_the_faster_top_k_and_top_p_keep_exactly_what_transformers_keeps() -> No
     assert torch.equal(fast_p(scores.clone(), ps), reference_p(scores.clone(), ps))
     greedy = torch.ones(6, dtype=torch.int32)
     assert (fast_k(scores.clone(), greedy) > float("-inf")).sum(dim=-1).tolist() == [1, 1, 3, 1, 1, 1]
+
+
+def test_the_inverse_cdf_draw_follows_the_distribution_and_keeps_a_lone_token() -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from workers.sampling import _sample_by_inverse_cdf
+
+    torch.manual_seed(0)
+    rows, vocab = 20_000, 6
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, float("-inf"), 0.5])
+    scores = logits.repeat(rows, 1)
+    scores[-1] = float("-inf")
+    scores[-1, 3] = 0.0  # a row that processors narrowed to one token
+    output = torch.zeros(2, rows, dtype=torch.int32)
+
+    _sample_by_inverse_cdf(SimpleNamespace(return_logprobs=True), scores.unsqueeze(0), output)
+
+    drawn = output[0, :-1].long()
+    frequencies = torch.bincount(drawn, minlength=vocab).float() / (rows - 1)
+    expected = torch.softmax(logits, dim=-1)
+    # Within 4 standard errors of each probability; a zero-probability token is never drawn.
+    tolerance = 4 * (expected * (1 - expected) / rows).sqrt() + 1e-9
+    assert ((frequencies - expected).abs() <= tolerance).all(), (frequencies, expected)
+    assert frequencies[4] == 0
+    assert output[0, -1] == 3
+    logprobs = output[1].view(torch.float32)
+    assert torch.allclose(logprobs[:-1], torch.log(expected)[drawn], atol=1e-5)
+    assert logprobs[-1] == 0.0

@@ -201,3 +201,21 @@ def test_ignore_eos_generates_exactly_max_tokens(stack: Stack) -> None:
     )
     assert reply.usage.completion_tokens == 40
     assert reply.choices[0].finish_reason == "length"
+
+
+def test_a_bfloat16_worker_answers_beside_the_float32_one(stack: Stack) -> None:
+    """bf16 is what `auto` picks on CPUs with AMX; the path must work on every CPU."""
+    bf16 = stack.start_worker(served_name="smol-bf16", CORRAL_DTYPE="bfloat16")
+    try:
+        replies = {
+            model: client(stack).chat.completions.create(
+                model=model, messages=QUESTION, temperature=0, max_tokens=20
+            )
+            for model in (MODEL, "smol-bf16")
+        }
+    finally:
+        bf16.terminate()
+        bf16.wait(timeout=30)
+    for reply in replies.values():
+        assert "Paris" in reply.choices[0].message.content
+        assert reply.usage.completion_tokens >= 3

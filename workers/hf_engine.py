@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 import torch
 from transformers import GenerationConfig
@@ -28,6 +29,10 @@ log = logging.getLogger(__name__)
 
 # Tokens per KV-cache page (transformers' default).
 _PAGE_TOKENS = 256
+# On a CPU: tokens per engine step, and the share of free memory the KV cache may take.
+_CPU_MAX_BATCH_TOKENS = 1024
+_CPU_KV_SHARE = 0.25
+_CPU_KV_MAX_BYTES = 4 << 30  # as vLLM's CPU backend reserves by default
 # Sampling fields of workers/sampling.py and the value that means "off".
 _NEUTRAL = {
     "min_p": 0.0,
@@ -42,10 +47,63 @@ _NEUTRAL = {
 _GREEDY_BELOW = 1e-5
 
 
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """K and V of one token over all layers."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * dtype.itemsize
+
+
+def free_memory_bytes() -> int:
+    """Memory available to new allocations (Linux's MemAvailable, which counts reclaimable page
+    cache; elsewhere the free pages)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def cpu_cache_plan(loaded: LoadedModel, max_batch: int, kv_cache_tokens: int, max_batch_tokens: int) -> tuple:
+    """KV-cache tokens and batch tokens for a CPU worker, each logged with its reason.
+
+    transformers sizes both for a GPU: a cache from (almost) all free memory and steps of up to
+    8192 tokens, with an attention mask of steps × cache tokens beside them. On a CPU that is
+    gigabytes of RAM for a 135M model (7.4 GB for SmolLM2) and prefill steps of seconds during
+    which no stream gets a token."""
+    if not max_batch_tokens:
+        max_batch_tokens = _CPU_MAX_BATCH_TOKENS
+        log.info("max_batch_tokens=%d (auto: CPU steps stay short)", max_batch_tokens)
+    if not kv_cache_tokens:
+        per_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
+        wanted = max_batch * loaded.context_length
+        affordable = int(min(_CPU_KV_SHARE * free_memory_bytes(), _CPU_KV_MAX_BYTES) / per_token)
+        kv_cache_tokens = max(min(wanted, affordable), max_batch_tokens)
+        log.info(
+            "kv_cache_tokens=%d, %d MiB (auto: %d requests × %d context, within 4 GiB and a quarter "
+            "of free memory)",
+            kv_cache_tokens, kv_cache_tokens * per_token >> 20, max_batch, loaded.context_length,
+        )  # fmt: skip
+    return kv_cache_tokens, max_batch_tokens
+
+
 class TransformersEngine:
-    def __init__(self, loaded: LoadedModel, max_batch: int, kv_cache_tokens: int = 0) -> None:
+    def __init__(
+        self, loaded: LoadedModel, max_batch: int, kv_cache_tokens: int = 0, max_batch_tokens: int = 0
+    ) -> None:
         self.loaded = loaded
         self.max_batch = max_batch
+        if loaded.device == "cpu":
+            # transformers repeats each KV head for grouped-query attention unless told that
+            # SDPA may take them as they are; torch's CPU SDPA can (same tokens, checked on
+            # SmolLM2), and skipping the copies makes a batched decode step ~9% faster.
+            os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
+            kv_cache_tokens, max_batch_tokens = cpu_cache_plan(
+                loaded, max_batch, kv_cache_tokens, max_batch_tokens
+            )
         self.context_length = loaded.context_length
         tokenizer, model = loaded.tokenizer, loaded.model
         eos = model.generation_config.eos_token_id
@@ -69,8 +127,9 @@ class TransformersEngine:
                 # which neither CUDA graphs nor async double-buffering would respect.
                 use_cuda_graph=False,
                 use_async_batching=False,
-                # None lets transformers size the paged cache from free memory.
+                # None lets transformers size these from free memory.
                 num_blocks=-(-kv_cache_tokens // _PAGE_TOKENS) if kv_cache_tokens else None,
+                max_batch_tokens=max_batch_tokens or None,
                 page_size=_PAGE_TOKENS,
             ),
         )

@@ -27,6 +27,7 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
     ContinuousBatchingTopKLogitsWarper,
     ContinuousBatchingTopPLogitsWarper,
 )
+from transformers.generation.continuous_batching.model_runner import ModelRunner
 
 
 @dataclass
@@ -208,6 +209,24 @@ class TopP(ContinuousBatchingTopPLogitsWarper):
 _CORRAL_KWARGS = _kwargs_of(Penalties, Sampler)
 
 
+def _sample_by_inverse_cdf(self: ModelRunner, scores: torch.Tensor, output_ids: torch.Tensor) -> None:
+    """transformers' `ModelRunner._sample`, drawing each row's token from one uniform number by
+    inverse CDF instead of `torch.multinomial`, which on a CPU draws a random number per
+    vocabulary entry: 15 ms for a 16 × 49,152 batch (13% of a bf16 decode step of SmolLM2),
+    against well under 1 ms for a softmax, a cumsum and a search. Same distribution; a row that
+    processors left one token (greedy, or Corral's seeded draw) gets that token."""
+    probs = torch.softmax(scores[0], dim=-1)  # [N, V]
+    cdf = probs.cumsum(dim=-1)  # [N, V]
+    # Scaled by each row's total, so that float rounding in the sum can never push u past it.
+    u = torch.rand(cdf.size(0), 1, device=cdf.device) * cdf[:, -1:]  # [N, 1]
+    next_tokens = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(1) - 1)  # [N, 1]
+    tokens = next_tokens.size(0)
+    output_ids[0, :tokens].copy_(next_tokens.squeeze(-1))
+    if self.return_logprobs:  # as transformers stores them: fp32 bits in the int32 output row
+        logprobs = probs.gather(dim=1, index=next_tokens).squeeze(-1).log()
+        output_ids[1, :tokens].copy_(logprobs.view(dtype=torch.int32))
+
+
 def install(manager) -> Sampler:
     """Add Corral's processors to a manager's list; call before the manager starts."""
     batch = _Batch()
@@ -222,4 +241,6 @@ def install(manager) -> Sampler:
     processors.tensors_required += 2
     processors._retrieve_processors_kwargs()
     processors.do_processing = True
+    # The manager always samples (see workers/hf_engine.py), so this is the only draw it makes.
+    ModelRunner._sample = _sample_by_inverse_cdf
     return sampler

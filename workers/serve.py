@@ -28,7 +28,10 @@ async def serve(settings: Settings) -> None:
         chat_template=settings.chat_template,
     )
     engine = TransformersEngine(
-        loaded, max_batch=settings.max_batch, kv_cache_tokens=settings.kv_cache_tokens
+        loaded,
+        max_batch=settings.max_batch,
+        kv_cache_tokens=settings.kv_cache_tokens,
+        max_batch_tokens=settings.max_batch_tokens,
     )
     worker = Worker(
         engine,
