@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import subprocess
 import sys
 import threading
 import uuid
@@ -116,6 +117,38 @@ async def idle_streams(url: str, model: str, count: int, gateway: psutil.Process
     return opened, rss
 
 
+def baseline_rss() -> int:
+    """RSS of a Python that has imported torch and transformers, and nothing else."""
+    code = "import torch, transformers, psutil; print(psutil.Process().memory_info().rss)"
+    return int(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    )
+
+
+def accounted(settings: Settings) -> dict[str, int]:
+    """What the worker's RSS should hold by construction: weights, KV cache, attention mask."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    from workers.hf_engine import kv_bytes_per_token
+    from workers.loading import choose_dtype, resolve_model_path
+
+    path = Path(resolve_model_path(settings.model, settings.home))
+    dtype = choose_dtype(settings.dtype, "cpu")
+    with safe_open(path / "model.safetensors", "pt") as weights:
+        params = sum(weights.get_slice(name).get_shape().numel() for name in weights.keys())  # noqa: SIM118
+    kv_tokens, batch_tokens = settings.kv_cache_tokens, settings.max_batch_tokens or 1024
+    return {
+        f"weights ({params / 1e6:.0f}M params, {str(dtype).removeprefix('torch.')})": params * dtype.itemsize,
+        f"KV cache ({kv_tokens} tokens)": kv_tokens
+        * kv_bytes_per_token(AutoConfig.from_pretrained(path), dtype),
+        f"attention mask ({batch_tokens} × {kv_tokens + batch_tokens})": (
+            batch_tokens * (kv_tokens + batch_tokens) * dtype.itemsize
+        ),
+        "python, torch, transformers": baseline_rss(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -147,6 +180,10 @@ def main() -> None:
             p.wait(timeout=30)
 
     print(f"\nworker  ({settings.model}, KV cache {settings.kv_cache_tokens} tokens)")
+    parts = accounted(settings)
+    for part, size in parts.items():
+        print(f"  {part:<38} {size / MIB:8.0f} MiB")
+    print(f"  {'  sum of the above':<38} {sum(parts.values()) / MIB:8.0f} MiB")
     print(f"  after load and warm-up        {worker_ready / MIB:8.0f} MiB")
     print(f"  peak, {args.streams} active streams       {peak.peak / MIB:8.0f} MiB   ({chunks} chunks)")
     print("gateway")

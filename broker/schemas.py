@@ -120,6 +120,8 @@ class WorkerInfo(BaseModel):
     # Requests taken over from workers that died or handed them back.
     reclaimed: int = 0
     tokens_per_s: float = 0.0
+    # Output tokens generated since the worker started.
+    tokens_out: int = 0
     context_length: int = 0
     started_at: float = Field(default_factory=time.time)
 

@@ -133,7 +133,9 @@ def test_client_that_disconnects_frees_its_batch_slot_within_a_second(stack: Sta
         "stream": True,
     }
     with httpx.stream("POST", f"{stack.url}/v1/chat/completions", json=body, timeout=60) as response:
-        for line in response.iter_lines():
+        # Held in a name: a line iterator that is dropped closes the connection with it.
+        lines = response.iter_lines()
+        for line in lines:
             if '"content":"' in line and '"content":""' not in line:
                 break  # tokens are flowing
         started = time.monotonic()  # and until a heartbeat has reported the request

@@ -362,6 +362,7 @@ class Worker:
             requests_done=self.requests_done,
             reclaimed=self.reclaimed,
             tokens_per_s=round(self.tokens_per_s, 2),
+            tokens_out=self.tokens_out,
             context_length=self.engine.context_length,
             started_at=self.started_at,
         )
