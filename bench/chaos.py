@@ -140,7 +140,11 @@ def main() -> None:
     parser.add_argument("--kill-every-s", type=float, default=6.0)
     parser.add_argument("--port", type=int, default=8078)
     args = parser.parse_args()
-    settings = Settings().with_overrides(port=args.port, threads=1, max_batch=8, kv_cache_tokens=16384)
+    # float32: on this CPU bf16's greedy tokens depend on which requests share a batch, which a
+    # takeover changes; "wrong" must mean a lost or repeated token, not rounding.
+    settings = Settings().with_overrides(
+        port=args.port, threads=1, dtype="float32", max_batch=8, kv_cache_tokens=16384
+    )
     if not settings.redis_url:
         settings = settings.with_overrides(redis_url="redis://127.0.0.1:6379/0")
     cluster = Cluster(settings, workers=2)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import subprocess
 import sys
 import threading
@@ -136,7 +137,7 @@ def accounted(settings: Settings) -> dict[str, int]:
     path = Path(resolve_model_path(settings.model, settings.home))
     dtype = choose_dtype(settings.dtype, "cpu")
     with safe_open(path / "model.safetensors", "pt") as weights:
-        params = sum(weights.get_slice(name).get_shape().numel() for name in weights.keys())  # noqa: SIM118
+        params = sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())  # noqa: SIM118
     kv_tokens, batch_tokens = settings.kv_cache_tokens, settings.max_batch_tokens or 1024
     return {
         f"weights ({params / 1e6:.0f}M params, {str(dtype).removeprefix('torch.')})": params * dtype.itemsize,
