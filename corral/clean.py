@@ -1,0 +1,84 @@
+"""`corral clean`: a cleaning pipeline in the foreground, with a progress bar per stage."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from broker.settings import Settings
+from pipelines.pipeline import Aborted, CleanConfig, Run
+
+
+def add_parser(commands) -> None:
+    clean = commands.add_parser(
+        "clean",
+        help="clean conversation data (ShareGPT, OpenAI messages or Alpaca; .json or .jsonl)",
+        description="Runs cleaning steps over conversation files into an output folder: "
+        "train.jsonl (and test.jsonl), each stage's output and rejected records with reasons, "
+        "report.json (records in, kept, dropped by reason, out per stage), stats.json and stats.png.",
+    )
+    clean.add_argument("inputs", nargs="*", help="input files (merged in order)")
+    clean.add_argument("-o", "--output", required=True, help="output folder; a run there resumes")
+    clean.add_argument("--config", help="a pipeline YAML file (inputs, steps, format, test_ratio, ...)")
+    clean.add_argument("--steps", help="comma-separated step names, run with default parameters")
+    clean.add_argument("--format", choices=["sharegpt", "openai"], help="output format (default sharegpt)")
+    clean.add_argument("--test-ratio", type=float, help="share of records held out as test.jsonl")
+    clean.add_argument("--seed", type=int, help="seed for the test split and sampling")
+    clean.add_argument("--tokenizer", help="model name, folder or hub id (default: the built-in model)")
+
+
+def config_from(args: argparse.Namespace) -> CleanConfig:
+    fields: dict = CleanConfig.from_yaml(Path(args.config)).model_dump() if args.config else {}
+    if args.inputs:
+        fields["inputs"] = args.inputs
+    if args.steps:
+        fields["steps"] = [name.strip() for name in args.steps.split(",") if name.strip()]
+    for name in ("format", "test_ratio", "seed", "tokenizer"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    fields.setdefault("tokenizer", Settings().model)
+    return CleanConfig.model_validate(fields)
+
+
+def tokenizer_for(home: Path):
+    """Resolves Corral's model names (the built-in GGUF model included) to a tokenizer."""
+
+    def load(name: str | None):
+        from transformers import AutoTokenizer
+
+        from workers.loading import resolve_model_path
+
+        return AutoTokenizer.from_pretrained(resolve_model_path(name or Settings().model, home))
+
+    return load
+
+
+def run_clean(args: argparse.Namespace, settings: Settings) -> int:
+    console = Console()
+    config = config_from(args)
+    with Progress(TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console) as bar:  # fmt: skip
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total or None)
+            bar.update(tasks[stage], completed=done, total=total or None)
+
+        run = Run(config, Path(args.output), {"tokenizer": tokenizer_for(settings.home)}, progress)
+        try:
+            reports = run.execute()
+        except Aborted:
+            console.print("[yellow]stopped; run the same command again to resume[/]")
+            return 130
+    table = Table("stage", "in", "kept", "dropped", "added", "out")
+    for r in reports:
+        dropped = ", ".join(f"{reason} {n}" for reason, n in sorted(r.dropped.items())) or "0"
+        table.add_row(r.stage, str(r.records_in), str(r.kept), dropped, str(r.added or ""), str(r.out))
+    console.print(table)
+    console.print(f"written to {args.output}: train.jsonl, report.json, stats.json, stats.png")
+    return 0
