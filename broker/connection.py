@@ -85,3 +85,10 @@ def resolve_redis_url(settings: Settings) -> str:
 def connect(url: str) -> aioredis.Redis:
     """An asyncio Redis client that decodes replies to str; share one per process."""
     return aioredis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+
+
+def connect_arq(url: str):
+    """arq's client (bytes replies: arq pickles its job records) for enqueueing and runners."""
+    from arq.connections import ArqRedis
+
+    return ArqRedis.from_url(url)

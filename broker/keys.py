@@ -55,6 +55,28 @@ class Keys:
         worker). Deleted on ack; expires with the request's progress."""
         return f"{self.prefix}:progress:{request_id}:attempts"
 
+    def jobs_queue(self, gpu: bool = False) -> str:
+        """arq's queue (a sorted set arq owns) of long-lived jobs: CPU work, or `:gpu` for
+        training. Written by gateways and the CLI (enqueue), read by job runners."""
+        return f"{self.prefix}:jobs:gpu" if gpu else f"{self.prefix}:jobs"
+
+    def job(self, job_id: str) -> str:
+        """Hash of one job: kind, params, status, stage, done/total, message, timestamps, result,
+        error, `abort` once asked to stop. Written by whoever creates the job and by the runner
+        that runs it; read by the API and the CLI. Expires `job_keep_s` after the job ends."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def job_events(self, job_id: str) -> str:
+        """Stream of one job's progress updates (the hash's fields as they change), for live
+        views. Capped at about 1,000 entries; expires with the job's hash."""
+        return f"{self.prefix}:job:{job_id}:events"
+
+    @property
+    def jobs_index(self) -> str:
+        """Sorted set of job ids by creation time (ms), for listing. Entries of expired jobs
+        are removed when a listing finds them gone."""
+        return f"{self.prefix}:jobs:index"
+
     def rate(self, caller: str, what: str, window: int) -> str:
         """Counter of `what` (requests or tokens) one caller used in one minute window. Written
         by gateways (INCR/INCRBY); expires two minutes after its window opened. `caller` is a

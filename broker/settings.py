@@ -64,6 +64,15 @@ class Settings(BaseSettings):
     chat_template: str | None = None
     worker_id: str | None = None
 
+    # Jobs
+    # A running job's runner renews its lease this often × 3; a job whose lease lapses (its
+    # runner died) is started again by a live runner, which resumes it.
+    job_lease_s: float = Field(15.0, gt=0)
+    # A job started this many times without ending fails instead.
+    job_max_attempts: int = Field(3, ge=1)
+    # How long an ended job's record is kept.
+    job_keep_s: int = Field(7 * 24 * 3600, gt=0)
+
     @field_validator("home")
     @classmethod
     def _expand_home(cls, home: Path) -> Path:

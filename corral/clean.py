@@ -22,7 +22,9 @@ def add_parser(commands) -> None:
         "report.json (records in, kept, dropped by reason, out per stage), stats.json and stats.png.",
     )
     clean.add_argument("inputs", nargs="*", help="input files (merged in order)")
-    clean.add_argument("-o", "--output", required=True, help="output folder; a run there resumes")
+    clean.add_argument("-o", "--output", help="output folder; a run there resumes (not with --queue)")
+    clean.add_argument("--queue", action="store_true",
+                       help="run it as a queued job (see `corral jobs`) instead of here")  # fmt: skip
     clean.add_argument("--config", help="a pipeline YAML file (inputs, steps, format, test_ratio, ...)")
     clean.add_argument("--steps", help="comma-separated step names, run with default parameters")
     clean.add_argument("--format", choices=["sharegpt", "openai"], help="output format (default sharegpt)")
@@ -60,6 +62,11 @@ def tokenizer_for(home: Path):
 def run_clean(args: argparse.Namespace, settings: Settings) -> int:
     console = Console()
     config = config_from(args)
+    if args.queue:
+        return queue_clean(config, settings, console)
+    if not args.output:
+        console.print("[red]--output is needed (or --queue)[/red]")
+        return 2
     with Progress(TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as bar:  # fmt: skip
         tasks: dict[str, int] = {}
@@ -81,4 +88,27 @@ def run_clean(args: argparse.Namespace, settings: Settings) -> int:
         table.add_row(r.stage, str(r.records_in), str(r.kept), dropped, str(r.added or ""), str(r.out))
     console.print(table)
     console.print(f"written to {args.output}: train.jsonl, report.json, stats.json, stats.png")
+    return 0
+
+
+def queue_clean(config: CleanConfig, settings: Settings, console: Console) -> int:
+    """Enqueues the pipeline as a `clean` job; its files land under CORRAL_HOME/jobs/ID."""
+    import asyncio
+
+    from broker.connection import resolve_redis_url
+    from corral.jobs import job_store
+
+    config = config.model_copy(update={"inputs": [str(Path(p).resolve()) for p in config.inputs]})
+
+    async def enqueue():
+        store = job_store(settings, await asyncio.to_thread(resolve_redis_url, settings))
+        try:
+            return await store.create("clean", config)
+        finally:
+            await store.redis.aclose()
+            await store.arq.aclose()
+
+    job = asyncio.run(enqueue())
+    console.print(f"queued job {job.id}; follow it with: corral jobs show {job.id}")
+    print(job.id)
     return 0

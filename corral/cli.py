@@ -49,8 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--style", choices=["plain", "rich"], default="plain", help="rich renders markdown")
 
     from corral.clean import add_parser as add_clean
+    from corral.jobs import add_parser as add_jobs
 
     add_clean(commands)
+    add_jobs(commands)
     return parser
 
 
@@ -73,6 +75,10 @@ def main(argv: list[str] | None = None) -> None:
         from corral.clean import run_clean
 
         sys.exit(run_clean(args, settings))
+    if args.command == "jobs":
+        from corral.jobs import run_cli
+
+        sys.exit(run_cli(args, settings))
     if args.command == "gateway":
         from gateway.app import main as gateway_main
 

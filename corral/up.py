@@ -1,4 +1,5 @@
-"""`corral up`: embedded Valkey, the gateway and one worker on this machine, as child processes."""
+"""`corral up`: embedded Valkey, the gateway, one worker and a job runner on this machine, as child
+processes."""
 
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ def up(settings: Settings) -> int:
     children = [
         subprocess.Popen([sys.executable, "-m", "gateway"], env=env),
         subprocess.Popen([sys.executable, "-m", "workers"], env=env),
+        subprocess.Popen([sys.executable, "-m", "corral", "jobs"], env=env),
     ]
     url = f"http://{settings.host}:{settings.port}"
     stopping = False

@@ -10,7 +10,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
-from broker.connection import connect, resolve_redis_url
+from broker.connection import connect, connect_arq, resolve_redis_url
+from broker.jobs import JobStore
 from broker.keys import Keys
 from broker.queue import RequestQueue
 from broker.registry import WorkerRegistry
@@ -18,6 +19,7 @@ from broker.settings import Settings
 from gateway.auth import Limits, load_api_keys
 from gateway.errors import install_error_handlers
 from gateway.hub import EventHub
+from gateway.jobs import router as jobs_router
 from gateway.metrics import Metrics
 from gateway.routes import router
 from gateway.state import Gateway, GatewayDep, LiveModels
@@ -32,6 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         url = await asyncio.to_thread(resolve_redis_url, settings)
         redis = connect(url)
+        arq = connect_arq(url)
         keys = Keys(settings.key_prefix)
         hub = EventHub(redis, keys)
         await hub.start()
@@ -50,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics=Metrics(),
             models=LiveModels(WorkerRegistry(redis, keys)),
             limits=limits,
+            jobs=JobStore(redis, arq, keys, str(settings.home / "jobs"), settings.job_keep_s),
         )
         log.info("gateway %s ready on redis %s", hub.gateway_id, url)
         try:
@@ -57,10 +61,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await hub.stop()
             await redis.aclose()
+            await arq.aclose()
 
     app = FastAPI(title="Corral", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(jobs_router)
 
     @app.get("/healthz")
     async def healthz() -> dict:

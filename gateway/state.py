@@ -9,6 +9,7 @@ from typing import Annotated
 import redis.asyncio as aioredis
 from fastapi import Depends, Request
 
+from broker.jobs import JobStore
 from broker.queue import RequestQueue
 from broker.registry import WorkerRegistry
 from broker.schemas import WorkerInfo
@@ -51,6 +52,7 @@ class Gateway:
     metrics: Metrics
     models: LiveModels
     limits: Limits
+    jobs: JobStore
 
 
 async def get_gateway(request: Request) -> Gateway:

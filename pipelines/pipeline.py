@@ -16,11 +16,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import field_validator
 
+from broker.jobs import CleanParams, StepSpec
 from pipelines import records
 from pipelines.stats import write_stats
 from pipelines.steps import STEPS, Drop, Step
@@ -33,41 +34,9 @@ class Aborted(Exception):
     """The run was asked to stop; completed stages are kept."""
 
 
-class StepSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
-
-
-class CleanConfig(BaseModel):
-    """A pipeline as a YAML file or the `clean` job's params give it."""
-
-    model_config = ConfigDict(extra="forbid")
-    inputs: list[str]
-    steps: list[StepSpec] = Field(default_factory=list)
-    format: Literal["sharegpt", "openai"] = "sharegpt"
-    # Held out for evaluation, drawn per record with `seed`; 0 = no test split.
-    test_ratio: float = Field(0.0, ge=0, lt=1)
-    seed: int = 0
-    # The tokenizer for split_long and the statistics (a folder, hub id or Corral model name).
-    tokenizer: str | None = None
-
-    @field_validator("steps", mode="before")
-    @classmethod
-    def _names_or_mappings(cls, steps: Any) -> Any:
-        """`- dedupe` and `- min_turns: {turns: 4}` both name a step."""
-        if not isinstance(steps, list):
-            return steps
-        parsed = []
-        for item in steps:
-            if isinstance(item, str):
-                parsed.append({"name": item})
-            elif isinstance(item, dict) and len(item) == 1 and "name" not in item:
-                (name, params), = item.items()  # fmt: skip
-                parsed.append({"name": name, "params": params or {}})
-            else:
-                parsed.append(item)
-        return parsed
+class CleanConfig(CleanParams):
+    """A pipeline as a YAML file or the `clean` job's params give it; beyond the broker's schema
+    (what the gateway checks), every step must exist and take the params given."""
 
     @field_validator("steps")
     @classmethod
@@ -274,3 +243,14 @@ def _hub_tokenizer(name: str | None):
     if name is None:
         raise ValueError("split_long needs a tokenizer: give `tokenizer` (a folder or hub id)")
     return AutoTokenizer.from_pretrained(name)
+
+
+def clean_job(params: dict, folder: Path, context: dict, progress: Progress, stop: threading.Event) -> dict:
+    """The `clean` job: runs (or resumes) the pipeline into the job's folder; its summary."""
+    reports = Run(CleanConfig.model_validate(params), folder, context, progress, stop).execute()
+    return {
+        "stages": [asdict(r) for r in reports],
+        "records_in": reports[0].records_in,
+        "records_out": reports[-1].out,
+        "outputs": sorted(str(p) for p in folder.glob("*.jsonl") if not p.name.startswith("stage-")),
+    }

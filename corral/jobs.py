@@ -1,0 +1,234 @@
+"""`corral jobs`: the job runner (arq workers on the CPU and GPU job queues), and `corral jobs
+list | show ID | cancel ID`.
+
+Every job goes through `run_job`, which runs the kind's function in a thread and keeps the job's
+hash current. Two facts about arq shape it: arq marks a job taken with an `in-progress` key that
+lives as long as the job's timeout (days, for training), so a runner that dies would hold its
+job that long; and arq has no progress API. So while a job runs its runner renews that key for
+a short lease (`job_lease_s`): if the runner dies the lease lapses within seconds and a live
+runner takes the job again, and the job resumes from its last completed stage (each kind keeps
+its stages in its artifacts folder). The same renewal loop looks at the job's abort flag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from arq.constants import in_progress_key_prefix
+from arq.worker import Worker, func
+from rich.console import Console
+from rich.table import Table
+
+from broker.connection import connect, connect_arq, resolve_redis_url
+from broker.jobs import RUN_JOB, JobStore
+from broker.keys import Keys
+from broker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Progress is written at most this often (and on every stage change).
+_PROGRESS_EVERY_S = 0.5
+# arq's own limits, left wide: Corral's lease and attempt count govern instead.
+_ARQ_TIMEOUT_S = 30 * 24 * 3600
+_ARQ_MAX_TRIES = 1000
+
+
+class Aborted(Exception):
+    pass
+
+
+def job_functions(settings: Settings) -> dict[str, Callable[..., dict]]:
+    """kind → blocking function (params, folder, context, progress, stop) → result summary."""
+    from corral.clean import tokenizer_for
+    from pipelines.pipeline import Aborted as PipelineAborted
+    from pipelines.pipeline import clean_job
+
+    def clean(params, folder, progress, stop):
+        try:
+            return clean_job(params, folder, {"tokenizer": tokenizer_for(settings.home)}, progress, stop)
+        except PipelineAborted:
+            raise Aborted() from None
+
+    return {"clean": clean}
+
+
+def job_store(settings: Settings, url: str) -> JobStore:
+    keys = Keys(settings.key_prefix)
+    return JobStore(connect(url), connect_arq(url), keys, str(settings.home / "jobs"), settings.job_keep_s)
+
+
+class Runner:
+    """What `run_job` needs, built once per runner process."""
+
+    def __init__(self, settings: Settings, store: JobStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.functions = job_functions(settings)
+
+    async def run_job(self, ctx: dict, job_id: str) -> None:
+        store = self.store
+        job = await store.get(job_id)
+        if job is None or job.status in ("succeeded", "failed", "aborted"):
+            return  # expired, or aborted while queued
+        attempt = ctx["job_try"]
+        if attempt > self.settings.job_max_attempts:
+            await store.update(job_id, status="failed", finished_at=time.time(),
+                               error=f"its runner died {attempt - 1} times; giving up")  # fmt: skip
+            return
+        resumed = " (resumed after its runner died)" if attempt > 1 else ""
+        await store.update(job_id, status="running", started_at=time.time(), attempts=attempt,
+                           message=f"started{resumed}")  # fmt: skip
+        log.info("job %s (%s) attempt %d", job_id, job.kind, attempt)
+        stop = threading.Event()
+        lease = asyncio.create_task(self._hold(job_id, stop))
+        try:
+            folder = Path(job.artifacts)
+            progress = _Progress(store, job_id, asyncio.get_running_loop())
+            result = await asyncio.to_thread(self.functions[job.kind], job.params, folder, progress, stop)
+            await progress.flush()
+            await store.update(job_id, status="succeeded", finished_at=time.time(), result=result,
+                               message="done")  # fmt: skip
+        except Aborted:
+            await store.update(job_id, status="aborted", finished_at=time.time(),
+                               message="aborted; completed stages are kept")  # fmt: skip
+        except Exception as e:  # a job's failure is its own, never the runner's
+            log.exception("job %s failed", job_id)
+            error = f"{type(e).__name__}: {e}"
+            await store.update(job_id, status="failed", finished_at=time.time(), error=error)
+        finally:
+            stop.set()
+            lease.cancel()
+
+    async def _hold(self, job_id: str, stop: threading.Event) -> None:
+        """Renews the job's lease (arq's in-progress key) and passes an abort on to the job."""
+        key = in_progress_key_prefix + job_id
+        lease_ms = int(self.settings.job_lease_s * 1000)
+        while not stop.is_set():
+            await self.store.arq.pexpire(key, lease_ms)
+            if await self.store.abort_requested(job_id):
+                stop.set()
+            await asyncio.sleep(min(self.settings.job_lease_s / 3, 1.0))
+
+
+class _Progress:
+    """The job thread's progress callback: keeps the latest figures and writes them to the job's
+    hash from the event loop, at most every half second and on each new stage."""
+
+    def __init__(self, store: JobStore, job_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.store, self.job_id, self.loop = store, job_id, loop
+        self.latest: dict[str, Any] = {}
+        self.written_at = 0.0
+        self.stage = ""
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        message = f"{stage}: {done}/{total or '?'}"
+        self.latest = {"stage": stage, "done": done, "total": total, "message": message}
+        if stage != self.stage or time.monotonic() - self.written_at >= _PROGRESS_EVERY_S:
+            self.stage, self.written_at = stage, time.monotonic()
+            asyncio.run_coroutine_threadsafe(
+                self.store.update(self.job_id, **self.latest), self.loop
+            ).result()
+
+    async def flush(self) -> None:
+        if self.latest:
+            await self.store.update(self.job_id, **self.latest)
+
+
+async def run_runner(settings: Settings, queues: list[str] | None = None, burst: bool = False) -> None:
+    url = await asyncio.to_thread(resolve_redis_url, settings)
+    store = job_store(settings, url)
+    runner = Runner(settings, store)
+    keys = store.keys
+    queues = queues or [keys.jobs_queue(gpu=False), keys.jobs_queue(gpu=True)]
+
+    async def run_job(ctx: dict, job_id: str) -> None:
+        await runner.run_job(ctx, job_id)
+
+    workers = [
+        Worker(
+            [func(run_job, name=RUN_JOB)],
+            queue_name=queue,
+            redis_pool=connect_arq(url),
+            job_timeout=_ARQ_TIMEOUT_S,
+            max_tries=_ARQ_MAX_TRIES,
+            keep_result=0,
+            poll_delay=0.2,
+            burst=burst,
+            handle_signals=False,
+            max_jobs=1,
+        )
+        for queue in queues
+    ]
+    log.info("job runner on %s (redis %s)", ", ".join(queues), url)
+    try:
+        await asyncio.gather(*(w.async_run() for w in workers))
+    finally:
+        for w in workers:
+            await w.close()
+        await store.redis.aclose()
+        await store.arq.aclose()
+
+
+def main(settings: Settings) -> None:
+    import signal
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def serve() -> None:
+        task = asyncio.create_task(run_runner(settings))
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            log.info("job runner stopped")
+
+    asyncio.run(serve())
+
+
+# --------------------------------------------------------------------------- CLI: list, show, cancel
+
+
+def add_parser(commands) -> None:
+    jobs = commands.add_parser("jobs", help="run the job runner, or list, show and cancel jobs")
+    actions = jobs.add_subparsers(dest="action")
+    actions.add_parser("list", help="recent jobs")
+    actions.add_parser("show", help="one job").add_argument("job_id")
+    actions.add_parser("cancel", help="abort a job").add_argument("job_id")
+
+
+def run_cli(args, settings: Settings) -> int:
+    if args.action is None:
+        main(settings)
+        return 0
+    return asyncio.run(_cli(args, settings))
+
+
+async def _cli(args, settings: Settings) -> int:
+    store = job_store(settings, await asyncio.to_thread(resolve_redis_url, settings))
+    console = Console()
+    try:
+        if args.action == "list":
+            table = Table("id", "kind", "status", "stage", "progress", "created")
+            for job in await store.list():
+                created = time.strftime("%Y-%m-%d %H:%M", time.localtime(job.created_at))
+                done = f"{job.done}/{job.total or '?'}"
+                table.add_row(job.id, job.kind, job.status, job.stage, done, created)
+            console.print(table)
+            return 0
+        job = await (store.get(args.job_id) if args.action == "show" else store.abort(args.job_id))
+        if job is None:
+            console.print(f"[red]no job {args.job_id}[/red]")
+            return 1
+        console.print_json(job.model_dump_json())
+        return 0
+    finally:
+        await store.redis.aclose()
+        await store.arq.aclose()
