@@ -23,7 +23,7 @@ from typing import Any
 from arq.constants import in_progress_key_prefix
 from arq.worker import Worker, func
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from broker.connection import connect, connect_arq, resolve_redis_url
 from broker.jobs import RUN_JOB, JobStore
@@ -216,9 +216,9 @@ async def _cli(args, settings: Settings) -> int:
     console = Console()
     try:
         if args.action == "list":
-            table = Table("id", "kind", "status", "stage", "progress", "created")
+            table = Table(Column("id", no_wrap=True), "kind", "status", "stage", "progress", "created")
             for job in await store.list():
-                created = time.strftime("%Y-%m-%d %H:%M", time.localtime(job.created_at))
+                created = time.strftime("%m-%d %H:%M", time.localtime(job.created_at))
                 done = f"{job.done}/{job.total or '?'}"
                 table.add_row(job.id, job.kind, job.status, job.stage, done, created)
             console.print(table)

@@ -192,6 +192,7 @@ class Run:
     def _write(self, source: Path) -> StageReport:
         """The final files: train (and test) in the chosen format."""
         report = StageReport("write")
+        self.progress("write", 0, 0)
         draw = random.Random(self.config.seed)
         shape = records.to_openai if self.config.format == "openai" else (lambda r: r)
         names = ["train", "test"] if self.config.test_ratio else ["train"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -76,6 +77,13 @@ class HtmlToMarkdown(Step):
     name = "html_to_markdown"
     _HTML = re.compile(r"<(div|p|pre|code|ol|ul|li|table|h[1-6]|br|strong|em|span)\b", re.IGNORECASE)
     _COPY_BUTTON = re.compile(r"^(\w[\w+#-]*)?Copy code\s*$", re.MULTILINE)
+
+    def __init__(self, params: Params, context: dict[str, Any]) -> None:
+        super().__init__(params, context)
+        from bs4 import XMLParsedAsHTMLWarning
+
+        # Chat text that merely looks like XML is still parsed as the HTML fragment it is.
+        warnings.filterwarnings("ignore", category=XMLParsedAsHTMLWarning)
 
     def apply(self, record: dict) -> list[dict]:
         from markdownify import markdownify
@@ -311,13 +319,14 @@ class SplitLong(Step):
         turns = record["conversations"]
         system = turns[:1] if turns and turns[0]["from"] == "system" else []
         body = turns[len(system) :]
-        budget = self.params.max_tokens - self.fixed - sum(self.count(t) for t in system)
+        costs = self.count(turns)  # one tokenizer call for the whole conversation
+        budget = self.params.max_tokens - self.fixed - sum(costs[: len(system)])
         rounds = [body[i : i + 2] for i in range(0, len(body), 2)]
+        round_costs = [sum(costs[len(system) + i : len(system) + i + 2]) for i in range(0, len(body), 2)]
         pieces: list[list[dict]] = []
         current: list[dict] = []
         used = 0
-        for round_ in rounds:
-            cost = sum(self.count(t) for t in round_)
+        for round_, cost in zip(rounds, round_costs, strict=True):
             if cost > budget:
                 self.rounds_left_out += 1
                 continue
@@ -342,8 +351,8 @@ class SplitLong(Step):
         return {"conversations_split": self.split, "rounds_left_out": self.rounds_left_out}
 
 
-def _turn_counter(tokenizer) -> tuple[Callable[[dict], int], int]:
-    """Tokens one turn takes in the chat template (its text plus the template's tokens around
+def _turn_counter(tokenizer) -> tuple[Callable[[list[dict]], list[int]], int]:
+    """Tokens each turn takes in the chat template (its text plus the template's tokens around
     each turn), and the template's fixed tokens (a default system prompt, a leading BOS),
     measured once by rendering one round and two: rendering every candidate piece would cost a
     template call per round."""
@@ -360,8 +369,12 @@ def _turn_counter(tokenizer) -> tuple[Callable[[dict], int], int]:
     except Exception:  # no chat template: plain text
         per_turn, fixed = 0, 0
 
-    def count(turn: dict) -> int:
-        return len(tokenizer.encode(turn["value"], add_special_tokens=False)) + per_turn
+    def count(turns: list[dict]) -> list[int]:
+        if not turns:
+            return []
+        # A batch call: the fast tokenizer encodes the turns together, in Rust.
+        ids = tokenizer([t["value"] for t in turns], add_special_tokens=False)["input_ids"]
+        return [len(i) + per_turn for i in ids]
 
     return count, max(fixed, 0)
 

@@ -9,7 +9,7 @@ import yaml
 COMPOSE = Path(__file__).parent.parent / "compose.yaml"
 
 
-def test_compose_runs_redis_with_aof_a_gateway_and_cpu_and_gpu_workers() -> None:
+def test_compose_runs_redis_with_aof_a_gateway_cpu_and_gpu_workers_and_a_job_runner() -> None:
     services = yaml.safe_load(COMPOSE.read_text())["services"]
     assert "--appendonly" in services["redis"]["command"]
     assert services["gateway"]["command"][:2] == ["corral", "gateway"]
@@ -19,6 +19,8 @@ def test_compose_runs_redis_with_aof_a_gateway_and_cpu_and_gpu_workers() -> None
         assert services[worker]["environment"]["CORRAL_REDIS_URL"] == "redis://redis:6379/0"
         assert services[worker]["depends_on"]["redis"]["condition"] == "service_healthy"
         assert services[worker]["stop_grace_period"] == "40s"  # longer than the 30 s drain
+    assert services["jobs"]["command"] == ["corral", "jobs"]
+    assert services["jobs"]["volumes"] == ["corral-data:/data"]  # artifacts shared with the others
     gpu = services["worker-gpu"]
     assert gpu["profiles"] == ["gpu"]
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"

