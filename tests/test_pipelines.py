@@ -238,3 +238,15 @@ def test_corral_clean_runs_in_the_foreground_and_prints_its_accounting(tmp_path,
     first = jsonl(out / "train.jsonl")[0]
     assert first["messages"][0]["role"] == "user"
     assert len(jsonl(out / "train.jsonl")) == 440
+
+
+def test_several_inputs_are_merged_in_order_and_a_language_can_be_skipped(tmp_path) -> None:
+    french = BAD["language"]
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.json"
+    first.write_text(json.dumps(GOOD) + "\n")
+    second.write_text(json.dumps([french, {**GOOD, "id": "ok2"}]))
+
+    reports = run(tmp_path, {}, [first, second], [{"language": {"skip": ["fr"]}}]).execute()
+
+    assert reports[0].records_in == 3 and reports[1].dropped == {"language": 1}
+    assert [r["id"] for r in jsonl(tmp_path / "out" / "train.jsonl")] == ["ok", "ok2"]
