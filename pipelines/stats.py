@@ -58,7 +58,8 @@ def _plot(path: Path, turns: dict[str, list[int]], lengths: dict[str, list[int]]
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for split in turns:
-        left.hist(turns[split], bins=range(0, max(turns[split] or [0]) + 3), alpha=0.6, label=split)
+        # One bar per turn count, centred on it.
+        left.hist(turns[split], bins=np.arange(0.5, max(turns[split] or [0]) + 1.5), alpha=0.6, label=split)
         right.hist(lengths[split], bins=50, alpha=0.6, label=split)
     left.set(title="Turns per conversation", xlabel="turns", ylabel="conversations")
     right.set(title=f"Length per conversation ({unit})", xlabel=unit, ylabel="conversations")
