@@ -93,14 +93,22 @@ class Run:
         return ["read", *(f"{i + 1:02d}-{s.name}" for i, s in enumerate(self.config.steps)), "write"]
 
     def completed(self) -> list[StageReport]:
-        if not self._done_file.exists():
+        """Stages an earlier run of this same pipeline finished here (none if it was another)."""
+        saved = self.folder / "config.yaml"
+        if not self._done_file.exists() or not saved.exists():
             return []
+        if yaml.safe_load(saved.read_text()) != self.config.model_dump():
+            return []  # a different pipeline: start over
         return [StageReport(**r) for r in json.loads(self._done_file.read_text())]
 
     def execute(self) -> list[StageReport]:
         """Runs the stages not yet completed; returns every stage's report."""
-        (self.folder / "config.yaml").write_text(yaml.safe_dump(self.config.model_dump(), sort_keys=False))
         reports = self.completed()
+        if not reports:
+            for stale in ("stages.json", "stats.json", "report.json"):
+                (self.folder / stale).unlink(missing_ok=True)
+            resolved = yaml.safe_dump(self.config.model_dump(), sort_keys=False)
+            (self.folder / "config.yaml").write_text(resolved)
         for index, name in enumerate(self.stage_names):
             if index < len(reports):
                 continue  # done in an earlier run

@@ -201,6 +201,9 @@ def test_a_stopped_run_resumes_after_its_last_completed_stage(tmp_path, sample) 
     assert (tmp_path / "out" / "stage-read.jsonl").stat().st_mtime_ns == first_stage  # not redone
     uninterrupted = Run(config, tmp_path / "again").execute()
     assert reports == uninterrupted
+    # Another pipeline in the same folder starts over instead of taking these stages.
+    other = CleanConfig.model_validate({"inputs": [str(sample)], "steps": ["min_turns"]})
+    assert [r.stage for r in Run(other, tmp_path / "out").execute()] == ["read", "01-min_turns", "write"]
 
 
 def test_converters_round_trip_between_sharegpt_openai_and_alpaca() -> None:
