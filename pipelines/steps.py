@@ -8,6 +8,7 @@ import hashlib
 import random
 import re
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -30,7 +31,7 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Step:
+class Step(ABC):
     """One cleaning step. `apply` returns the records that go on (usually the one it got; none
     while it holds the record back) or raises Drop; `finish` returns, at the end, the records it
     held back, or new ones when `adds` is set."""
@@ -43,8 +44,8 @@ class Step:
         self.params = params
         self.context = context
 
-    def apply(self, record: dict) -> list[dict]:
-        raise NotImplementedError
+    @abstractmethod
+    def apply(self, record: dict) -> list[dict]: ...
 
     def finish(self) -> list[dict]:
         return []
