@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
@@ -40,12 +39,11 @@ from broker.keys import Keys
 from broker.registry import WorkerRegistry
 from broker.schemas import WorkerInfo
 from broker.settings import Settings
+from corral.up import child_env
 
 
 def start_worker(settings: Settings, prefix: str, worker_id: str) -> subprocess.Popen:
-    env = dict(os.environ)
-    env.update({f"CORRAL_{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None})
-    env.update(CORRAL_KEY_PREFIX=prefix, CORRAL_WORKER_ID=worker_id)
+    env = child_env(settings) | {"CORRAL_KEY_PREFIX": prefix, "CORRAL_WORKER_ID": worker_id}
     return subprocess.Popen([sys.executable, "-m", "workers"], env=env)
 
 
