@@ -149,13 +149,12 @@ class JobStore:
 
     async def list(self, limit: int = 100) -> list[JobPublic]:
         ids = await self.redis.zrevrange(self.keys.jobs_index, 0, limit - 1)
-        jobs, gone = [], []
-        for job_id in ids:
-            job = await self.get(job_id)
-            if job is None:
-                gone.append(job_id)
-            else:
-                jobs.append(job)
+        async with self.redis.pipeline(transaction=False) as pipe:  # one round trip, not one a job
+            for job_id in ids:
+                pipe.hgetall(self.keys.job(job_id))
+            hashes = await pipe.execute()
+        jobs = [_from_hash(fields) for fields in hashes if fields]
+        gone = [job_id for job_id, fields in zip(ids, hashes, strict=True) if not fields]
         if gone:
             await self.redis.zrem(self.keys.jobs_index, *gone)
         return jobs

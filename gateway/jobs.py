@@ -50,27 +50,26 @@ async def list_jobs(gateway: GatewayDep, limit: int = 100) -> dict:
     return {"object": "list", "data": [j.model_dump() for j in await gateway.jobs.list(limit)]}
 
 
-@router.get("/{job_id}")
-async def get_job(job_id: str, gateway: GatewayDep) -> JobPublic:
-    job = await gateway.jobs.get(job_id)
+def _found(job: JobPublic | None, job_id: str) -> JobPublic:
     if job is None:
         raise JobNotFound(job_id)
     return job
+
+
+@router.get("/{job_id}")
+async def get_job(job_id: str, gateway: GatewayDep) -> JobPublic:
+    return _found(await gateway.jobs.get(job_id), job_id)
 
 
 @router.delete("/{job_id}")
 async def abort_job(job_id: str, gateway: GatewayDep) -> JobPublic:
-    job = await gateway.jobs.abort(job_id)
-    if job is None:
-        raise JobNotFound(job_id)
-    return job
+    return _found(await gateway.jobs.abort(job_id), job_id)
 
 
 @router.get("/{job_id}/events")
 async def job_events(job_id: str, gateway: GatewayDep) -> StreamingResponse:
     """Every update of the job from its creation on, then each new one, until it ends."""
-    if await gateway.jobs.get(job_id) is None:
-        raise JobNotFound(job_id)
+    _found(await gateway.jobs.get(job_id), job_id)
 
     async def stream() -> AsyncIterator[bytes]:
         after = "0"
