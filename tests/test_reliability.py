@@ -163,7 +163,9 @@ async def test_events_nobody_heard_are_sent_again_once_a_gateway_listens(stack: 
 
 
 async def test_batch_lane_waits_while_interactive_work_waits(stack: Stack) -> None:
-    stack.start_worker(served_name="one-slot", CORRAL_MAX_BATCH="1")
+    worker = stack.start_worker(served_name="one-slot", CORRAL_MAX_BATCH="1")
+    r = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    interactive_queue = f"{stack.key_prefix}:q:{{one-slot}}"
     finished: list[str] = []
 
     async def ask(client: httpx.AsyncClient, name: str, lane: str, tokens: int) -> None:
@@ -173,13 +175,21 @@ async def test_batch_lane_waits_while_interactive_work_waits(stack: Stack) -> No
         assert response.status_code == 200, response.text
         finished.append(name)
 
-    async with httpx.AsyncClient(base_url=stack.url, timeout=120) as client:
-        holder = asyncio.create_task(ask(client, "holder", "interactive", 30))
-        await asyncio.sleep(1.0)  # the single slot is taken
+    async def until(condition) -> None:
+        while not condition():
+            await asyncio.sleep(0.02)
+
+    async with httpx.AsyncClient(base_url=stack.url, timeout=300) as client:
+        # The holder is long enough to still be running when both others are queued.
+        holder = asyncio.create_task(ask(client, "holder", "interactive", 400))
+        await until(lambda: stack.worker_info(worker.worker_id).get("in_flight") == "1")
         batch = asyncio.create_task(ask(client, "batch", "batch", 4))
-        await asyncio.sleep(0.3)  # the batch request is queued first...
+        await until(lambda: r.xlen(f"{interactive_queue}:batch") == 1)  # queued first...
         interactive = asyncio.create_task(ask(client, "interactive", "interactive", 4))
+        await until(lambda: r.xlen(interactive_queue) == 2)  # the holder's entry and this one
+        assert finished == []  # the single slot was still taken when both were waiting
         await asyncio.gather(holder, batch, interactive)
+    r.close()
     assert finished == ["holder", "interactive", "batch"]  # ...but waits for interactive work
 
 
