@@ -20,5 +20,5 @@ COPY judge judge
 RUN pip install .
 
 VOLUME /data
-EXPOSE 8000
+EXPOSE 8000 8501
 CMD ["corral", "gateway", "--host", "0.0.0.0"]

@@ -66,8 +66,114 @@ class CleanParams(BaseModel):
         return parsed
 
 
+class RatingsParams(BaseModel):
+    """Recompute the arena leaderboard from every vote so far."""
+
+    model_config = ConfigDict(extra="forbid")
+    # Bootstrap resamples behind the confidence intervals; None = the runner's setting.
+    bootstrap_rounds: int | None = Field(None, ge=10, le=10000)
+    seed: int = 0
+
+
+class TrainParams(BaseModel):
+    """Supervised fine-tuning of a chat model on conversations (pipelines/train.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    # The base: a built-in name, a local folder or a hub id.
+    model: str = "smollm2-135m-instruct"
+    # ShareGPT, OpenAI `messages` or Alpaca records, JSON or JSONL (what `corral clean` writes).
+    data: list[str] = Field(min_length=1)
+    # Held-out conversations; without them, `eval_ratio` of `data` is held out (0 = none).
+    eval_data: list[str] = Field(default_factory=list)
+    eval_ratio: float = Field(0.0, ge=0, lt=1)
+    method: Literal["full", "lora", "qlora"] = "full"
+    lora_r: int = Field(8, gt=0)
+    lora_alpha: int = Field(16, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    # Module names LoRA adapts; None = every linear layer but the output head.
+    lora_target_modules: list[str] | None = None
+    # LoRA output: merged into the base (a plain model folder) or the adapter alone.
+    merge_lora: bool = True
+    epochs: float = Field(3.0, gt=0)
+    # > 0 overrides epochs.
+    max_steps: int = -1
+    # None = 2e-5 for full fine-tuning (FastChat's), 2e-4 for LoRA.
+    learning_rate: float | None = Field(None, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    # Sequences per device step; the global batch (None = up to 128, about 16 steps an epoch)
+    # is reached with gradient accumulation.
+    batch_size: int = Field(2, gt=0)
+    global_batch_size: int | None = Field(None, gt=0)
+    max_length: int = Field(2048, gt=8)
+    # A conversation longer than max_length: cut (kept if an assistant token remains) or skipped.
+    too_long: Literal["truncate", "skip"] = "truncate"
+    packing: bool = False
+    gradient_checkpointing: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    save_steps: int = Field(100, gt=0)
+    save_total_limit: int = Field(2, gt=0)
+    seed: int = 42
+    # A Jinja file (or template text) for a tokenizer without a chat template.
+    chat_template: str | None = None
+
+
+class EndpointSpec(BaseModel):
+    """An OpenAI-compatible chat endpoint: Corral's gateway (the default) or any other."""
+
+    model_config = ConfigDict(extra="forbid")
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key: str | None = None
+    # Extra body fields for every request; {"lane": "batch"} keeps judge traffic on Corral's
+    # batch lane, behind interactive users (other endpoints: set {}).
+    extra_body: dict[str, Any] = Field(default_factory=lambda: {"lane": "batch"})
+    timeout_s: float = Field(600.0, gt=0)
+
+
+class AnswerParams(BaseModel):
+    """Answers of `models` to a question set, written as FastChat's model_answer/MODEL.jsonl."""
+
+    model_config = ConfigDict(extra="forbid")
+    questions: str = "mt_bench"  # mt_bench, corral, or a JSONL path
+    models: list[str] = Field(min_length=1)
+    endpoint: EndpointSpec = Field(default_factory=EndpointSpec)
+    # None = CORRAL_HOME/judge/<question set>; answers there are reused, never redone.
+    output: str | None = None
+    n: int = Field(1, ge=1, le=8)
+    max_tokens: int = Field(1024, gt=0)
+    # None = MT-bench's per-category temperatures.
+    temperature: float | None = Field(None, ge=0, le=2)
+    concurrency: int = Field(8, ge=1, le=256)
+
+
+class JudgmentParams(BaseModel):
+    """Judgments of `models`' answers by `judge`, written as FastChat's model_judgment/ files."""
+
+    model_config = ConfigDict(extra="forbid")
+    questions: str = "mt_bench"
+    models: list[str] = Field(min_length=1)
+    judge: str
+    judge_endpoint: EndpointSpec = Field(default_factory=EndpointSpec)
+    mode: Literal["single", "pairwise-baseline", "pairwise-all"] = "single"
+    baseline: str | None = None
+    output: str | None = None
+    max_tokens: int = Field(1024, gt=0)
+    concurrency: int = Field(8, ge=1, le=256)
+    # Further tries when a judgment cannot be parsed; then it is stored as a parse failure.
+    parse_retries: int = Field(2, ge=0, le=10)
+    # Jobs (the answer job) this one waits for before it starts judging.
+    wait_for: list[str] = Field(default_factory=list)
+
+
 # kind → (params schema, runs on the GPU queue)
-KINDS: dict[str, tuple[type[BaseModel], bool]] = {"clean": (CleanParams, False)}
+KINDS: dict[str, tuple[type[BaseModel], bool]] = {
+    "clean": (CleanParams, False),
+    "ratings": (RatingsParams, False),
+    "train": (TrainParams, True),
+    "answer": (AnswerParams, False),
+    "judgment": (JudgmentParams, False),
+}
 
 
 class JobCreate(BaseModel):
@@ -91,11 +197,26 @@ class JobPublic(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     result: dict[str, Any] | None = None
+    # The latest figures a job reports (training: loss, learning rate, tokens/s, ETA).
+    metrics: dict[str, Any] | None = None
     error: str | None = None
     artifacts: str = ""
 
+    def redacted(self) -> JobPublic:
+        """The job as shown to API clients and on the terminal: every `api_key` in its params
+        (an external judge's or endpoint's) replaced, so that reading a job never reveals one."""
+        return self.model_copy(update={"params": _redact(self.params)})
 
-_JSON_FIELDS = ("params", "result")
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: ("***" if k == "api_key" and v else _redact(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    return value
+
+
+_JSON_FIELDS = ("params", "result", "metrics")
 _NUMBERS = {"done": int, "total": int, "attempts": int, "created_at": float, "started_at": float,
             "finished_at": float}  # fmt: skip
 

@@ -77,6 +77,42 @@ class Keys:
         are removed when a listing finds them gone."""
         return f"{self.prefix}:jobs:index"
 
+    def battle(self, battle_id: str) -> str:
+        """Hash of one arena battle's live state: mode, models (left, right), user, turns, and
+        `vote` once cast (HSETNX: one vote per battle). Written by gateways; expires
+        `arena_battle_ttl_s` after the battle was last played."""
+        return f"{self.prefix}:arena:battle:{battle_id}"
+
+    def battle_busy(self, battle_id: str) -> str:
+        """Marks a battle turn in progress (SET NX), so a battle plays one turn at a time. Deleted
+        when the turn ends; expires with the turn's deadline in any case."""
+        return f"{self.prefix}:arena:battle:{battle_id}:busy"
+
+    def arena_log(self, name: str) -> str:
+        """Durable streams of what happened in the arena, never trimmed: `battles` (created),
+        `turns` (each turn's two generations, as FastChat `chat` records) and `votes` (battle
+        and single-chat votes, as FastChat log records). Written by gateways; read by the
+        ratings job and the export."""
+        return f"{self.prefix}:arena:{name}"
+
+    def arena_votes_by(self, user: str, hour: int) -> str:
+        """Counter of one user's votes in one clock hour, for the vote limit. Written by
+        gateways; expires two hours after it was first counted."""
+        return f"{self.prefix}:arena:votes-by:{user}:{hour}"
+
+    @property
+    def leaderboard(self) -> str:
+        """String (JSON) of the latest leaderboard. Written by the ratings job, read by the
+        gateway's /v1/leaderboard. No TTL: the latest one stays until the next."""
+        return f"{self.prefix}:arena:leaderboard"
+
+    @property
+    def judge_results(self) -> str:
+        """Hash of judge runs' results: field = run name (question set/mode/judge), value = JSON
+        summary with the questions, answers and judgments to browse. Written by judgment jobs,
+        read by the gateway's /v1/judge/results. No TTL: a run stays until it is run again."""
+        return f"{self.prefix}:judge:results"
+
     def rate(self, caller: str, what: str, window: int) -> str:
         """Counter of `what` (requests or tokens) one caller used in one minute window. Written
         by gateways (INCR/INCRBY); expires two minutes after its window opened. `caller` is a

@@ -6,7 +6,7 @@ import json
 import time
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 FinishReason = Literal["stop", "length", "error", "cancelled"]
 
@@ -108,6 +108,17 @@ class Event(BaseModel):
     result: dict | None = None
 
 
+class ModelMetadata(BaseModel):
+    """What people see about a model: in /v1/models, and in the arena and leaderboard."""
+
+    model_config = ConfigDict(extra="forbid")
+    display_name: str | None = None
+    link: str | None = None
+    organization: str | None = None
+    license: str | None = None
+    description: str | None = None
+
+
 class WorkerInfo(BaseModel):
     """What a worker advertises in its heartbeat hash."""
 
@@ -124,6 +135,7 @@ class WorkerInfo(BaseModel):
     tokens_out: int = 0
     context_length: int = 0
     started_at: float = Field(default_factory=time.time)
+    metadata: ModelMetadata = Field(default_factory=ModelMetadata)
 
     def to_hash(self) -> dict[str, str]:
         return {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in self.model_dump().items()}

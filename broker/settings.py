@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     max_n: int = Field(8, gt=0)
     default_max_tokens: int = Field(512, gt=0)
 
+    # Web UI (`corral ui`, started by `corral up`): its port, and where it finds the gateway
+    # (default http://HOST:PORT). The UI reads CORRAL_GATEWAY_URL and CORRAL_API_KEY itself.
+    ui_port: int = 8501
+    gateway_url: str | None = None
+
     # Worker
     model: str = "smollm2-135m-instruct"
     # The name the model is served under; defaults to `model`.
@@ -63,6 +68,33 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(30.0, ge=0)
     chat_template: str | None = None
     worker_id: str | None = None
+    # Weights quantized on load by bitsandbytes (the `quant` extra); both work on a CPU too.
+    load_8bit: bool = False
+    load_4bit: bool = False
+    # What /v1/models, the arena and the leaderboard show about the served model: a YAML file
+    # (served name → display_name, link, organization, license, description), and flags on top.
+    model_info_file: Path | None = None
+    display_name: str | None = None
+    model_link: str | None = None
+    organization: str | None = None
+    model_license: str | None = None
+    model_description: str | None = None
+
+    # Arena
+    # Sampling weight of each model in anonymous battles (JSON: {"name": weight}); a model not
+    # named weighs 1, and weight 0 keeps it out of anonymous battles.
+    arena_weights: dict[str, float] = Field(default_factory=dict)
+    # A prompt's length in characters, and the turns a battle may have (FastChat: 12,000 and 50).
+    arena_max_input_chars: int = Field(12000, gt=0)
+    arena_max_turns: int = Field(50, gt=0)
+    # Votes one user (API key, or client address) may cast per clock hour; 0 = no limit.
+    arena_votes_per_hour: int = Field(200, ge=0)
+    # A battle nobody plays for this long is forgotten (its turns and vote stay in the log).
+    arena_battle_ttl_s: int = Field(24 * 3600, gt=0)
+    # The job runner recomputes the leaderboard this often when votes came in; 0 = on demand only.
+    ratings_every_min: int = Field(10, ge=0, le=60)
+    # Bootstrap resamples behind the leaderboard's confidence intervals.
+    ratings_bootstrap_rounds: int = Field(200, ge=10, le=10000)
 
     # Jobs
     # A running job's runner renews its lease this often × 3; a job whose lease lapses (its
@@ -81,6 +113,19 @@ class Settings(BaseSettings):
     @property
     def model_name(self) -> str:
         return self.served_name or self.model
+
+    def model_metadata(self) -> dict:
+        """The served model's metadata: its entry in `model_info_file`, then the flags."""
+        import yaml
+
+        info: dict = {}
+        if self.model_info_file:
+            entries = yaml.safe_load(Path(self.model_info_file).expanduser().read_text()) or {}
+            info = dict(entries.get(self.model_name) or {})
+        flags = {"display_name": self.display_name, "link": self.model_link,
+                 "organization": self.organization, "license": self.model_license,
+                 "description": self.model_description}  # fmt: skip
+        return {**info, **{k: v for k, v in flags.items() if v is not None}}
 
     def with_overrides(self, **overrides: object) -> Settings:
         """A copy with CLI flags applied; flags left as None keep the environment's value."""

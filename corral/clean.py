@@ -63,7 +63,8 @@ def run_clean(args: argparse.Namespace, settings: Settings) -> int:
     console = Console()
     config = config_from(args)
     if args.queue:
-        return queue_clean(config, settings, console)
+        config = config.model_copy(update={"inputs": [str(Path(p).resolve()) for p in config.inputs]})
+        return queue_job("clean", config, settings, console)
     if not args.output:
         console.print("[red]--output is needed (or --queue)[/red]")
         return 2
@@ -91,19 +92,17 @@ def run_clean(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def queue_clean(config: CleanConfig, settings: Settings, console: Console) -> int:
-    """Enqueues the pipeline as a `clean` job; its files land under CORRAL_HOME/jobs/ID."""
+def queue_job(kind: str, params, settings: Settings, console: Console) -> int:
+    """Enqueues a job; its files land under CORRAL_HOME/jobs/ID. Prints the id."""
     import asyncio
 
     from broker.connection import resolve_redis_url
     from corral.jobs import job_store
 
-    config = config.model_copy(update={"inputs": [str(Path(p).resolve()) for p in config.inputs]})
-
     async def enqueue():
         store = job_store(settings, await asyncio.to_thread(resolve_redis_url, settings))
         try:
-            return await store.create("clean", config)
+            return await store.create(kind, params)
         finally:
             await store.redis.aclose()
             await store.arq.aclose()

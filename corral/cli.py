@@ -11,15 +11,30 @@ from broker.settings import Settings
 def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="built-in name, local folder, .gguf file or hub id")
     parser.add_argument("--served-name", help="the name clients ask for (default: --model)")
+    parser.add_argument(
+        "--model-info-file",
+        help="YAML: served name → display_name, link, organization, license, description",
+    )
+    parser.add_argument("--display-name", help="the model's name for people")
+    parser.add_argument("--model-link", help="a page about the model")
+    parser.add_argument("--organization", help="who made the model")
+    parser.add_argument("--model-license", help="the model's license")
+    parser.add_argument("--model-description", help="one line about the model")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps", "xpu"])
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, help="CPU threads for the model (0: auto)")
     parser.add_argument("--max-batch", type=int, help="requests decoded together")
     parser.add_argument("--kv-cache-tokens", type=int, help="KV-cache budget in tokens (0: from free memory)")
     parser.add_argument(
-        "--chat-template", help="a Jinja file (or template text) to use instead of the tokenizer's"
+        "--chat-template",
+        help="instead of the tokenizer's template: a name (vicuna, llama-2-chat, llama-3, alpaca, chatml, "
+        "zephyr, mistral-instruct, one-shot; each brings its stop strings), a Jinja file, or template text",
     )
     parser.add_argument("--worker-id")
+    parser.add_argument("--load-8bit", action="store_true", default=None,
+                        help="quantize the weights to 8 bits on load (bitsandbytes; CPU or GPU)")  # fmt: skip
+    parser.add_argument("--load-4bit", action="store_true", default=None,
+                        help="quantize the weights to 4 bits (NF4) on load (bitsandbytes)")  # fmt: skip
 
 
 def _add_gateway_flags(parser: argparse.ArgumentParser) -> None:
@@ -33,11 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--home", help="state folder (default ~/.corral)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    up = commands.add_parser("up", help="run Redis (embedded), the gateway and one worker on this machine")
+    up = commands.add_parser(
+        "up",
+        help="run Redis (embedded), the gateway, one worker, the job runner and the web UI on this machine",
+    )
     _add_gateway_flags(up)
+    up.add_argument("--ui-port", type=int, help="the web UI's port (default 8501)")
     _add_worker_flags(up)
 
     _add_gateway_flags(commands.add_parser("gateway", help="run the OpenAI-compatible gateway"))
+    ui = commands.add_parser("ui", help="run the web UI (chat, arena, side-by-side, leaderboard)")
+    _add_gateway_flags(ui)
+    ui.add_argument("--ui-port", type=int, help="the UI's port (default 8501)")
+    ui.add_argument("--gateway-url", help="where the gateway runs (default http://HOST:PORT)")
     _add_worker_flags(commands.add_parser("worker", help="run one worker for one model"))
 
     chat = commands.add_parser("chat", help="chat in the terminal through a gateway")
@@ -48,11 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="a system prompt")
     chat.add_argument("--style", choices=["plain", "rich"], default="plain", help="rich renders markdown")
 
+    from corral.arena import add_parser as add_arena
     from corral.clean import add_parser as add_clean
     from corral.jobs import add_parser as add_jobs
+    from corral.judge import add_parser as add_judge
+    from corral.train import add_parser as add_train
 
     add_clean(commands)
     add_jobs(commands)
+    add_arena(commands)
+    add_train(commands)
+    add_judge(commands)
     return parser
 
 
@@ -75,10 +104,26 @@ def main(argv: list[str] | None = None) -> None:
         from corral.clean import run_clean
 
         sys.exit(run_clean(args, settings))
+    if args.command == "judge":
+        from corral.judge import run_cli as run_judge
+
+        sys.exit(run_judge(args, settings))
+    if args.command == "train":
+        from corral.train import run_train
+
+        sys.exit(run_train(args, settings))
+    if args.command == "arena":
+        from corral.arena import run_cli as run_arena
+
+        sys.exit(run_arena(args, settings))
     if args.command == "jobs":
         from corral.jobs import run_cli
 
         sys.exit(run_cli(args, settings))
+    if args.command == "ui":
+        from corral.up import run_ui
+
+        sys.exit(run_ui(settings))
     if args.command == "gateway":
         from gateway.app import main as gateway_main
 

@@ -21,17 +21,20 @@ from pathlib import Path
 from typing import Any
 
 from arq.constants import in_progress_key_prefix
-from arq.worker import Worker, func
+from arq.cron import cron
+from arq.worker import Retry, Worker, func
 from rich.console import Console
 from rich.table import Column, Table
 
 from broker.connection import connect, connect_arq, resolve_redis_url
-from broker.jobs import RUN_JOB, JobStore
+from broker.jobs import RUN_JOB, JobPublic, JobStore, RatingsParams
 from broker.keys import Keys
 from broker.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# A job whose dependencies have not finished goes back on the queue for this long.
+_DEPENDENCY_POLL_S = 2
 # Progress is written at most this often (and on every stage change).
 _PROGRESS_EVERY_S = 0.5
 # arq's own limits, left wide: Corral's lease and attempt count govern instead.
@@ -43,11 +46,20 @@ class Aborted(Exception):
     pass
 
 
-def job_functions(settings: Settings) -> dict[str, Callable[..., dict]]:
-    """kind → blocking function (params, folder, context, progress, stop) → result summary."""
+class _Failed(Exception):
+    """The job was ended as failed before it ran; nothing more to do."""
+
+
+def job_functions(settings: Settings, url: str) -> dict[str, Callable[..., dict]]:
+    """kind → blocking function (params, folder, progress, stop) → result summary."""
+    import redis
+
     from corral.clean import tokenizer_for
+    from judge.leaderboard import ratings_job
     from pipelines.pipeline import Aborted as PipelineAborted
     from pipelines.pipeline import clean_job
+
+    keys = Keys(settings.key_prefix)
 
     def clean(params, folder, progress, stop):
         try:
@@ -55,7 +67,44 @@ def job_functions(settings: Settings) -> dict[str, Callable[..., dict]]:
         except PipelineAborted:
             raise Aborted() from None
 
-    return {"clean": clean}
+    def ratings(params, folder, progress, stop):
+        with redis.Redis.from_url(url, decode_responses=True) as client:
+            rounds = settings.ratings_bootstrap_rounds
+            return ratings_job(params, folder, client, keys, rounds, progress, stop)
+
+    def train(params, folder, progress, stop):
+        from pipelines.train import train_job
+
+        def model_path(name: str) -> str:
+            from workers.loading import resolve_model_path
+
+            return resolve_model_path(name, settings.home)
+
+        try:
+            return train_job(params, folder, {"model_path": model_path}, progress, stop)
+        except PipelineAborted:
+            raise Aborted() from None
+
+    def answer(params, folder, progress, stop):
+        from judge.answers import Stopped
+        from judge.run import answer_job
+
+        try:
+            return answer_job(params, folder, settings.home, progress, stop)
+        except Stopped:
+            raise Aborted() from None
+
+    def judgment(params, folder, progress, stop):
+        from judge.answers import Stopped
+        from judge.run import judgment_job
+
+        try:
+            with redis.Redis.from_url(url, decode_responses=True) as client:
+                return judgment_job(params, folder, settings.home, client, keys, progress, stop)
+        except Stopped:
+            raise Aborted() from None
+
+    return {"clean": clean, "ratings": ratings, "train": train, "answer": answer, "judgment": judgment}
 
 
 def job_store(settings: Settings, url: str) -> JobStore:
@@ -66,17 +115,45 @@ def job_store(settings: Settings, url: str) -> JobStore:
 class Runner:
     """What `run_job` needs, built once per runner process."""
 
-    def __init__(self, settings: Settings, store: JobStore) -> None:
+    def __init__(self, settings: Settings, store: JobStore, url: str) -> None:
         self.settings = settings
         self.store = store
-        self.functions = job_functions(settings)
+        self.url = url
+        self.functions = job_functions(settings, url)
+
+    async def schedule_ratings(self, ctx: dict | None = None) -> JobPublic | None:
+        """Queues a ratings job when votes came in since the leaderboard was last computed."""
+        import redis
+
+        from judge.leaderboard import votes_since_leaderboard
+
+        def stale() -> bool:
+            with redis.Redis.from_url(self.url, decode_responses=True) as client:
+                return votes_since_leaderboard(client, self.store.keys)
+
+        if not await asyncio.to_thread(stale):
+            return None
+        job = await self.store.create("ratings", RatingsParams())
+        log.info("queued ratings job %s (new votes)", job.id)
+        return job
 
     async def run_job(self, ctx: dict, job_id: str) -> None:
         store = self.store
         job = await store.get(job_id)
         if job is None or job.status in ("succeeded", "failed", "aborted"):
             return  # expired, or aborted while queued
-        attempt = ctx["job_try"]
+        try:
+            ready = await self._dependencies_done(job)
+        except _Failed:
+            return
+        if not ready:
+            # Not now: back on the queue without holding this runner (a job that blocked its slot
+            # waiting could wait forever for a job queued behind it). arq counts the try; the
+            # job's own count of waits takes it back out of the attempts.
+            await store.redis.hincrby(store.keys.job(job_id), "waits", 1)
+            raise Retry(defer=_DEPENDENCY_POLL_S)
+        waits = int(await store.redis.hget(store.keys.job(job_id), "waits") or 0)
+        attempt = ctx["job_try"] - waits
         if attempt > self.settings.job_max_attempts:
             await store.update(job_id, status="failed", finished_at=time.time(),
                                error=f"its runner died {attempt - 1} times; giving up")  # fmt: skip
@@ -105,6 +182,22 @@ class Runner:
             stop.set()
             lease.cancel()
 
+    async def _dependencies_done(self, job: JobPublic) -> bool:
+        """Whether the jobs this one waits for (`wait_for` in its params) have succeeded; fails
+        the job if one of them ended otherwise, or is gone."""
+        for other_id in job.params.get("wait_for") or []:
+            other = await self.store.get(other_id)
+            if other is not None and other.status == "succeeded":
+                continue
+            if other is None or other.status in ("failed", "aborted"):
+                why = "does not exist (or expired)" if other is None else f"ended {other.status}"
+                await self.store.update(job.id, status="failed", finished_at=time.time(),
+                                        error=f"job {other_id}, which this one waits for, {why}")  # fmt: skip
+                raise _Failed()
+            await self.store.update(job.id, message=f"waiting for job {other_id} ({other.status})")
+            return False
+        return True
+
     async def _hold(self, job_id: str, stop: threading.Event) -> None:
         """Renews the job's lease (arq's in-progress key) and passes an abort on to the job."""
         key = in_progress_key_prefix + job_id
@@ -126,9 +219,11 @@ class _Progress:
         self.written_at = 0.0
         self.stage = ""
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        message = f"{stage}: {done}/{total or '?'}"
-        self.latest = {"stage": stage, "done": done, "total": total, "message": message}
+    def __call__(
+        self, stage: str, done: int, total: int, message: str | None = None, metrics: dict | None = None
+    ) -> None:
+        message = message or f"{stage}: {done}/{total or '?'}"
+        self.latest = {"stage": stage, "done": done, "total": total, "message": message, "metrics": metrics}
         if stage != self.stage or time.monotonic() - self.written_at >= _PROGRESS_EVERY_S:
             self.stage, self.written_at = stage, time.monotonic()
             asyncio.run_coroutine_threadsafe(
@@ -143,12 +238,21 @@ class _Progress:
 async def run_runner(settings: Settings, queues: list[str] | None = None, burst: bool = False) -> None:
     url = await asyncio.to_thread(resolve_redis_url, settings)
     store = job_store(settings, url)
-    runner = Runner(settings, store)
+    runner = Runner(settings, store, url)
     keys = store.keys
     queues = queues or [keys.jobs_queue(gpu=False), keys.jobs_queue(gpu=True)]
 
     async def run_job(ctx: dict, job_id: str) -> None:
         await runner.run_job(ctx, job_id)
+
+    async def schedule_ratings(ctx: dict) -> None:
+        await runner.schedule_ratings(ctx)
+
+    # The leaderboard's schedule, on the CPU queue's worker only. arq gives each run a job id of
+    # the cron's name and time, so of several runners exactly one queues it.
+    every = settings.ratings_every_min
+    minutes = set(range(0, 60, every)) if every else set()
+    schedule = [cron(schedule_ratings, name="schedule_ratings", minute=minutes)] if every else []
 
     workers = [
         Worker(
@@ -162,6 +266,7 @@ async def run_runner(settings: Settings, queues: list[str] | None = None, burst:
             burst=burst,
             handle_signals=False,
             max_jobs=1,
+            cron_jobs=schedule if queue == keys.jobs_queue(gpu=False) else None,
         )
         for queue in queues
     ]
@@ -227,7 +332,7 @@ async def _cli(args, settings: Settings) -> int:
         if job is None:
             console.print(f"[red]no job {args.job_id}[/red]")
             return 1
-        console.print_json(job.model_dump_json())
+        console.print_json(job.redacted().model_dump_json())
         return 0
     finally:
         await store.redis.aclose()

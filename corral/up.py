@@ -3,11 +3,13 @@ processes."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 from rich.console import Console
@@ -25,8 +27,39 @@ def child_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     for name, value in settings.model_dump().items():
         if value is not None:
-            env[f"CORRAL_{name.upper()}"] = str(value)
+            # pydantic-settings reads a dict or list setting from the environment as JSON
+            encoded = json.dumps(value) if isinstance(value, dict | list) else str(value)
+            env[f"CORRAL_{name.upper()}"] = encoded
     return env
+
+
+def gateway_url(settings: Settings) -> str:
+    if settings.gateway_url:
+        return settings.gateway_url
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    return f"http://{host}:{settings.port}"
+
+
+def ui_command(settings: Settings) -> list[str]:
+    """`streamlit run` on the installed UI, on `ui_port`, without telemetry or a browser."""
+    import ui
+
+    app = Path(ui.__file__).parent / "app.py"
+    return [
+        sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(settings.ui_port),
+        "--server.address", settings.host, "--server.headless", "true", "--browser.gatherUsageStats", "false",
+    ]  # fmt: skip
+
+
+def ui_env(settings: Settings) -> dict[str, str]:
+    env = child_env(settings)
+    env.setdefault("CORRAL_GATEWAY_URL", gateway_url(settings))
+    return env
+
+
+def run_ui(settings: Settings) -> int:
+    """`corral ui`: the web UI in the foreground."""
+    return subprocess.call(ui_command(settings), env=ui_env(settings))
 
 
 def _wait_until_served(url: str, model: str, children: list[subprocess.Popen]) -> bool:
@@ -68,8 +101,10 @@ def up(settings: Settings) -> int:
         subprocess.Popen([sys.executable, "-m", "gateway"], env=env),
         subprocess.Popen([sys.executable, "-m", "workers"], env=env),
         subprocess.Popen([sys.executable, "-m", "corral", "jobs"], env=env),
+        subprocess.Popen(ui_command(settings), env=ui_env(settings), stdout=subprocess.DEVNULL),
     ]
-    url = f"http://{settings.host}:{settings.port}"
+    url = gateway_url(settings)
+    ui_url = f"http://{settings.host}:{settings.ui_port}"
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -83,6 +118,7 @@ def up(settings: Settings) -> int:
             console.print("[red]Corral did not come up; see the log above.[/red]")
             return 1
         print(f"Corral is up. OpenAI API: {url}/v1  model: {settings.model_name}", flush=True)
+        print(f"Web UI (chat, arena, leaderboard): {ui_url}", flush=True)
         console.print(f"Try: corral chat --url {url}    (Ctrl-C stops everything)")
         while not stopping:
             if any(child.poll() is not None for child in children):

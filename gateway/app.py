@@ -10,16 +10,19 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
+from broker.arena import ArenaStore
 from broker.connection import connect, connect_arq, resolve_redis_url
 from broker.jobs import JobStore
 from broker.keys import Keys
 from broker.queue import RequestQueue
 from broker.registry import WorkerRegistry
 from broker.settings import Settings
+from gateway.arena import router as arena_router
 from gateway.auth import Limits, load_api_keys
 from gateway.errors import install_error_handlers
 from gateway.hub import EventHub
 from gateway.jobs import router as jobs_router
+from gateway.judge import router as judge_router
 from gateway.metrics import Metrics
 from gateway.routes import router
 from gateway.state import Gateway, GatewayDep, LiveModels
@@ -54,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             models=LiveModels(WorkerRegistry(redis, keys)),
             limits=limits,
             jobs=JobStore(redis, arq, keys, str(settings.home / "jobs"), settings.job_keep_s),
+            arena=ArenaStore(redis, keys, settings.arena_battle_ttl_s),
         )
         log.info("gateway %s ready on redis %s", hub.gateway_id, url)
         try:
@@ -67,6 +71,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(jobs_router)
+    app.include_router(arena_router)
+    app.include_router(judge_router)
 
     @app.get("/healthz")
     async def healthz() -> dict:

@@ -42,18 +42,18 @@ async def create_job(body: JobCreate, gateway: GatewayDep) -> JobPublic:
         first = e.errors()[0]
         param = ".".join(["params", *(str(p) for p in first["loc"])])
         raise InvalidRequest(f"{param}: {first['msg']}", param=param, code="invalid_value") from None
-    return await gateway.jobs.create(body.kind, params)
+    return (await gateway.jobs.create(body.kind, params)).redacted()
 
 
 @router.get("")
 async def list_jobs(gateway: GatewayDep, limit: int = 100) -> dict:
-    return {"object": "list", "data": [j.model_dump() for j in await gateway.jobs.list(limit)]}
+    return {"object": "list", "data": [j.redacted().model_dump() for j in await gateway.jobs.list(limit)]}
 
 
 def _found(job: JobPublic | None, job_id: str) -> JobPublic:
     if job is None:
         raise JobNotFound(job_id)
-    return job
+    return job.redacted()
 
 
 @router.get("/{job_id}")

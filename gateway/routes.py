@@ -44,7 +44,17 @@ def _model_card(name: str, workers: list[WorkerInfo]) -> dict:
         "created": int(min(w.started_at for w in workers)),
         "owned_by": "corral",
         "max_model_len": max(w.context_length for w in workers),
+        "metadata": metadata_of(workers),
     }
+
+
+def metadata_of(workers: list[WorkerInfo]) -> dict:
+    """The model's metadata as its workers advertise it (the first that has any)."""
+    for worker in workers:
+        fields = worker.metadata.model_dump(exclude_none=True)
+        if fields:
+            return fields
+    return {}
 
 
 @router.get("/models")
@@ -103,7 +113,7 @@ async def detokenize(body: DetokenizeCreate, gateway: GatewayDep) -> dict:
     return await _ask(gateway, body.model, "detokenize", prompt_token_ids=body.tokens)
 
 
-def _new_request(gateway: Gateway, timeout_s: float | None = None, **fields) -> GenerationRequest:
+def new_request(gateway: Gateway, timeout_s: float | None = None, **fields) -> GenerationRequest:
     """A request with a fresh id (routed back to this gateway) and its deadline."""
     created_ms = int(time.time() * 1000)
     return GenerationRequest(
@@ -114,7 +124,7 @@ def _new_request(gateway: Gateway, timeout_s: float | None = None, **fields) -> 
     )
 
 
-async def _require_worker(gateway: Gateway, model: str) -> None:
+async def require_worker(gateway: Gateway, model: str) -> None:
     if await gateway.models.find(model) is None:
         if await gateway.queue.known(model):
             raise ModelUnavailable(model)
@@ -123,9 +133,9 @@ async def _require_worker(gateway: Gateway, model: str) -> None:
 
 async def _ask(gateway: Gateway, model: str, kind: str, **fields) -> dict:
     """A request a worker answers with one result (it needs the model's tokenizer)."""
-    await _require_worker(gateway, model)
-    request = _new_request(gateway, model=model, kind=kind, **fields)
-    call = _Call(gateway, request, kind, caller="")
+    await require_worker(gateway, model)
+    request = new_request(gateway, model=model, kind=kind, **fields)
+    call = Call(gateway, request, kind, caller="")
     try:
         await gateway.queue.enqueue(request)
         async for event in call.events():
@@ -139,7 +149,7 @@ async def _ask(gateway: Gateway, model: str, kind: str, **fields) -> dict:
     raise GenerationFailed("engine_error", "the worker ended the request without a result")
 
 
-class _Call:
+class Call:
     """One client request in flight: its queue of events, deadline and clean-up."""
 
     def __init__(self, gateway: Gateway, request: GenerationRequest, endpoint: str, caller: str) -> None:
@@ -191,7 +201,7 @@ async def _generate(
     refused = body.refusal()
     if refused is not None:
         raise InvalidRequest(refused[1], param=refused[0], code="unsupported_parameter")
-    await _require_worker(gateway, body.model)
+    await require_worker(gateway, body.model)
     settings = gateway.settings
     max_tokens = body.requested_max_tokens() or settings.default_max_tokens
     if max_tokens > settings.max_tokens_limit:
@@ -204,7 +214,7 @@ async def _generate(
         raise InvalidRequest(
             f"n is {body.n}; this server allows at most {settings.max_n}", param="n", code="invalid_value"
         )
-    request = _new_request(
+    request = new_request(
         gateway,
         timeout_s=body.timeout,
         model=body.model,
@@ -225,7 +235,7 @@ async def _generate(
         logprobs=body.logprobs_count(),
         **prompt,
     )
-    call = _Call(gateway, request, endpoint, who)
+    call = Call(gateway, request, endpoint, who)
     shape = ResponseShape(_response_id(endpoint, request.request_id), body.model, chat=endpoint == "chat")
     try:
         await gateway.queue.enqueue(request, settings.max_backlog)
@@ -253,7 +263,7 @@ def _total(usages: list[Usage]) -> Usage:
     )
 
 
-async def _complete(call: _Call, shape: ResponseShape) -> JSONResponse:
+async def _complete(call: Call, shape: ResponseShape) -> JSONResponse:
     n = call.request.n
     texts: list[list[str]] = [[] for _ in range(n)]
     finish: list[str | None] = [None] * n
@@ -324,7 +334,7 @@ class _Outbox:
         return out
 
 
-async def _stream(call: _Call, shape: ResponseShape, include_usage: bool) -> AsyncIterator[bytes]:
+async def _stream(call: Call, shape: ResponseShape, include_usage: bool) -> AsyncIterator[bytes]:
     sent_first = False
     usages: list[Usage] = []
     outbox = _Outbox(shape)

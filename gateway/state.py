@@ -9,7 +9,9 @@ from typing import Annotated
 import redis.asyncio as aioredis
 from fastapi import Depends, Request
 
+from broker.arena import ArenaStore
 from broker.jobs import JobStore
+from broker.keys import Keys
 from broker.queue import RequestQueue
 from broker.registry import WorkerRegistry
 from broker.schemas import WorkerInfo
@@ -53,6 +55,11 @@ class Gateway:
     models: LiveModels
     limits: Limits
     jobs: JobStore
+    arena: ArenaStore
+
+    @property
+    def keys(self) -> Keys:
+        return self.jobs.keys
 
 
 async def get_gateway(request: Request) -> Gateway:

@@ -34,6 +34,33 @@ class Battle:
         return cls(record["model_a"], record["model_b"], _WINNERS[winner])
 
 
+_LOG_WINNERS = {
+    "leftvote": "model_a", "rightvote": "model_b", "tievote": "tie", "bothbad_vote": "tie (bothbad)",
+}  # fmt: skip
+
+
+def battles_from_log(records: Iterable[dict]) -> list[dict]:
+    """Battle records from conversation-log records (FastChat's, or Corral's export), the way
+    FastChat's cleaning reads them: only the four battle votes; `models` empty means anonymous,
+    and the real names come from the states; a record naming only one side is skipped."""
+    battles = []
+    for record in records:
+        winner = _LOG_WINNERS.get(record.get("type", ""))
+        if winner is None:
+            continue
+        public = record["models"]
+        hidden = [state.get("model_name") for state in record["states"]]
+        if (public[0] == "") != (public[1] == ""):
+            continue
+        anony = public[0] == ""
+        models = hidden if anony else public
+        if None in models:
+            continue
+        battles.append({"model_a": models[0], "model_b": models[1], "winner": winner, "anony": anony,
+                        "tstamp": record["tstamp"], "judge": record.get("ip", "")})  # fmt: skip
+    return battles
+
+
 def anonymous(records: Iterable[dict]) -> list[Battle]:
     """The battles that count for ratings: anonymous ones, between two different models."""
     return [Battle.from_record(r) for r in records if r.get("anony", False) and r["model_a"] != r["model_b"]]

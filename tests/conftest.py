@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+import yaml
 
 MODEL = "smollm2-135m-instruct"
 REDIS_URL = os.environ.get("CORRAL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -70,6 +71,19 @@ def greedy(model_path: str, tokenizer):
         return tokenizer.decode(new, skip_special_tokens=True), prompt, new
 
     return generate
+
+
+def wait_until_ok(url: str, timeout_s: float = 60) -> None:
+    """Polls `url` until it answers 200."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout_s:.0f}s")
 
 
 def free_port() -> int:
@@ -143,15 +157,7 @@ class Stack:
         return url
 
     def wait_for_gateway(self, timeout_s: float = 60, url: str | None = None) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url or self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError("gateway did not become ready")
+        wait_until_ok(f"{url or self.url}/readyz", timeout_s)
 
     def worker_info(self, worker_id: str) -> dict[str, str]:
         client = redis.Redis.from_url(self.redis_url, decode_responses=True)
@@ -179,6 +185,42 @@ def stack(redis_url: str, model_path: str) -> Iterator[Stack]:
         stack.start("gateway")
         stack.wait_for_gateway()
         stack.main_worker = stack.start_worker()  # type: ignore[attr-defined]
+        yield stack
+    finally:
+        stack.stop()
+
+
+TWIN = "smollm2-twin"
+MODEL_INFO = {"display_name": "SmolLM2 135M Instruct", "organization": "HuggingFace (SmolLM2)",
+              "license": "Apache-2.0", "link": "https://huggingface.co/HuggingFaceTB"}  # fmt: skip
+TWIN_FLAGS = {"display_name": "SmolLM2 Twin", "organization": "Corral tests", "model_license": "Apache-2.0"}
+TWIN_INFO = {"display_name": "SmolLM2 Twin", "organization": "Corral tests", "license": "Apache-2.0"}
+
+
+@pytest.fixture(scope="session")
+def arena_stack(redis_url: str, model_path: str, tmp_path_factory) -> Iterator[Stack]:
+    """The arena's stack: a gateway, two workers (SmolLM2 under two names, so anonymous battles
+    have two models to draw) and a job runner, with a home of their own for job artifacts."""
+    stack = Stack(redis_url, f"test-{uuid.uuid4().hex[:10]}", free_port())
+    home = str(tmp_path_factory.mktemp("arena-home"))
+    try:
+        stack.start("gateway", CORRAL_HOME=home, CORRAL_RATINGS_BOOTSTRAP_ROUNDS="20")
+        stack.wait_for_gateway()
+        small = {"CORRAL_MAX_BATCH": "4", "CORRAL_KV_CACHE_TOKENS": "8192"}
+        # Model metadata, one from a YAML file and one from flags (settings).
+        info = Path(home) / "models.yaml"
+        info.write_text(yaml.safe_dump({MODEL: MODEL_INFO}))
+        stack.start_worker(CORRAL_MODEL_INFO_FILE=str(info), **small)
+        flags = {f"CORRAL_{k.upper()}": v for k, v in TWIN_FLAGS.items()}
+        stack.start_worker(served_name=TWIN, **flags, **small)
+        stack.runner_log = Path(home) / "runner.log"  # type: ignore[attr-defined]
+        runner = subprocess.Popen(
+            [sys.executable, "-m", "corral", "jobs"],
+            env=stack.env(CORRAL_HOME=home, CORRAL_RATINGS_BOOTSTRAP_ROUNDS="20"),
+            stdout=stack.runner_log.open("w"),  # type: ignore[attr-defined]
+            stderr=subprocess.STDOUT,
+        )
+        stack.processes.append(runner)
         yield stack
     finally:
         stack.stop()

@@ -12,21 +12,26 @@ import httpx
 
 from corral.chat import ChatSession
 from tests.conftest import HOME, MODEL, Stack, free_port
+from tests.test_ui import wait_for_ui
 
 
-def test_corral_up_starts_valkey_gateway_and_worker_and_prints_the_url(tmp_path, model_path) -> None:
+def test_corral_up_starts_valkey_gateway_worker_and_ui_and_prints_the_urls(tmp_path, model_path) -> None:
     home = tmp_path / "home"
     home.mkdir()
     (home / "models").symlink_to(HOME / "models")  # reuse the converted model, not the conversion
-    port = free_port()
+    port, ui_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
     env.update(
-        CORRAL_HOME=str(home), CORRAL_PORT=str(port), CORRAL_THREADS="1", CORRAL_KV_CACHE_TOKENS="4096"
-    )
+        CORRAL_HOME=str(home), CORRAL_PORT=str(port), CORRAL_THREADS="1", CORRAL_KV_CACHE_TOKENS="4096",
+        CORRAL_UI_PORT=str(ui_port),
+    )  # fmt: skip
     up = subprocess.Popen([sys.executable, "-m", "corral", "up"], env=env, stdout=subprocess.PIPE, text=True)
     try:
         line = up.stdout.readline()
         assert f"http://127.0.0.1:{port}/v1" in line, line
+        ui_line = up.stdout.readline()
+        assert f"http://127.0.0.1:{ui_port}" in ui_line, ui_line
+        wait_for_ui(f"http://127.0.0.1:{ui_port}")
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"] == MODEL
         reply = httpx.post(
             f"http://127.0.0.1:{port}/v1/chat/completions",

@@ -9,7 +9,7 @@ import yaml
 COMPOSE = Path(__file__).parent.parent / "compose.yaml"
 
 
-def test_compose_runs_redis_with_aof_a_gateway_cpu_and_gpu_workers_and_a_job_runner() -> None:
+def test_compose_runs_redis_with_aof_a_gateway_workers_a_job_runner_and_the_ui() -> None:
     services = yaml.safe_load(COMPOSE.read_text())["services"]
     assert "--appendonly" in services["redis"]["command"]
     assert services["gateway"]["command"][:2] == ["corral", "gateway"]
@@ -21,6 +21,10 @@ def test_compose_runs_redis_with_aof_a_gateway_cpu_and_gpu_workers_and_a_job_run
         assert services[worker]["stop_grace_period"] == "40s"  # longer than the 30 s drain
     assert services["jobs"]["command"] == ["corral", "jobs"]
     assert services["jobs"]["volumes"] == ["corral-data:/data"]  # artifacts shared with the others
+    ui = services["ui"]
+    assert ui["command"][:2] == ["corral", "ui"] and ui["ports"] == ["8501:8501"]
+    assert ui["environment"]["CORRAL_GATEWAY_URL"] == "http://gateway:8000"  # a client of the gateway only
+    assert ui["depends_on"]["gateway"]["condition"] == "service_healthy"
     gpu = services["worker-gpu"]
     assert gpu["profiles"] == ["gpu"]
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"

