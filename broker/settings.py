@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # 0 = choose from the core count (logged with the reason).
     threads: int = Field(0, ge=0)
+    # Requests decoded together (an API-backed worker: upstream calls open at once).
     max_batch: int = Field(16, gt=0)
     # KV-cache budget in tokens shared by all requests in the batch; 0 = auto (on a CPU, room for
     # max_batch full-context requests within a quarter of free memory; on a GPU, from free memory).
@@ -79,6 +80,15 @@ class Settings(BaseSettings):
     organization: str | None = None
     model_license: str | None = None
     model_description: str | None = None
+    # API-backed worker: with upstream_url set, the worker loads no model and forwards each
+    # request to that OpenAI-compatible /v1 base URL, as model `upstream_model` (default: the
+    # served name). The key is sent as a bearer token and never logged or shown.
+    upstream_url: str | None = None
+    upstream_model: str | None = None
+    upstream_api_key: SecretStr | None = None
+    # JSON merged into every upstream request body, e.g. {"reasoning_effort": "low"}.
+    upstream_extra_body: dict = Field(default_factory=dict)
+    upstream_timeout_s: float = Field(600.0, gt=0)
 
     # Arena
     # Sampling weight of each model in anonymous battles (JSON: {"name": weight}); a model not
@@ -112,6 +122,8 @@ class Settings(BaseSettings):
 
     @property
     def model_name(self) -> str:
+        if self.upstream_url:
+            return self.served_name or self.upstream_model or self.model
         return self.served_name or self.model
 
     def model_metadata(self) -> dict:

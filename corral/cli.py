@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from broker.settings import Settings
@@ -33,6 +34,12 @@ def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-id")
     parser.add_argument("--load-8bit", action="store_true", default=None,
                         help="quantize the weights to 8 bits on load (bitsandbytes; CPU or GPU)")  # fmt: skip
+    parser.add_argument("--upstream-url",
+                        help="serve the model by forwarding to this OpenAI-compatible /v1 base URL "
+                        "(its key: the CORRAL_UPSTREAM_API_KEY environment variable)")  # fmt: skip
+    parser.add_argument("--upstream-model", help="the upstream's model id (default: --served-name)")
+    parser.add_argument("--upstream-extra-body", type=json.loads,
+                        help="JSON merged into every upstream request body")  # fmt: skip
     parser.add_argument("--load-4bit", action="store_true", default=None,
                         help="quantize the weights to 4 bits (NF4) on load (bitsandbytes)")  # fmt: skip
 

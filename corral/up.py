@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+from pydantic import SecretStr
 from rich.console import Console
 
 from broker.connection import EmbeddedValkey
@@ -26,6 +27,8 @@ def child_env(settings: Settings) -> dict[str, str]:
     """The settings of this process, as the CORRAL_* environment of its children."""
     env = dict(os.environ)
     for name, value in settings.model_dump().items():
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
         if value is not None:
             # pydantic-settings reads a dict or list setting from the environment as JSON
             encoded = json.dumps(value) if isinstance(value, dict | list) else str(value)

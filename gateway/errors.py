@@ -89,6 +89,8 @@ class GenerationFailed(APIError):
             self.status, self.type = 400, "invalid_request_error"
         elif code == "deadline_exceeded":
             self.status, self.type = 504, "timeout_error"
+        elif code == "upstream_error":  # an API-backed model's server failed or refused
+            self.status = 502
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:

@@ -37,8 +37,15 @@ class StepOutput:
     # "stop" (EOS or a stop token) or "length"; set when finished.
     finish_reason: str | None = None
     error: str | None = None
-    # With logprobs on: one entry per new token (workers.sampling.TokenChoice).
+    # With logprobs on: one entry per new token (workers.sampling.TokenChoice; an upstream API's
+    # broker.schemas.TokenLogprob).
     choices: list = field(default_factory=list)
+    # From an engine that receives text, not token ids (an upstream API): the new text, and on
+    # its final output the token counts the upstream reported.
+    text: str = ""
+    error_code: str | None = None  # the broker error code of `error`, where the engine knows one
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 class Engine(Protocol):

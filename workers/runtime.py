@@ -8,6 +8,7 @@ import logging
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -248,12 +249,11 @@ class Worker:
     def _start(self, item: Claimed, earlier: dict[int, ChoiceProgress]) -> list[Sequence] | Event:
         try:
             if item.request.kind != "generate":
-                return answer(item, self.tokenizer, self.engine)
-            ids = encode_prompt(item, self.tokenizer)
+                return self.answer(item)
+            new_choice = self.choice_maker(item)
             choices = []
             for index in range(item.request.n):
-                sequence = Sequence(item, ids, self.tokenizer, self.engine.context_length, index=index,
-                                    template_stops=self.template_stops)  # fmt: skip
+                sequence = new_choice(index)
                 done_before = earlier.get(index)
                 if done_before is not None:
                     if done_before.done:
@@ -267,6 +267,16 @@ class Worker:
             log.exception("could not start %s", item.request.request_id)
             return rejection("engine_error", f"{type(e).__name__}: {e}")
 
+    def answer(self, item: Claimed) -> Event:
+        """The one event answering a tokenize, detokenize or embed request."""
+        return answer(item, self.tokenizer, self.engine)
+
+    def choice_maker(self, item: Claimed) -> Callable[[int], Sequence]:
+        """What builds choice `index` of a generate request (the prompt is encoded once)."""
+        ids = encode_prompt(item, self.tokenizer)
+        return lambda index: Sequence(item, ids, self.tokenizer, self.engine.context_length, index=index,
+                                      template_stops=self.template_stops)  # fmt: skip
+
     def collect(self, outputs: list, done: list[Claimed]) -> list[tuple[str, Event]]:
         """Events for this step's outputs; requests that finished are added to `done`."""
         events: list[tuple[str, Event]] = []
@@ -274,7 +284,7 @@ class Worker:
             sequence = self.active.get(out.request_id)
             if sequence is None:
                 continue
-            self.tokens_out += len(out.new_token_ids)
+            self.tokens_out += len(out.new_token_ids) + out.completion_tokens
             events += [(sequence.request_id, e) for e in sequence.advance(out)]
             if sequence.finished:
                 if not out.finished:  # a stop string ended it before the engine did

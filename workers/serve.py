@@ -13,12 +13,36 @@ from broker.settings import Settings
 from workers.hf_engine import TransformersEngine
 from workers.loading import MissingExtra, load_model
 from workers.runtime import Worker
+from workers.upstream import Upstream, UpstreamEngine, UpstreamWorker
 
 log = logging.getLogger(__name__)
 
 
 async def serve(settings: Settings) -> None:
     redis = connect(resolve_redis_url(settings))
+    worker = await (upstream_worker if settings.upstream_url else model_worker)(settings, redis)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    try:
+        await worker.run()
+    finally:
+        await redis.aclose()
+
+
+def _runtime_options(settings: Settings) -> dict:
+    return {
+        "model": settings.model_name,
+        "worker_id": settings.worker_id,
+        "heartbeat_s": settings.heartbeat_s,
+        "worker_ttl_s": settings.worker_ttl_s,
+        "max_attempts": settings.max_attempts,
+        "drain_timeout_s": settings.drain_timeout_s,
+        "metadata": ModelMetadata.model_validate(settings.model_metadata()),
+    }
+
+
+async def model_worker(settings: Settings, redis) -> Worker:
     loaded = await asyncio.to_thread(
         load_model,
         settings.model,
@@ -36,28 +60,23 @@ async def serve(settings: Settings) -> None:
         kv_cache_tokens=settings.kv_cache_tokens,
         max_batch_tokens=settings.max_batch_tokens,
     )
-    worker = Worker(
-        engine,
-        loaded.tokenizer,
-        redis,
-        Keys(settings.key_prefix),
-        model=settings.model_name,
-        device=loaded.device,
-        worker_id=settings.worker_id,
-        heartbeat_s=settings.heartbeat_s,
-        worker_ttl_s=settings.worker_ttl_s,
-        max_attempts=settings.max_attempts,
-        drain_timeout_s=settings.drain_timeout_s,
-        template_stops=loaded.stops,
-        metadata=ModelMetadata.model_validate(settings.model_metadata()),
+    return Worker(engine, loaded.tokenizer, redis, Keys(settings.key_prefix), device=loaded.device,
+                  template_stops=loaded.stops, **_runtime_options(settings))  # fmt: skip
+
+
+async def upstream_worker(settings: Settings, redis) -> Worker:
+    key = settings.upstream_api_key
+    upstream = Upstream(
+        base_url=settings.upstream_url or "",
+        model=settings.upstream_model or settings.model_name,
+        api_key=key.get_secret_value() if key else None,
+        extra_body=settings.upstream_extra_body,
+        timeout_s=settings.upstream_timeout_s,
     )
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stop)
-    try:
-        await worker.run()
-    finally:
-        await redis.aclose()
+    log.info("forwarding %s to %s as %s", settings.model_name, upstream.base_url, upstream.model)
+    engine = UpstreamEngine(upstream, max_batch=settings.max_batch)
+    keys = Keys(settings.key_prefix)
+    return UpstreamWorker(engine, redis, keys, device="api", **_runtime_options(settings))
 
 
 def main(settings: Settings | None = None) -> None:
