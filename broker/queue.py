@@ -90,17 +90,19 @@ class RequestQueue:
 
     async def claim(
         self,
-        model: str,
+        model: str | tuple[str, ...],
         consumer: str,
         count: int,
         block_ms: int | None,
         lanes: tuple[str, ...] = ("interactive",),
     ) -> list[Claimed]:
-        """Up to `count` new requests from these lanes; waits up to `block_ms` for the first
-        when none is waiting (None: return at once)."""
+        """Up to `count` new requests from these lanes of this model (or these models, for a
+        worker that serves several names); waits up to `block_ms` for the first when none is
+        waiting (None: return at once)."""
         if count <= 0:
             return []
-        streams = {self.keys.requests(model, lane): ">" for lane in lanes}
+        models = (model,) if isinstance(model, str) else model
+        streams = {self.keys.requests(name, lane): ">" for lane in lanes for name in models}
         reply = await self.redis.xreadgroup(WORKER_GROUP, consumer, streams, count=count, block=block_ms)
         claimed: list[Claimed] = []
         for stream, entries in reply or []:

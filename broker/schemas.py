@@ -136,6 +136,11 @@ class WorkerInfo(BaseModel):
     context_length: int = 0
     started_at: float = Field(default_factory=time.time)
     metadata: ModelMetadata = Field(default_factory=ModelMetadata)
+    # Metadata of the other names it serves (its LoRA adapters), where it differs from `metadata`.
+    model_metadata: dict[str, ModelMetadata] = Field(default_factory=dict)
+
+    def metadata_of(self, model: str) -> ModelMetadata:
+        return self.model_metadata.get(model, self.metadata)
 
     def to_hash(self) -> dict[str, str]:
         return {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in self.model_dump().items()}

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     # is handed back (left pending, with its progress) for a live worker to continue.
     drain_timeout_s: float = Field(30.0, ge=0)
     chat_template: str | None = None
+    # LoRA adapters served beside the model on one copy of its weights: NAME=PATH each (a peft
+    # adapter folder), each served as model NAME; from the environment, a JSON list.
+    lora: list[str] = Field(default_factory=list)
     worker_id: str | None = None
     # Weights quantized on load by bitsandbytes (the `quant` extra); both work on a CPU too.
     load_8bit: bool = False
@@ -126,14 +129,18 @@ class Settings(BaseSettings):
             return self.served_name or self.upstream_model or self.model
         return self.served_name or self.model
 
-    def model_metadata(self) -> dict:
-        """The served model's metadata: its entry in `model_info_file`, then the flags."""
+    def model_info(self, name: str) -> dict:
+        """A served name's entry in `model_info_file` (empty without one)."""
         import yaml
 
-        info: dict = {}
-        if self.model_info_file:
-            entries = yaml.safe_load(Path(self.model_info_file).expanduser().read_text()) or {}
-            info = dict(entries.get(self.model_name) or {})
+        if not self.model_info_file:
+            return {}
+        entries = yaml.safe_load(Path(self.model_info_file).expanduser().read_text()) or {}
+        return dict(entries.get(name) or {})
+
+    def model_metadata(self) -> dict:
+        """The served model's metadata: its entry in `model_info_file`, then the flags."""
+        info = self.model_info(self.model_name)
         flags = {"display_name": self.display_name, "link": self.model_link,
                  "organization": self.organization, "license": self.model_license,
                  "description": self.model_description}  # fmt: skip

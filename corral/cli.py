@@ -31,6 +31,10 @@ def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
         help="instead of the tokenizer's template: a name (vicuna, llama-2-chat, llama-3, alpaca, chatml, "
         "zephyr, mistral-instruct, one-shot; each brings its stop strings), a Jinja file, or template text",
     )
+    parser.add_argument(
+        "--lora", action="append", metavar="NAME=PATH",
+        help="serve a LoRA adapter (peft folder) as model NAME on the base weights; repeatable",
+    )  # fmt: skip
     parser.add_argument("--worker-id")
     parser.add_argument("--load-8bit", action="store_true", default=None,
                         help="quantize the weights to 8 bits on load (bitsandbytes; CPU or GPU)")  # fmt: skip

@@ -153,7 +153,9 @@ async def _shown(gateway: Gateway, battle: Battle) -> BattlePublic:
     if public.models is None:
         return public
     served = await gateway.models.get()
-    return public.model_copy(update={"model_info": [metadata_of(served.get(m, [])) for m in public.models]})
+    return public.model_copy(
+        update={"model_info": [metadata_of(m, served.get(m, [])) for m in public.models]}
+    )
 
 
 async def _battle(arena: ArenaStore, battle_id: str) -> Battle:
@@ -366,7 +368,7 @@ async def get_leaderboard(gateway: GatewayDep) -> JSONResponse:
     board = orjson.loads(stored)
     served = await gateway.models.get()
     for row in board["data"]:  # what people know the models by, from their live workers
-        row["metadata"] = metadata_of(served.get(row["model"], []))
+        row["metadata"] = metadata_of(row["model"], served.get(row["model"], []))
     return JSONResponse(board)
 
 

@@ -44,14 +44,14 @@ def _model_card(name: str, workers: list[WorkerInfo]) -> dict:
         "created": int(min(w.started_at for w in workers)),
         "owned_by": "corral",
         "max_model_len": max(w.context_length for w in workers),
-        "metadata": metadata_of(workers),
+        "metadata": metadata_of(name, workers),
     }
 
 
-def metadata_of(workers: list[WorkerInfo]) -> dict:
+def metadata_of(model: str, workers: list[WorkerInfo]) -> dict:
     """The model's metadata as its workers advertise it (the first that has any)."""
     for worker in workers:
-        fields = worker.metadata.model_dump(exclude_none=True)
+        fields = worker.metadata_of(model).model_dump(exclude_none=True)
         if fields:
             return fields
     return {}

@@ -25,6 +25,8 @@ class SamplingParams:
     # over from a dead worker): penalties count them as generated, and a seeded draw goes on
     # from that step, so the continuation is what one uninterrupted run would have produced.
     resumed_tokens: int = 0
+    # The LoRA adapter (its served name) the request runs with; "" = the base weights.
+    adapter: str = ""
 
 
 @dataclass

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from pathlib import Path
 
 import torch
 from transformers import GenerationConfig
@@ -23,6 +24,8 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 from workers.engine import SamplingParams, StepOutput
 from workers.loading import LoadedModel
+from workers.lora import MultiLoRA
+from workers.lora import install as install_lora
 from workers.sampling import install
 
 log = logging.getLogger(__name__)
@@ -92,7 +95,12 @@ def cpu_cache_plan(loaded: LoadedModel, max_batch: int, kv_cache_tokens: int, ma
 
 class TransformersEngine:
     def __init__(
-        self, loaded: LoadedModel, max_batch: int, kv_cache_tokens: int = 0, max_batch_tokens: int = 0
+        self,
+        loaded: LoadedModel,
+        max_batch: int,
+        kv_cache_tokens: int = 0,
+        max_batch_tokens: int = 0,
+        adapters: dict[str, Path] | None = None,
     ) -> None:
         self.loaded = loaded
         self.max_batch = max_batch
@@ -136,6 +144,9 @@ class TransformersEngine:
         # request id → (tokens already reported, the token ids that end it)
         self._active: dict[str, tuple[int, frozenset[int]]] = {}
         self.sampler = install(self.manager)
+        self.lora = MultiLoRA(model, adapters) if adapters else None
+        if self.lora is not None:
+            install_lora(self.manager, self.lora)
         self._ready: list = []  # results delivered by the manager since the last step
         self._wakeup = asyncio.Event()
 
@@ -167,6 +178,8 @@ class TransformersEngine:
             frozenset() if params.ignore_eos else self.eos_token_ids
         )
         self._active[request_id] = (0, stop_ids)
+        if self.lora is not None:
+            self.lora.assign(request_id, params.adapter)
         self.manager.register_result_handler(request_id, self._deliver)
         self.manager.add_request(
             prompt_ids,
@@ -180,11 +193,16 @@ class TransformersEngine:
     def cancel(self, request_id: str) -> None:
         if self._active.pop(request_id, None) is not None:
             self.manager.cancel_request(request_id)
-            self.sampler.forget(request_id)
+            self._forget(request_id)
             # A cancelled request gets no final result, so its handler would never be removed
             # (the manager only drops handlers on a finished result): drop it here.
             with self.manager.output_router._lock:
                 self.manager.output_router.result_handlers.pop(request_id, None)
+
+    def _forget(self, request_id: str) -> None:
+        self.sampler.forget(request_id)
+        if self.lora is not None:
+            self.lora.forget(request_id)
 
     @torch.no_grad()
     def embed(self, inputs: list[list[int]]) -> list[list[float]]:
@@ -231,5 +249,5 @@ class TransformersEngine:
             out.finish_reason = "stop" if tokens and tokens[-1] in stop_ids else "length"
         if out.finished:
             del self._active[result.request_id]
-            self.sampler.forget(result.request_id)
+            self._forget(result.request_id)
         return out

@@ -53,8 +53,11 @@ class Worker:
         drain_timeout_s: float = 30.0,
         template_stops: Stops = NO_STOPS,
         metadata: ModelMetadata | None = None,
+        adapters: dict[str, ModelMetadata] | None = None,
     ) -> None:
         self.metadata = metadata or ModelMetadata()
+        # LoRA adapters served beside the model, each under its own name, with their metadata.
+        self.adapters = adapters or {}
         self.engine = engine
         self.tokenizer = tokenizer
         self.template_stops = template_stops
@@ -63,6 +66,7 @@ class Worker:
         self.queue = RequestQueue(redis, keys)
         self.registry = WorkerRegistry(redis, keys)
         self.model = model
+        self.models = (model, *self.adapters)
         self.device = device
         self.worker_id = worker_id or new_worker_id()
         self.heartbeat_s = heartbeat_s
@@ -94,12 +98,13 @@ class Worker:
     # ------------------------------------------------------------------ the loop
 
     async def run(self) -> None:
-        await self.queue.ensure_group(self.model)
+        for model in self.models:
+            await self.queue.ensure_group(model)
         self.engine.start()
         await self.warmup()
         await self.beat()
         side_tasks = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._listen_for_cancels())]
-        log.info("worker %s serving %s on %s", self.worker_id, self.model, self.device)
+        log.info("worker %s serving %s on %s", self.worker_id, ", ".join(self.models), self.device)
         backoff_s = _BACKOFF_MIN_S
         try:
             while not (self._stopping.is_set() and not self.active):
@@ -175,20 +180,22 @@ class Worker:
         free -= len(reclaimed)
         if self.active or reclaimed:
             # Batch work only takes the slots interactive work leaves free.
-            claimed = await self.queue.claim(self.model, self.worker_id, free, None, ("interactive",))
-            batch = await self.queue.claim(self.model, self.worker_id, free - len(claimed), None, ("batch",))
+            claimed = await self.queue.claim(self.models, self.worker_id, free, None, ("interactive",))
+            batch = await self.queue.claim(self.models, self.worker_id, free - len(claimed), None, ("batch",))
             return reclaimed + claimed + batch
-        return await self.queue.claim(self.model, self.worker_id, free, _IDLE_BLOCK_MS, LANES)
+        return await self.queue.claim(self.models, self.worker_id, free, _IDLE_BLOCK_MS, LANES)
 
     async def reclaim(self, free: int) -> list[Claimed]:
         self._next_reclaim = time.monotonic() + self.worker_ttl_s / 2
         live = {w.worker_id for w in await self.registry.live()} | {self.worker_id}
-        consumers = await self.queue.consumers(self.model)
-        for name in [c for c, pending in consumers.items() if c not in live and not pending]:
-            await self.queue.forget_consumer(self.model, name)  # a stopped worker's empty entry
-        dead = {c for c, pending in consumers.items() if c not in live and pending}
         min_idle_ms = int(self.worker_ttl_s * 1000)
-        claimed = await self.queue.reclaim(self.model, self.worker_id, dead, free, min_idle_ms)
+        claimed: list[Claimed] = []
+        for model in self.models:
+            consumers = await self.queue.consumers(model)
+            for name in [c for c, pending in consumers.items() if c not in live and not pending]:
+                await self.queue.forget_consumer(model, name)  # a stopped worker's empty entry
+            dead = {c for c, pending in consumers.items() if c not in live and pending}
+            claimed += await self.queue.reclaim(model, self.worker_id, dead, free - len(claimed), min_idle_ms)
         self.reclaimed += len(claimed)
         for item in claimed:
             log.info("reclaimed %s from a dead worker", item.request.request_id)
@@ -269,13 +276,16 @@ class Worker:
 
     def answer(self, item: Claimed) -> Event:
         """The one event answering a tokenize, detokenize or embed request."""
+        if item.request.kind == "embed" and item.request.model in self.adapters:
+            return rejection("invalid_request", f"embeddings come from the base model only: ask {self.model}")
         return answer(item, self.tokenizer, self.engine)
 
     def choice_maker(self, item: Claimed) -> Callable[[int], Sequence]:
         """What builds choice `index` of a generate request (the prompt is encoded once)."""
         ids = encode_prompt(item, self.tokenizer)
+        adapter = item.request.model if item.request.model in self.adapters else ""
         return lambda index: Sequence(item, ids, self.tokenizer, self.engine.context_length, index=index,
-                                      template_stops=self.template_stops)  # fmt: skip
+                                      template_stops=self.template_stops, adapter=adapter)  # fmt: skip
 
     def collect(self, outputs: list, done: list[Claimed]) -> list[tuple[str, Event]]:
         """Events for this step's outputs; requests that finished are added to `done`."""
@@ -329,11 +339,11 @@ class Worker:
         return [sequence.claimed]
 
     async def ack(self, done: list[Claimed]) -> None:
-        for lane in LANES:
-            in_lane = [c for c in done if c.lane == lane]
-            await self.queue.ack(
-                self.model, [c.entry_id for c in in_lane], [c.request.request_id for c in in_lane], lane
-            )
+        for model in self.models:
+            for lane in LANES:
+                here = [c for c in done if c.lane == lane and c.request.model == model]
+                entries, requests = [c.entry_id for c in here], [c.request.request_id for c in here]
+                await self.queue.ack(model, entries, requests, lane)
 
     async def publish(self) -> None:
         """This turn's events, after any earlier ones still unheard (so each request's events
@@ -371,7 +381,7 @@ class Worker:
     def info(self) -> WorkerInfo:
         return WorkerInfo(
             worker_id=self.worker_id,
-            models=[self.model],
+            models=list(self.models),
             device=self.device,
             max_batch=self.engine.max_batch,
             in_flight=len(self.open),
@@ -382,6 +392,7 @@ class Worker:
             context_length=self.engine.context_length,
             started_at=self.started_at,
             metadata=self.metadata,
+            model_metadata=self.adapters,
         )
 
     async def beat(self) -> None:

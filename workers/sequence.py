@@ -60,6 +60,7 @@ class Sequence:
         context_length: int,
         index: int = 0,
         template_stops: Stops = NO_STOPS,
+        adapter: str = "",
     ) -> None:
         request = claimed.request
         self.claimed = claimed
@@ -89,6 +90,7 @@ class Sequence:
             # Each choice draws its own tokens; the same seed repeats the same choices.
             seed=None if request.seed is None else request.seed + index,
             logprobs=request.logprobs,
+            adapter=adapter,
         )
         self.tokenizer = tokenizer
         self.detokenizer = IncrementalDetokenizer(tokenizer)

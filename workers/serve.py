@@ -12,6 +12,7 @@ from broker.schemas import ModelMetadata
 from broker.settings import Settings
 from workers.hf_engine import TransformersEngine
 from workers.loading import MissingExtra, load_model
+from workers.lora import parse_specs
 from workers.runtime import Worker
 from workers.upstream import Upstream, UpstreamEngine, UpstreamWorker
 
@@ -54,14 +55,22 @@ async def model_worker(settings: Settings, redis) -> Worker:
         load_8bit=settings.load_8bit,
         load_4bit=settings.load_4bit,
     )
+    adapters = parse_specs(settings.lora)
     engine = TransformersEngine(
         loaded,
         max_batch=settings.max_batch,
         kv_cache_tokens=settings.kv_cache_tokens,
         max_batch_tokens=settings.max_batch_tokens,
+        adapters=adapters,
     )
+    described = {
+        name: ModelMetadata.model_validate(
+            {"description": f"LoRA adapter {path.name} on {settings.model_name}", **settings.model_info(name)}
+        )
+        for name, path in adapters.items()
+    }
     return Worker(engine, loaded.tokenizer, redis, Keys(settings.key_prefix), device=loaded.device,
-                  template_stops=loaded.stops, **_runtime_options(settings))  # fmt: skip
+                  template_stops=loaded.stops, adapters=described, **_runtime_options(settings))  # fmt: skip
 
 
 async def upstream_worker(settings: Settings, redis) -> Worker:
