@@ -75,6 +75,15 @@ class Settings(BaseSettings):
     # Weights quantized on load by bitsandbytes (the `quant` extra); both work on a CPU too.
     load_8bit: bool = False
     load_4bit: bool = False
+    # Spread the weights over this many GPUs (accelerate's device map), each capped at
+    # max_gpu_memory (e.g. "20GiB"; default: what it has free); cpu_offloading puts what does
+    # not fit in CPU memory. Both run one request at a time (see `engine`).
+    num_gpus: int = Field(1, ge=1)
+    max_gpu_memory: str | None = None
+    cpu_offloading: bool = False
+    # auto: transformers' continuous batching where it can run the model, else a one-request-at-a-
+    # time decode loop (logged with the reason); continuous or generate: that one, or an error.
+    engine: Literal["auto", "continuous", "generate"] = "auto"
     # What /v1/models, the arena and the leaderboard show about the served model: a YAML file
     # (served name → display_name, link, organization, license, description), and flags on top.
     model_info_file: Path | None = None

@@ -38,6 +38,12 @@ def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-id")
     parser.add_argument("--load-8bit", action="store_true", default=None,
                         help="quantize the weights to 8 bits on load (bitsandbytes; CPU or GPU)")  # fmt: skip
+    parser.add_argument("--num-gpus", type=int, help="spread the weights over this many GPUs (device map)")
+    parser.add_argument("--max-gpu-memory", help='per GPU when spread, e.g. "20GiB" (default: what is free)')
+    parser.add_argument("--cpu-offloading", action="store_true", default=None,
+                        help="put the layers that do not fit on the GPUs in CPU memory")  # fmt: skip
+    parser.add_argument("--engine", choices=["auto", "continuous", "generate"],
+                        help="batching, or one request at a time (auto: batching where it can)")  # fmt: skip
     parser.add_argument("--upstream-url",
                         help="serve the model by forwarding to this OpenAI-compatible /v1 base URL "
                         "(its key: the CORRAL_UPSTREAM_API_KEY environment variable)")  # fmt: skip

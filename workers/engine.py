@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Protocol
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -71,3 +74,42 @@ class Engine(Protocol):
         ...
 
     def stop(self) -> None: ...
+
+
+class Outbox:
+    """What an engine's generation produced since the worker last asked: `put` on the event
+    loop (from another thread through `call_soon_threadsafe`), `take` waits for the next."""
+
+    def __init__(self) -> None:
+        self._ready: list = []
+        self._wakeup = asyncio.Event()
+
+    def put(self, item) -> None:
+        self._ready.append(item)
+        self._wakeup.set()
+
+    async def take(self, timeout_s: float) -> list:
+        if not self._ready:
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout_s)
+            except TimeoutError:
+                return []
+        self._wakeup.clear()
+        ready, self._ready = self._ready, []
+        return ready
+
+
+@torch.no_grad()
+def mean_pooled(model, inputs: list[list[int]]) -> list[list[float]]:
+    """Mean-pooled, L2-normalised last hidden states of a causal LM's base model."""
+    device = model.device
+    width = max(len(ids) for ids in inputs)
+    ids = torch.zeros(len(inputs), width, dtype=torch.long, device=device)
+    mask = torch.zeros(len(inputs), width, dtype=torch.long, device=device)
+    for row, tokens in enumerate(inputs):
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        mask[row, : len(tokens)] = 1
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, H]
+    weights = mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+    pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1)  # [B, H]
+    return torch.nn.functional.normalize(pooled.float(), dim=-1).tolist()

@@ -13,7 +13,6 @@ on transformers 5.23 that shape this file:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from pathlib import Path
@@ -22,11 +21,11 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-from workers.engine import SamplingParams, StepOutput
-from workers.loading import LoadedModel
+from workers.engine import Outbox, SamplingParams, StepOutput, mean_pooled
+from workers.loading import LoadedModel, eos_ids, free_memory_bytes
 from workers.lora import MultiLoRA
 from workers.lora import install as install_lora
-from workers.sampling import install
+from workers.sampling import install, request_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +35,6 @@ _PAGE_TOKENS = 256
 _CPU_MAX_BATCH_TOKENS = 1024
 _CPU_KV_SHARE = 0.25
 _CPU_KV_MAX_BYTES = 4 << 30  # as vLLM's CPU backend reserves by default
-# Sampling fields of workers/sampling.py and the value that means "off".
-_NEUTRAL = {
-    "min_p": 0.0,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-    "repetition_penalty": 1.0,
-    "seed": None,
-    "logprobs": None,
-    "resumed_tokens": 0,
-}
-# A temperature this small is treated as greedy.
-_GREEDY_BELOW = 1e-5
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -55,19 +42,6 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 2 * config.num_hidden_layers * heads * head_dim * dtype.itemsize
-
-
-def free_memory_bytes() -> int:
-    """Memory available to new allocations (Linux's MemAvailable, which counts reclaimable page
-    cache; elsewhere the free pages)."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def cpu_cache_plan(loaded: LoadedModel, max_batch: int, kv_cache_tokens: int, max_batch_tokens: int) -> tuple:
@@ -114,9 +88,8 @@ class TransformersEngine:
             )
         self.context_length = loaded.context_length
         tokenizer, model = loaded.tokenizer, loaded.model
-        eos = model.generation_config.eos_token_id
-        eos = eos if eos is not None else tokenizer.eos_token_id
-        self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self.eos_token_ids = eos_ids(loaded)
+        eos = min(self.eos_token_ids, default=None)
         self.vocab_size = int(model.config.vocab_size)
         generation_config = GenerationConfig(
             do_sample=True,
@@ -147,31 +120,13 @@ class TransformersEngine:
         self.lora = MultiLoRA(model, adapters) if adapters else None
         if self.lora is not None:
             install_lora(self.manager, self.lora)
-        self._ready: list = []  # results delivered by the manager since the last step
-        self._wakeup = asyncio.Event()
+        self.outbox = Outbox()  # results delivered by the manager since the last step
 
     def start(self) -> None:
         self.manager.start()
 
     def stop(self) -> None:
         self.manager.stop(block=True, timeout=10)
-
-    def _sampling_kwargs(self, params: SamplingParams) -> dict:
-        if params.temperature < _GREEDY_BELOW:
-            kwargs: dict = {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
-        else:
-            top_k = params.top_k if 0 < params.top_k < self.vocab_size else self.vocab_size
-            kwargs = {
-                "temperature": float(params.temperature),
-                "top_k": int(top_k),
-                "top_p": float(params.top_p),
-            }
-        # Only what a request changes travels, so rows that use none of it cost nothing extra.
-        for name, neutral in _NEUTRAL.items():
-            value = getattr(params, name)
-            if value != neutral:
-                kwargs[name] = value
-        return kwargs
 
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         stop_ids = frozenset(params.stop_token_ids) | (
@@ -180,14 +135,14 @@ class TransformersEngine:
         self._active[request_id] = (0, stop_ids)
         if self.lora is not None:
             self.lora.assign(request_id, params.adapter)
-        self.manager.register_result_handler(request_id, self._deliver)
+        self.manager.register_result_handler(request_id, self.outbox.put)
         self.manager.add_request(
             prompt_ids,
             request_id=request_id,
             max_new_tokens=params.max_new_tokens,
             streaming=True,
             eos_token_id=sorted(stop_ids) or -1,
-            **self._sampling_kwargs(params),
+            **request_kwargs(params, self.vocab_size),
         )
 
     def cancel(self, request_id: str) -> None:
@@ -204,35 +159,12 @@ class TransformersEngine:
         if self.lora is not None:
             self.lora.forget(request_id)
 
-    @torch.no_grad()
     def embed(self, inputs: list[list[int]]) -> list[list[float]]:
         # The base model's forward runs beside the batch thread: both only read the weights.
-        device = self.loaded.model.device
-        width = max(len(ids) for ids in inputs)
-        ids = torch.zeros(len(inputs), width, dtype=torch.long, device=device)
-        mask = torch.zeros(len(inputs), width, dtype=torch.long, device=device)
-        for row, tokens in enumerate(inputs):
-            ids[row, : len(tokens)] = torch.tensor(tokens)
-            mask[row, : len(tokens)] = 1
-        hidden = self.loaded.model.model(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, H]
-        weights = mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
-        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1)  # [B, H]
-        return torch.nn.functional.normalize(pooled.float(), dim=-1).tolist()
-
-    def _deliver(self, result) -> None:
-        # Runs on our event loop (the manager uses call_soon_threadsafe).
-        self._ready.append(result)
-        self._wakeup.set()
+        return mean_pooled(self.loaded.model, inputs)
 
     async def step(self, timeout_s: float) -> list[StepOutput]:
-        if not self._ready:
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout_s)
-            except TimeoutError:
-                return []
-        self._wakeup.clear()
-        ready, self._ready = self._ready, []
-        return [out for out in map(self._to_output, ready) if out is not None]
+        return [out for out in map(self._to_output, await self.outbox.take(timeout_s)) if out is not None]
 
     def _to_output(self, result) -> StepOutput | None:
         active = self._active.get(result.request_id)

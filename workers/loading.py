@@ -183,6 +183,15 @@ class LoadedModel:
     context_length: int
     # What a named chat template adds to every request's stops.
     stops: Stops = NO_STOPS
+    # Why transformers' continuous batching cannot run this model (None: it can).
+    unbatchable: str | None = None
+
+
+def eos_ids(loaded: LoadedModel) -> frozenset[int]:
+    """The model's end-of-sequence ids (its generation config's, else the tokenizer's)."""
+    eos = loaded.model.generation_config.eos_token_id
+    eos = eos if eos is not None else loaded.tokenizer.eos_token_id
+    return frozenset([eos] if isinstance(eos, int) else (eos or []))
 
 
 class MissingExtra(RuntimeError):
@@ -212,6 +221,80 @@ def quantization(load_8bit: bool, load_4bit: bool, compute_dtype: torch.dtype):
     )
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where the weights go: one device, or an accelerate device map over several GPUs and
+    (with cpu_offloading) the CPU."""
+
+    num_gpus: int = 1
+    max_gpu_memory: str | None = None  # per GPU, e.g. "20GiB"
+    cpu_offloading: bool = False
+
+    def from_pretrained_kwargs(self, device: str, quantized) -> dict:
+        """device_map and max_memory for from_pretrained; {} for a plain one-device load. As in
+        FastChat, --max-gpu-memory caps each GPU only when the model spreads (--num-gpus > 1
+        or --cpu-offloading); accelerate fills the GPUs in order, then the CPU if allowed."""
+        if self.num_gpus <= 1 and not self.cpu_offloading:
+            return {}
+        if device not in ("cuda", "xpu"):
+            option = "--num-gpus" if self.num_gpus > 1 else "--cpu-offloading"
+            raise ValueError(f"{option} spreads the weights over GPUs; this worker runs on {device}")
+        accelerator = torch.get_device_module(device)
+        if self.num_gpus > accelerator.device_count():
+            visible = accelerator.device_count()
+            raise ValueError(f"--num-gpus {self.num_gpus}, but {visible} {device} devices are visible")
+        max_memory: dict = {
+            i: self.max_gpu_memory or accelerator.mem_get_info(i)[0] for i in range(self.num_gpus)
+        }
+        if self.cpu_offloading:
+            max_memory["cpu"] = free_memory_bytes()
+            if quantized is not None and getattr(quantized, "load_in_8bit", False):
+                quantized.llm_int8_enable_fp32_cpu_offload = True  # offloaded layers stay fp32 on the CPU
+        return {"device_map": "auto", "max_memory": max_memory}
+
+    def unbatchable(self) -> str | None:
+        if self.num_gpus > 1:
+            return f"the model is split over {self.num_gpus} GPUs, and the batch's paged cache lives on one"
+        if self.cpu_offloading:
+            return "weights are offloaded to the CPU"
+        return None
+
+
+def free_memory_bytes() -> int:
+    """Memory available to new allocations (Linux's MemAvailable, which counts reclaimable page
+    cache; elsewhere the free pages)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+# Checkpoints quantized ahead of time, by their config's quant_method, and what loads them.
+_PREQUANTIZED = {"gptq": "GPTQ", "awq": "AWQ"}
+
+
+def prequantized(path: str) -> str | None:
+    """ "GPTQ" or "AWQ" for a checkpoint quantized that way (its config.json says), checking that
+    the `quant` extra that loads it (optimum + gptqmodel) is installed; None for other models."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return None
+    import json
+
+    method = (json.loads(config_file.read_text()).get("quantization_config") or {}).get("quant_method")
+    kind = _PREQUANTIZED.get(str(method).lower())
+    if kind is None:
+        return None
+    for module, package in (("optimum", "optimum"), ("gptqmodel", "gptqmodel")):
+        if importlib.util.find_spec(module) is None:
+            raise MissingExtra(f"a {kind} checkpoint", package, "quant")
+    return kind
+
+
 def load_model(
     name: str,
     home: Path,
@@ -221,6 +304,7 @@ def load_model(
     chat_template: str | None = None,
     load_8bit: bool = False,
     load_4bit: bool = False,
+    placement: Placement = Placement(),
 ) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -229,17 +313,30 @@ def load_model(
     quantized = quantization(load_8bit, load_4bit, torch_dtype)
     torch.set_num_threads(choose_threads(threads, device))
     path = resolve_model_path(name, home)
+    kind = prequantized(path)
+    if kind is not None and quantized is not None:
+        raise ValueError(f"{name} is a {kind} checkpoint already; drop --load-8bit/--load-4bit")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if quantized is None:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
-    else:  # quantized weights are placed on load; they cannot be moved afterwards
+    spread = placement.from_pretrained_kwargs(device, quantized)
+    if spread or quantized is not None or kind is not None:
+        # Weights placed on load (quantized ones cannot be moved afterwards).
+        where = spread or {"device_map": device}
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, quantization_config=quantized, device_map=device
-        ).eval()
-        log.info("weights quantized to %s bits by bitsandbytes", 8 if load_8bit else 4)
+            path, dtype=torch_dtype, quantization_config=quantized, **where
+        )
+        if quantized is not None:
+            log.info("weights quantized to %s bits by bitsandbytes", 8 if load_8bit else 4)
+        if kind is not None:
+            log.info("%s weights loaded through optimum + gptqmodel", kind)
+        if spread:
+            log.info("device map: %s", getattr(model, "hf_device_map", None))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
+    model.eval()
     stops = apply_template(tokenizer, chat_template)
     if chat_template:
         log.info("chat template %s; stops %s", chat_template[:60], stops.strings or "(the tokenizer's EOS)")
     context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
     log.info("loaded %s from %s on %s (%s), context %d tokens", name, path, device, torch_dtype, context)
-    return LoadedModel(name, model, tokenizer, device, torch_dtype, int(context), stops)
+    unbatchable = placement.unbatchable()
+    return LoadedModel(name, model, tokenizer, device, torch_dtype, int(context), stops, unbatchable)

@@ -148,6 +148,11 @@ class MultiLoRA:
     def forget(self, request_id: str) -> None:
         self.requests.pop(request_id, None)
 
+    def use(self, adapter: str) -> None:
+        """Run the calling thread's next forward passes all with one adapter ("" = the base)."""
+        self._plan.thread = threading.get_ident()
+        self._plan.groups = [(self.index[adapter], None)] if adapter else []
+
     def plan(self, requests_in_batch: list) -> None:
         """Called on the batch thread as each step's inputs are laid out: the tokens of the
         step are the requests' `query_length` tokens, in this order."""

@@ -29,6 +29,37 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 )
 from transformers.generation.continuous_batching.model_runner import ModelRunner
 
+from workers.engine import SamplingParams
+
+# Sampling fields of this module and the value that means "off".
+_NEUTRAL = {
+    "min_p": 0.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "seed": None,
+    "logprobs": None,
+    "resumed_tokens": 0,
+}
+# A temperature this small is treated as greedy.
+_GREEDY_BELOW = 1e-5
+
+
+def request_kwargs(params: SamplingParams, vocab_size: int) -> dict:
+    """A request's per-request processor kwargs: temperature, top_k and top_p for transformers'
+    own processors (a greedy request gets top_k=1, so sampling picks the argmax), and only those
+    of this module's fields that the request changes, so rows that use none cost nothing extra."""
+    if params.temperature < _GREEDY_BELOW:
+        kwargs: dict = {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
+    else:
+        top_k = params.top_k if 0 < params.top_k < vocab_size else vocab_size
+        kwargs = {"temperature": float(params.temperature), "top_k": int(top_k), "top_p": float(params.top_p)}
+    for name, neutral in _NEUTRAL.items():
+        value = getattr(params, name)
+        if value != neutral:
+            kwargs[name] = value
+    return kwargs
+
 
 @dataclass
 class TokenChoice:

@@ -10,8 +10,10 @@ from broker.connection import connect, resolve_redis_url
 from broker.keys import Keys
 from broker.schemas import ModelMetadata
 from broker.settings import Settings
+from workers.engine import Engine
+from workers.generate_engine import GenerateEngine
 from workers.hf_engine import TransformersEngine
-from workers.loading import MissingExtra, load_model
+from workers.loading import LoadedModel, MissingExtra, Placement, load_model
 from workers.lora import parse_specs
 from workers.runtime import Worker
 from workers.upstream import Upstream, UpstreamEngine, UpstreamWorker
@@ -54,15 +56,10 @@ async def model_worker(settings: Settings, redis) -> Worker:
         chat_template=settings.chat_template,
         load_8bit=settings.load_8bit,
         load_4bit=settings.load_4bit,
+        placement=Placement(settings.num_gpus, settings.max_gpu_memory, settings.cpu_offloading),
     )
     adapters = parse_specs(settings.lora)
-    engine = TransformersEngine(
-        loaded,
-        max_batch=settings.max_batch,
-        kv_cache_tokens=settings.kv_cache_tokens,
-        max_batch_tokens=settings.max_batch_tokens,
-        adapters=adapters,
-    )
+    engine = build_engine(settings, loaded, adapters)
     described = {
         name: ModelMetadata.model_validate(
             {"description": f"LoRA adapter {path.name} on {settings.model_name}", **settings.model_info(name)}
@@ -71,6 +68,30 @@ async def model_worker(settings: Settings, redis) -> Worker:
     }
     return Worker(engine, loaded.tokenizer, redis, Keys(settings.key_prefix), device=loaded.device,
                   template_stops=loaded.stops, adapters=described, **_runtime_options(settings))  # fmt: skip
+
+
+def build_engine(settings: Settings, loaded: LoadedModel, adapters: dict) -> Engine:
+    """Continuous batching where transformers can run the model that way, else the one-at-a-time
+    decode loop, saying why at start."""
+    reason = loaded.unbatchable
+    if settings.engine == "generate":
+        reason = "--engine generate"
+    elif reason is not None and settings.engine == "continuous":
+        raise ValueError(f"--engine continuous cannot run this model: {reason}")
+    if reason is None:
+        try:
+            return TransformersEngine(
+                loaded,
+                max_batch=settings.max_batch,
+                kv_cache_tokens=settings.kv_cache_tokens,
+                max_batch_tokens=settings.max_batch_tokens,
+                adapters=adapters,
+            )
+        except (RuntimeError, ValueError, NotImplementedError, TypeError) as e:
+            if settings.engine == "continuous":
+                raise
+            reason = f"continuous batching could not start: {type(e).__name__}: {e}"
+    return GenerateEngine(loaded, reason, adapters)
 
 
 async def upstream_worker(settings: Settings, redis) -> Worker:

@@ -23,7 +23,7 @@ import httpx
 from broker.progress import GRACE_MS, ChoiceProgress, ProgressUpdate, entry
 from broker.queue import Claimed
 from broker.schemas import Event, EventError, FinishReason, TokenLogprob, Usage
-from workers.engine import SamplingParams, StepOutput
+from workers.engine import Outbox, SamplingParams, StepOutput
 from workers.runtime import Worker
 from workers.sequence import InvalidPrompt, rejection
 
@@ -166,8 +166,7 @@ class UpstreamEngine:
         self.context_length = context_length
         self._client: httpx.AsyncClient | None = None
         self._calls: dict[str, asyncio.Task] = {}
-        self._ready: list[StepOutput] = []
-        self._wakeup = asyncio.Event()
+        self.outbox = Outbox()
 
     def start(self) -> None:
         timeout = httpx.Timeout(self.upstream.timeout_s, connect=10.0)
@@ -192,25 +191,14 @@ class UpstreamEngine:
             task.cancel()
 
     async def step(self, timeout_s: float) -> list[StepOutput]:
-        if not self._ready:
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout_s)
-            except TimeoutError:
-                return []
-        self._wakeup.clear()
-        ready, self._ready = self._ready, []
-        return ready
+        return await self.outbox.take(timeout_s)
 
     def embed(self, inputs: list[list[int]]) -> list[list[float]]:
         raise InvalidPrompt("invalid_request", "embeddings are not available for an API-backed model")
 
     def _fail(self, request_id: str, message: str, code: str = "upstream_error") -> None:
         out = StepOutput(request_id, [], finished=True, finish_reason="error", error=message, error_code=code)
-        self._put(out)
-
-    def _put(self, out: StepOutput) -> None:
-        self._ready.append(out)
-        self._wakeup.set()
+        self.outbox.put(out)
 
     async def _call(self, request_id: str, choice: UpstreamChoice) -> None:
         assert self._client is not None, "start() first"
@@ -235,9 +223,9 @@ class UpstreamEngine:
                         text, logprobs = _delta(part)
                         finish = part.get("finish_reason") or finish
                         if text or logprobs:
-                            self._put(StepOutput(request_id, [], text=text, choices=logprobs))
+                            self.outbox.put(StepOutput(request_id, [], text=text, choices=logprobs))
             reason = finish if finish in ("stop", "length") else "stop"  # tool_calls, content_filter: stop
-            self._put(StepOutput(request_id, [], finished=True, finish_reason=reason,
+            self.outbox.put(StepOutput(request_id, [], finished=True, finish_reason=reason,
                                  prompt_tokens=int(usage.get("prompt_tokens") or 0),
                                  completion_tokens=int(usage.get("completion_tokens") or 0)))  # fmt: skip
         except asyncio.CancelledError:
