@@ -14,6 +14,7 @@ import torch
 
 from tests.conftest import Stack
 from workers.engine import SamplingParams
+from workers.generate_engine import GenerateEngine
 from workers.hf_engine import TransformersEngine
 from workers.loading import load_model
 from workers.lora import AdapterError, MultiLoRA, parse_specs
@@ -155,3 +156,24 @@ def test_bad_adapter_specs_and_folders_are_named(tmp_path: Path, model_path: str
         MultiLoRA(torch.nn.Linear(2, 2), {"d": tmp_path / "dora"})
     with pytest.raises(AdapterError, match=r"no adapter_config\.json"):
         MultiLoRA(torch.nn.Linear(2, 2), {"e": tmp_path})
+
+
+async def test_the_one_at_a_time_engine_serves_adapters_too(model_path, adapters, reference, tokenizer):
+    loaded = load_model(model_path, Path("/tmp"), device="cpu", dtype="float32", threads=1)
+    engine = GenerateEngine(loaded, "a test", adapters=adapters)
+    engine.start()
+    try:
+        for adapter in ("tuned", "", "other"):
+            engine.add(adapter or "base", prompt_ids(tokenizer, PROMPTS[2]), SamplingParams(temperature=0,
+                       max_new_tokens=TOKENS, adapter=adapter))  # fmt: skip
+        produced: dict[str, list[int]] = {"tuned": [], "base": [], "other": []}
+        left = set(produced)
+        while left:
+            for out in await asyncio.wait_for(engine.step(timeout_s=60), 120):
+                produced[out.request_id] += out.new_token_ids
+                if out.finished:
+                    left.discard(out.request_id)
+    finally:
+        engine.stop()
+    for adapter in ("tuned", "", "other"):
+        assert produced[adapter or "base"] == reference(adapter, PROMPTS[2])[0], adapter
