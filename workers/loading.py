@@ -321,9 +321,9 @@ def load_model(
     if spread or quantized is not None or kind is not None:
         # Weights placed on load (quantized ones cannot be moved afterwards).
         where = spread or {"device_map": device}
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, quantization_config=quantized, **where
-        )
+        if quantized is not None:  # passing None would drop a GPTQ/AWQ checkpoint's own config
+            where["quantization_config"] = quantized
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **where)
         if quantized is not None:
             log.info("weights quantized to %s bits by bitsandbytes", 8 if load_8bit else 4)
         if kind is not None:
