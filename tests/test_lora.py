@@ -81,16 +81,13 @@ def reference(model_path: str, adapters: dict[str, Path], tokenizer):
     return answer
 
 
-async def test_one_batch_mixes_adapters_and_each_answer_is_peft_s(model_path, adapters, reference, tokenizer):
-    loaded = load_model(model_path, Path("/tmp"), device="cpu", dtype="float32", threads=1)
-    engine = TransformersEngine(loaded, max_batch=9, kv_cache_tokens=4096, adapters=adapters)
+async def run_all(engine, tokenizer, jobs: list[tuple[str, str]]) -> list[list[int]]:
+    """Greedy token ids of each (adapter, prompt) job, all added to the engine at once."""
     engine.start()
     try:
-        jobs = [(adapter, prompt) for adapter in ("", "tuned", "other") for prompt in PROMPTS]
         for n, (adapter, prompt) in enumerate(jobs):
-            ids = prompt_ids(tokenizer, prompt)
             params = SamplingParams(temperature=0, max_new_tokens=TOKENS, adapter=adapter)
-            engine.add(f"r{n}", list(ids), params)
+            engine.add(f"r{n}", prompt_ids(tokenizer, prompt), params)
         produced: dict[str, list[int]] = {f"r{n}": [] for n in range(len(jobs))}
         left = set(produced)
         while left:
@@ -100,9 +97,17 @@ async def test_one_batch_mixes_adapters_and_each_answer_is_peft_s(model_path, ad
                     left.discard(out.request_id)
     finally:
         engine.stop()
+    return [produced[f"r{n}"] for n in range(len(jobs))]
+
+
+async def test_one_batch_mixes_adapters_and_each_answer_is_peft_s(model_path, adapters, reference, tokenizer):
+    loaded = load_model(model_path, Path("/tmp"), device="cpu", dtype="float32", threads=1)
+    engine = TransformersEngine(loaded, max_batch=9, kv_cache_tokens=4096, adapters=adapters)
+    jobs = [(adapter, prompt) for adapter in ("", "tuned", "other") for prompt in PROMPTS]
+    produced = await run_all(engine, tokenizer, jobs)
     assert engine.lora is not None and engine.lora.mixed_steps > 0  # the adapters shared steps
-    for n, (adapter, prompt) in enumerate(jobs):
-        assert produced[f"r{n}"] == reference(adapter, prompt)[0], (adapter, prompt)
+    for (adapter, prompt), tokens in zip(jobs, produced, strict=True):
+        assert tokens == reference(adapter, prompt)[0], (adapter, prompt)
     # Each adapter changes some answers (else the test above could not tell them apart).
     for adapter in ("tuned", "other"):
         assert any(reference(adapter, p)[0] != reference("", p)[0] for p in PROMPTS), adapter
@@ -160,20 +165,7 @@ def test_bad_adapter_specs_and_folders_are_named(tmp_path: Path, model_path: str
 
 async def test_the_one_at_a_time_engine_serves_adapters_too(model_path, adapters, reference, tokenizer):
     loaded = load_model(model_path, Path("/tmp"), device="cpu", dtype="float32", threads=1)
-    engine = GenerateEngine(loaded, "a test", adapters=adapters)
-    engine.start()
-    try:
-        for adapter in ("tuned", "", "other"):
-            engine.add(adapter or "base", prompt_ids(tokenizer, PROMPTS[2]), SamplingParams(temperature=0,
-                       max_new_tokens=TOKENS, adapter=adapter))  # fmt: skip
-        produced: dict[str, list[int]] = {"tuned": [], "base": [], "other": []}
-        left = set(produced)
-        while left:
-            for out in await asyncio.wait_for(engine.step(timeout_s=60), 120):
-                produced[out.request_id] += out.new_token_ids
-                if out.finished:
-                    left.discard(out.request_id)
-    finally:
-        engine.stop()
-    for adapter in ("tuned", "", "other"):
-        assert produced[adapter or "base"] == reference(adapter, PROMPTS[2])[0], adapter
+    jobs = [(adapter, PROMPTS[2]) for adapter in ("tuned", "", "other")]
+    produced = await run_all(GenerateEngine(loaded, "a test", adapters=adapters), tokenizer, jobs)
+    for (adapter, prompt), tokens in zip(jobs, produced, strict=True):
+        assert tokens == reference(adapter, prompt)[0], adapter
