@@ -24,7 +24,7 @@ from transformers import DynamicCache, TemperatureLogitsWarper, TopKLogitsWarper
 from workers.engine import Outbox, SamplingParams, StepOutput, mean_pooled
 from workers.loading import LoadedModel, eos_ids
 from workers.lora import MultiLoRA
-from workers.sampling import _CORRAL_KWARGS, Penalties, Sampler, _Batch, request_kwargs
+from workers.sampling import CORRAL_KWARGS, Penalties, RowBatch, Sampler, request_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class GenerateEngine:
         self.vocab_size = int(loaded.model.config.vocab_size)
         self.lora = MultiLoRA(loaded.model, adapters) if adapters else None
         self.outbox = Outbox()
-        self._batch = _Batch()
+        self._batch = RowBatch()
         self._penalties = Penalties(self._batch)
         self.sampler = Sampler(self._batch)
         self._jobs: queue.Queue = queue.Queue()
@@ -125,7 +125,7 @@ class GenerateEngine:
     def _pick(self, state, logits: torch.Tensor, warpers: list) -> int:
         """The next token, by the processors of a continuous batch applied to one row."""
         self._batch.rows = [state]
-        self._batch.used = bool(_CORRAL_KWARGS & state.logit_processor_kwargs.keys())
+        self._batch.used = bool(CORRAL_KWARGS & state.logit_processor_kwargs.keys())
         scores = self._penalties(logits, None)
         for warper in warpers:
             scores = warper(None, scores)

@@ -71,7 +71,7 @@ class TokenChoice:
 
 
 @dataclass
-class _Batch:
+class RowBatch:
     """What the two processors share about the rows of the batch being sampled."""
 
     rows: list = field(default_factory=list)  # RequestState per score row
@@ -105,7 +105,7 @@ class Penalties(ContinuousBatchingLogitsProcessor):
     }
     ignored_kwargs: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, batch: _Batch) -> None:
+    def __init__(self, batch: RowBatch) -> None:
         self.batch = batch
 
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
@@ -114,7 +114,7 @@ class Penalties(ContinuousBatchingLogitsProcessor):
     def prepare_tensor_args(self, requests_with_new_token: list) -> torch.Tensor:
         self.batch.rows = [request.state for request in requests_with_new_token]
         self.batch.used = any(
-            _CORRAL_KWARGS & state.logit_processor_kwargs.keys() for state in self.batch.rows
+            CORRAL_KWARGS & state.logit_processor_kwargs.keys() for state in self.batch.rows
         )
         return torch.zeros(len(self.batch.rows), dtype=torch.int32)
 
@@ -149,7 +149,7 @@ class Sampler(ContinuousBatchingLogitsProcessor):
     supported_kwargs: ClassVar[dict[str, type]] = {"min_p": float, "seed": int}
     ignored_kwargs: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, batch: _Batch) -> None:
+    def __init__(self, batch: RowBatch) -> None:
         self.batch = batch
         self._seeds: dict[str, int] = {}
         self._choices: dict[str, list[TokenChoice]] = {}
@@ -237,7 +237,7 @@ class TopP(ContinuousBatchingTopPLogitsWarper):
 
 
 # Every per-request field these processors read.
-_CORRAL_KWARGS = _kwargs_of(Penalties, Sampler)
+CORRAL_KWARGS = _kwargs_of(Penalties, Sampler)
 
 
 def _sample_by_inverse_cdf(self: ModelRunner, scores: torch.Tensor, output_ids: torch.Tensor) -> None:
@@ -260,7 +260,7 @@ def _sample_by_inverse_cdf(self: ModelRunner, scores: torch.Tensor, output_ids: 
 
 def install(manager) -> Sampler:
     """Add Corral's processors to a manager's list; call before the manager starts."""
-    batch = _Batch()
+    batch = RowBatch()
     processors = manager.logit_processor
     faster = {ContinuousBatchingTopKLogitsWarper: TopK, ContinuousBatchingTopPLogitsWarper: TopP}
     for processor in processors.logits_processor:
