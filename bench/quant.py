@@ -9,6 +9,8 @@ emulated, slow but runs) is reported with its error.
 
     python bench/quant.py
     python bench/quant.py --variants fp32 int8 --tokens 128 --batch 8 --threads 2
+    python bench/quant.py --plot quant.png                 # and a chart of memory against speed
+    python bench/quant.py --from-json results.json --plot quant.png   # chart earlier results
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ async def measure(variant: str, args) -> dict:
         "weights_mib": loaded.model.get_memory_footprint() / 2**20,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "single_tok_s": single, "batch_tok_s": batched, "batch": args.batch, "tokens": args.tokens,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "device": loaded.device,
     }  # fmt: skip
 
 
@@ -90,10 +92,21 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="streams decoded together")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one variant in this process
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--from-json", type=Path, help="print (and plot) results written by --json")
+    parser.add_argument("--plot", type=Path, help="a PNG of weights' memory and tokens/s per variant")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(asyncio.run(measure(args.one, args))))
         return
+    rows = json.loads(args.from_json.read_text()) if args.from_json else run_all(args)
+    report(rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    if args.plot:
+        plot([r for r in rows if "error" not in r], args.plot)
+
+
+def run_all(args) -> list[dict]:
     rows = []
     for variant in args.variants:
         command = [sys.executable, __file__, "--one", variant, "--model", args.model, "--device", args.device,
@@ -105,6 +118,10 @@ def main() -> None:
             rows.append({"variant": variant, "error": done.stderr.strip().splitlines()[-1]})
         else:
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def report(rows: list[dict]) -> None:
     print(f"{'variant':8} {'dtype':9} {'weights MiB':>11} {'peak RSS MiB':>12} {'1 stream tok/s':>14} "
           f"{'batch tok/s':>12}")  # fmt: skip
     for row in rows:
@@ -116,8 +133,29 @@ def main() -> None:
     if rows and "batch" in rows[0]:
         print(f"({rows[0]['tokens']} tokens per stream; batch = {rows[0]['batch']} streams; "
               f"{rows[0]['threads']} threads)")  # fmt: skip
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["variant"] for r in rows]
+    figure, (memory, speed) = plt.subplots(1, 2, figsize=(10, 4))
+    memory.bar(names, [r["weights_mib"] for r in rows], color="tab:blue")
+    memory.set_title("weights (MiB)")
+    x = range(len(rows))
+    speed.bar([i - 0.2 for i in x], [r["single_tok_s"] for r in rows], width=0.4, label="1 stream")
+    batch = f"{rows[0]['batch']} streams"
+    speed.bar([i + 0.2 for i in x], [r["batch_tok_s"] for r in rows], width=0.4, label=batch)
+    speed.set_xticks(list(x), names)
+    speed.set_title("decode tokens/s")
+    speed.legend()
+    figure.suptitle(f"SmolLM2-135M-Instruct on {rows[0].get('device', 'cpu')}, {rows[0]['threads']} threads")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":
