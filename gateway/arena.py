@@ -32,7 +32,7 @@ from broker.arena import (
 from broker.jobs import RatingsParams
 from broker.queue import QueueFull
 from broker.schemas import ChatMessage
-from gateway.auth import Caller, LimitsDep, caller
+from gateway.auth import Admin, Caller, Limited, LimitsDep, Principal, caller
 from gateway.errors import APIError, Backlogged, InvalidRequest, ModelNotFound
 from gateway.routes import Call, metadata_of, new_request, require_worker
 from gateway.state import Gateway, GatewayDep
@@ -92,9 +92,14 @@ class VoteCreate(BaseModel):
     vote: BattleVote
 
 
+# A vote's conversation: what one chat could hold (the UI sends the whole chat it shows).
+_FEEDBACK_MAX_MESSAGES = 201
+_FEEDBACK_MAX_CHARS = 200_000
+
+
 class FeedbackMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str = Field(max_length=_FEEDBACK_MAX_CHARS)
 
 
 class FeedbackCreate(BaseModel):
@@ -102,7 +107,7 @@ class FeedbackCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1)
-    messages: list[FeedbackMessage] = Field(min_length=2)
+    messages: list[FeedbackMessage] = Field(min_length=2, max_length=_FEEDBACK_MAX_MESSAGES)
     vote: ChatVote
     # The client's id for this conversation, so votes on one chat can be grouped.
     chat_id: str | None = Field(None, max_length=100)
@@ -131,7 +136,7 @@ async def _draw_pair(gateway: Gateway) -> tuple[str, str]:
 
 
 @router.post("/arena/battles")
-async def create_battle(body: BattleCreate, gateway: GatewayDep, who: Caller) -> BattlePublic:
+async def create_battle(body: BattleCreate, gateway: GatewayDep, who: Limited) -> BattlePublic:
     if body.mode == "named":
         if body.models is None:
             raise InvalidRequest("a named battle needs `models`: [left, right]", param="models")
@@ -143,7 +148,7 @@ async def create_battle(body: BattleCreate, gateway: GatewayDep, who: Caller) ->
             raise InvalidRequest("an anonymous battle draws its own models; leave `models` out",
                                  param="models")  # fmt: skip
         models = await _draw_pair(gateway)
-    battle = await gateway.arena.create(body.mode, models, who)
+    battle = await gateway.arena.create(body.mode, models, who.id)
     return await _shown(gateway, battle)
 
 
@@ -158,16 +163,18 @@ async def _shown(gateway: Gateway, battle: Battle) -> BattlePublic:
     )
 
 
-async def _battle(arena: ArenaStore, battle_id: str) -> Battle:
+async def _battle(arena: ArenaStore, battle_id: str, who: Principal) -> Battle:
+    """The battle, if `who` may see it: its player, or an admin. Another's is not found, so a
+    battle's existence tells nothing."""
     battle = await arena.get(battle_id)
-    if battle is None:
+    if battle is None or (battle.user != who.id and not who.admin):
         raise BattleNotFound(battle_id)
     return battle
 
 
 @router.get("/arena/battles/{battle_id}")
-async def get_battle(battle_id: str, gateway: GatewayDep) -> BattlePublic:
-    return await _shown(gateway, await _battle(gateway.arena, battle_id))
+async def get_battle(battle_id: str, gateway: GatewayDep, who: Caller) -> BattlePublic:
+    return await _shown(gateway, await _battle(gateway.arena, battle_id, who))
 
 
 def _check_turn(gateway: Gateway, battle: Battle, body: TurnCreate) -> None:
@@ -201,9 +208,9 @@ async def play_turn(
     """Streams both sides' answers as server-sent events: `{"side", "text"}` deltas, a
     `{"side", "finish_reason"}` per side, then `{"turn": N, "done": true}` once the turn is
     recorded (or `{"side", "error"}`, and the turn is not recorded)."""
-    battle = await _battle(gateway.arena, battle_id)
+    battle = await _battle(gateway.arena, battle_id, who)
     _check_turn(gateway, battle, body)
-    await limits.admit(who)
+    await limits.admit(who.id)
     for model in battle.models:
         await require_worker(gateway, model)
     timeout_s = gateway.settings.request_timeout_s
@@ -220,7 +227,7 @@ async def play_turn(
                 gateway, model=model, messages=messages, temperature=body.temperature, top_p=body.top_p,
                 max_new_tokens=body.max_tokens,
             )  # fmt: skip
-            call = Call(gateway, request, "arena", who)
+            call = Call(gateway, request, "arena", who.id)
             calls.append(call)
             await gateway.queue.enqueue(request, gateway.settings.max_backlog)
     except QueueFull as e:
@@ -311,42 +318,55 @@ async def _count_vote(gateway: Gateway, who: str) -> None:
 
 @router.post("/arena/battles/{battle_id}/vote")
 async def vote(battle_id: str, body: VoteCreate, gateway: GatewayDep, who: Caller) -> BattlePublic:
-    """Records the battle's one vote and reveals the models."""
-    battle = await _battle(gateway.arena, battle_id)
+    """Records the battle's one vote and reveals the models; only its player votes, and never
+    while a turn is still streaming (the answers being judged must be whole)."""
+    battle = await _battle(gateway.arena, battle_id, who)
+    if battle.user != who.id:
+        raise Conflict("Only the battle's player votes in it.", code="not_your_battle")
     if battle.vote is not None:
         raise Conflict("This battle has been voted on already.", code="already_voted")
     if not battle.turns:
         raise InvalidRequest("Nothing to vote on yet: play a turn first.", code="no_turns")
-    await _count_vote(gateway, who)
+    if await gateway.arena.turn_running(battle_id):
+        raise Conflict("A turn of this battle is still being generated; vote when it ends.",
+                       code="battle_busy")  # fmt: skip
+    await _count_vote(gateway, who.id)
     try:
-        voted = await gateway.arena.vote(battle, body.vote, who)
+        voted = await gateway.arena.vote(battle, body.vote, who.id)
     except AlreadyVoted:
         raise Conflict("This battle has been voted on already.", code="already_voted") from None
     return await _shown(gateway, voted)
 
 
 @router.post("/arena/feedback")
-async def feedback(body: FeedbackCreate, gateway: GatewayDep, who: Caller) -> dict:
+async def feedback(body: FeedbackCreate, gateway: GatewayDep, who: Limited) -> dict:
     """An up, down or flag vote on a single-model chat."""
     if not any(m.role == "assistant" for m in body.messages):
         raise InvalidRequest("The conversation has no assistant message to vote on.", param="messages")
     if body.model not in await gateway.models.get() and not await gateway.queue.known(body.model):
         raise ModelNotFound(body.model)
-    await _count_vote(gateway, who)
+    if sum(len(m.content) for m in body.messages) > _FEEDBACK_MAX_CHARS:
+        raise InvalidRequest(f"The conversation is over {_FEEDBACK_MAX_CHARS} characters.",
+                             param="messages", code="input_too_long")  # fmt: skip
+    await _count_vote(gateway, who.id)
     chat_id = body.chat_id or uuid.uuid4().hex
     messages = [m.model_dump() for m in body.messages]
-    await gateway.arena.feedback(feedback_log_record(chat_id, body.model, messages, body.vote, who))
+    await gateway.arena.feedback(feedback_log_record(chat_id, body.model, messages, body.vote, who.id))
     return {"object": "arena.feedback", "chat_id": chat_id, "vote": body.vote}
 
 
 @router.get("/arena/export")
-async def export(gateway: GatewayDep, include: Literal["all", "votes"] = "all") -> StreamingResponse:
-    """The arena's log as JSONL in FastChat's conversation-log shape: each battle turn as two
-    `chat` records (unless include=votes), then every vote."""
+async def export(
+    gateway: GatewayDep, _: Admin, include: Literal["all", "votes"] = "all"
+) -> StreamingResponse:
+    """The arena's log as JSONL in FastChat's conversation-log shape (admins only): each battle
+    turn as two `chat` records (unless include=votes), then every vote. The turns of an anonymous
+    battle that is still open and unvoted are held back until its vote or its expiry: they name
+    its models, and whoever read them could steer the vote."""
 
     async def lines() -> AsyncIterator[bytes]:
         if include == "all":
-            async for record in gateway.arena.turn_log():
+            async for record in gateway.arena.revealed_turn_log():
                 yield orjson.dumps(record) + b"\n"
         async for record in gateway.arena.log():
             yield orjson.dumps(record) + b"\n"
@@ -373,7 +393,8 @@ async def get_leaderboard(gateway: GatewayDep) -> JSONResponse:
 
 
 @router.post("/leaderboard/refresh", status_code=202)
-async def refresh_leaderboard(gateway: GatewayDep) -> dict:
-    """Queues a ratings job now; follow it at /v1/jobs/ID."""
-    job = await gateway.jobs.create("ratings", RatingsParams())
+async def refresh_leaderboard(gateway: GatewayDep, who: Admin) -> dict:
+    """Queues a ratings job now (admins only); follow it at /v1/jobs/ID."""
+    await gateway.limits.admit(who.id)
+    job = await gateway.jobs.create("ratings", RatingsParams(), owner=who.id)
     return job.model_dump()

@@ -5,11 +5,15 @@ from __future__ import annotations
 import base64
 import struct
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from broker.schemas import TokenLogprob, Usage
+
+# A token id as a client may send one: any int beyond this is no model's (a bigger one would
+# overflow the tensors it goes into); ids past the model's vocabulary are the worker's 400.
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 
 
 class StreamOptions(BaseModel):
@@ -58,7 +62,7 @@ class SamplingFields(BaseModel):
     timeout: float | None = Field(None, gt=0, le=86_400)
     lane: Literal["interactive", "batch"] = "interactive"
     # vLLM's extensions: token ids that end generation, and generating exactly max_tokens.
-    stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
+    stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=64)
     ignore_eos: bool = False
     user: str | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -127,7 +131,7 @@ class ChatCompletionCreate(SamplingFields):
 
 class CompletionCreate(SamplingFields):
     # A string, or token ids (decoded by the model's own tokenizer), or a list of one of either.
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     # OpenAI's default for legacy completions.
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=5)
@@ -179,7 +183,7 @@ class DetokenizeCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    tokens: list[int] = Field(min_length=1)
+    tokens: list[TokenId] = Field(min_length=1)
 
 
 class EmbeddingCreate(BaseModel):
@@ -187,7 +191,7 @@ class EmbeddingCreate(BaseModel):
 
     model: str
     # A text, token ids, or a list of either (at most 2048 inputs, as OpenAI allows).
-    input: str | list[str] | list[int] | list[list[int]]
+    input: str | list[str] | list[TokenId] | list[list[TokenId]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: None = Field(None, description="Corral returns the model's full hidden size.")
     user: str | None = None
@@ -200,7 +204,7 @@ class EmbeddingCreate(BaseModel):
             raise ValueError("give 1 to 2048 non-empty inputs")
         return value
 
-    def inputs(self) -> list[str | list[int]]:
+    def inputs(self) -> list[str | list[TokenId]]:
         value = self.input
         if isinstance(value, str) or isinstance(value[0], int):
             return [value]  # type: ignore[list-item]

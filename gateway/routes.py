@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from broker.queue import QueueFull
 from broker.schemas import ChatMessage, Event, GenerationRequest, Usage, WorkerInfo
-from gateway.auth import Caller, LimitsDep, caller
+from gateway.auth import Limited, LimitsDep, caller
 from gateway.errors import (
     Backlogged,
     DeadlineExceeded,
@@ -75,25 +75,26 @@ async def get_model(model_id: str, gateway: GatewayDep) -> dict:
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionCreate, gateway: GatewayDep, who: Caller, limits: LimitsDep):
-    await limits.admit(who)
+async def chat_completions(body: ChatCompletionCreate, gateway: GatewayDep, who: Limited):
     messages = [ChatMessage(role=m.role, content=m.text()) for m in body.messages]
-    return await _generate(gateway, body, "chat", who, messages=messages)
+    check_input_size(gateway, sum(len(m.content) for m in messages), "messages")
+    return await _generate(gateway, body, "chat", who.id, messages=messages)
 
 
 @router.post("/completions")
-async def completions(body: CompletionCreate, gateway: GatewayDep, who: Caller, limits: LimitsDep):
-    await limits.admit(who)
-    return await _generate(gateway, body, "completions", who, **body.prompt_fields())
+async def completions(body: CompletionCreate, gateway: GatewayDep, who: Limited):
+    prompt = body.prompt_fields()
+    check_input_size(gateway, len(prompt.get("prompt") or prompt.get("prompt_token_ids") or ""), "prompt")
+    return await _generate(gateway, body, "completions", who.id, **prompt)
 
 
 @router.post("/embeddings")
-async def embeddings(body: EmbeddingCreate, gateway: GatewayDep, who: Caller, limits: LimitsDep) -> dict:
-    await limits.admit(who)
+async def embeddings(body: EmbeddingCreate, gateway: GatewayDep, who: Limited, limits: LimitsDep) -> dict:
+    check_input_size(gateway, sum(len(item) for item in body.inputs()), "input")
     result = await _ask(gateway, body.model, "embed", inputs=body.inputs())
     tokens = result["prompt_tokens"]
     if limits.tokens_per_min:
-        gateway.hub.in_background(limits.spend(who, tokens))
+        gateway.hub.in_background(limits.spend(who.id, tokens))
     return {
         "object": "list",
         "data": embedding_body(result["embeddings"], body.encoding_format),
@@ -103,14 +104,26 @@ async def embeddings(body: EmbeddingCreate, gateway: GatewayDep, who: Caller, li
 
 
 @router.post("/tokenize")
-async def tokenize(body: TokenizeCreate, gateway: GatewayDep) -> dict:
+async def tokenize(body: TokenizeCreate, gateway: GatewayDep, _: Limited) -> dict:
     messages = [ChatMessage(role=m.role, content=m.text()) for m in body.messages] if body.messages else None
+    check_input_size(gateway, len(body.prompt or "") + sum(len(m.content) for m in messages or []), "prompt")
     return await _ask(gateway, body.model, "tokenize", messages=messages, prompt=body.prompt)
 
 
 @router.post("/detokenize")
-async def detokenize(body: DetokenizeCreate, gateway: GatewayDep) -> dict:
+async def detokenize(body: DetokenizeCreate, gateway: GatewayDep, _: Limited) -> dict:
+    check_input_size(gateway, len(body.tokens), "tokens")
     return await _ask(gateway, body.model, "detokenize", prompt_token_ids=body.tokens)
+
+
+def check_input_size(gateway: Gateway, chars: int, param: str) -> None:
+    """A prompt's size is checked before anything tokenizes it (tokens count one each)."""
+    limit = gateway.settings.max_input_chars
+    if chars > limit:
+        raise InvalidRequest(
+            f"The input has {chars} characters; this server takes at most {limit}.",
+            param=param, code="input_too_long",
+        )  # fmt: skip
 
 
 def new_request(gateway: Gateway, timeout_s: float | None = None, **fields) -> GenerationRequest:

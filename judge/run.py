@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -30,11 +31,16 @@ def output_folder(params: AnswerParams | JudgmentParams, home: Path) -> Path:
     every job on the same set, so answers are made once and judged by any judge."""
     if params.output:
         return Path(params.output)
-    return home / "judge" / Path(params.questions).stem
+    return home / "judge" / question_set_name(params.questions)
+
+
+def question_set_name(questions: str) -> str:
+    """A question set's name as a folder name of our own: its file's stem, in safe characters."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(questions).stem).lstrip(".") or "questions"
 
 
 def run_name(params: JudgmentParams) -> str:
-    return f"{Path(params.questions).stem}/{params.mode}/{params.judge}"
+    return f"{question_set_name(params.questions)}/{params.mode}/{params.judge}"
 
 
 def _prepare(config: AnswerParams | JudgmentParams, folder: Path, home: Path) -> Path:

@@ -10,9 +10,10 @@ import re
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+import re2
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Drop(Exception):
@@ -29,6 +30,18 @@ class Drop(Exception):
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def user_pattern(pattern: str, ignore_case: bool = False, multiline: bool = False):
+    """A pattern someone else wrote, compiled by RE2: matching takes time linear in the text, so
+    no pattern can freeze a run (Python's `re` backtracks: `(\\w+\\s?)+$` on a long line takes
+    hours). Raises ValueError naming what RE2 does not support (backreferences, lookaround)."""
+    flags = ("i" if ignore_case else "") + ("m" if multiline else "")
+    try:
+        return re2.compile(f"(?{flags}){pattern}" if flags else pattern)
+    except re2.error as e:
+        raise ValueError(f"not a supported pattern (RE2 syntax: no backreferences or lookaround): {e}"
+                         ) from None  # fmt: skip
 
 
 class Step(ABC):
@@ -175,7 +188,9 @@ class MinTurns(Step):
 class WordsParams(Params):
     # Corral's default: names of other assistants and vendors that a model should not learn to
     # call itself, and refusals copied from them.
-    words: list[str] = ["openai", "chatgpt", "as an ai language model", "my knowledge cutoff"]
+    words: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        ["openai", "chatgpt", "as an ai language model", "my knowledge cutoff"], max_length=1000
+    )
 
 
 @step
@@ -186,7 +201,7 @@ class BlockedWords(Step):
     def __init__(self, params: WordsParams, context: dict[str, Any]) -> None:
         super().__init__(params, context)
         self.pattern = (
-            re.compile("|".join(re.escape(w.lower()) for w in params.words)) if params.words else None
+            user_pattern("|".join(re.escape(w.lower()) for w in params.words)) if params.words else None
         )
 
     def apply(self, record: dict) -> list[dict]:
@@ -199,14 +214,25 @@ class BlockedWords(Step):
 
 
 class ErrorParams(Params):
-    # Replies that are an error page or a rate limit, not an answer.
-    patterns: list[str] = [
-        r"too many requests in 1 hour",
-        r"^!?\s*(network error|something went wrong|an error occurred)",
-        r"^error in (body )?stream",
-        r"you've reached (the|our) (current )?usage cap",
-        r"rate limit (reached|exceeded)",
-    ]
+    # Replies that are an error page or a rate limit, not an answer. RE2 syntax (no
+    # backreferences or lookaround): the patterns come from whoever queues the job.
+    patterns: list[Annotated[str, Field(min_length=1, max_length=500)]] = Field(
+        [
+            r"too many requests in 1 hour",
+            r"^!?\s*(network error|something went wrong|an error occurred)",
+            r"^error in (body )?stream",
+            r"you've reached (the|our) (current )?usage cap",
+            r"rate limit (reached|exceeded)",
+        ],
+        max_length=100,
+    )
+
+    @field_validator("patterns")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            user_pattern(pattern)
+        return patterns
 
 
 @step
@@ -216,7 +242,7 @@ class ErrorReplies(Step):
 
     def __init__(self, params: ErrorParams, context: dict[str, Any]) -> None:
         super().__init__(params, context)
-        self.patterns = [re.compile(p, re.IGNORECASE | re.MULTILINE) for p in params.patterns]
+        self.patterns = [user_pattern(p, ignore_case=True, multiline=True) for p in params.patterns]
 
     def apply(self, record: dict) -> list[dict]:
         for value in texts(record, "gpt"):
@@ -381,7 +407,7 @@ def _turn_counter(tokenizer) -> tuple[Callable[[list[dict]], list[int]], int]:
 
 
 class SampleParams(Params):
-    n: int
+    n: int = Field(gt=0, le=1_000_000)  # records held in memory
     seed: int = 0
 
 
@@ -415,7 +441,7 @@ class Sample(Step):
 class IdentityParams(Params):
     model_name: str = "Corral"
     organization: str = "the Corral project"
-    count: int = 20
+    count: int = Field(20, ge=0, le=10_000)
     seed: int = 0
 
 
