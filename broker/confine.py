@@ -76,7 +76,9 @@ def check_endpoint(endpoint: EndpointSpec, settings: Settings, param: str) -> No
     if endpoint.base_url is None:
         return
     url = urlsplit(endpoint.base_url)
-    if url.scheme not in ("http", "https") or url.query or url.fragment or url.username or url.password:
+    odd_path = any(part in (".", "..") for part in url.path.split("/")) or "%" in url.path
+    if (url.scheme not in ("http", "https") or url.query or url.fragment or url.username or url.password
+            or odd_path or "\\" in endpoint.base_url):  # fmt: skip
         raise NotAllowed(f"{param}.base_url", "must be a plain http(s) base URL")
     normal = endpoint.base_url.rstrip("/") + "/"
     if not any(normal.startswith(allowed.rstrip("/") + "/") for allowed in settings.allowed_endpoints):

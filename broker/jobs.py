@@ -26,6 +26,14 @@ RUN_JOB = "run_job"
 _EVENTS_MAX = 1000
 
 
+class JobError(Exception):
+    """A job's failure whose text is safe to show whoever reads the job: a named reason and a
+    message written by Corral, never quoting the job's input."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+
+
 # --------------------------------------------------------------------------- params per kind
 
 

@@ -137,6 +137,9 @@ class Settings(BaseSettings):
     # A running job's runner renews its lease this often × 3; a job whose lease lapses (its
     # runner died) is started again by a live runner, which resumes it.
     job_lease_s: float = Field(15.0, gt=0)
+    # After an abort, how long a job's process may take to stop by itself (training saves a
+    # checkpoint) before it is terminated.
+    job_stop_grace_s: float = Field(60.0, gt=0)
     # A job started this many times without ending fails instead.
     job_max_attempts: int = Field(3, ge=1)
     # How long an ended job's record is kept; its folder is deleted then too.

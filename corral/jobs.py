@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import shutil
 import threading
 import time
@@ -34,7 +35,7 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from broker.connection import connect, connect_arq, job_deserializer, job_serializer, resolve_redis_url
-from broker.jobs import RUN_JOB, JobPublic, JobStore, RatingsParams
+from broker.jobs import RUN_JOB, JobError, JobPublic, JobStore, RatingsParams
 from broker.keys import Keys
 from broker.settings import Settings
 
@@ -47,9 +48,7 @@ _PROGRESS_EVERY_S = 0.5
 # arq's own limits, left wide: Corral's lease and attempt count govern instead.
 _ARQ_TIMEOUT_S = 30 * 24 * 3600
 _ARQ_MAX_TRIES = 1000
-# After an abort, how long a job's process may take to stop by itself (a training job saves a
-# checkpoint) before it is terminated, and then killed.
-_STOP_GRACE_S = 60
+# A job's process that ignores SIGTERM this long is killed.
 _TERM_GRACE_S = 5
 # How often the runner deletes the folders of jobs whose records have expired.
 _SWEEP_EVERY_S = 3600
@@ -61,14 +60,6 @@ class Aborted(Exception):
 
 class _Failed(Exception):
     """The job was ended as failed before it ran; nothing more to do."""
-
-
-class JobError(Exception):
-    """A failure whose text is safe to show whoever reads the job: a named reason and a message
-    written by Corral, never quoting the job's input."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
 
 
 def job_error(error: BaseException) -> str:
@@ -218,7 +209,7 @@ class Runner:
 
     async def _run_in_child(self, job: JobPublic, progress: _Progress, stop: threading.Event) -> dict:
         """Runs the job's function in a spawned process; its progress comes back over a pipe.
-        `stop` (an abort) asks the process to stop, then terminates it after _STOP_GRACE_S."""
+        `stop` (an abort) asks the process to stop, then terminates it after `job_stop_grace_s`."""
         spawn = multiprocessing.get_context("spawn")
         receiver, sender = spawn.Pipe(duplex=False)
         stop_child = spawn.Event()
@@ -234,7 +225,7 @@ class Runner:
                 if stop.is_set() and stop_at is None:
                     stop_child.set()
                     stop_at = time.monotonic()
-                if stop_at is not None and time.monotonic() - stop_at > _STOP_GRACE_S:
+                if stop_at is not None and time.monotonic() - stop_at > self.settings.job_stop_grace_s:
                     raise Aborted()
                 if not await asyncio.to_thread(receiver.poll, 0.25):
                     if not process.is_alive() and not receiver.poll():
@@ -294,9 +285,18 @@ def _end(process: multiprocessing.process.BaseProcess) -> None:
         process.join()
 
 
+def _die_with(parent_pid: int) -> None:
+    """Ends this job process when its runner is gone (even SIGKILLed): a live runner takes the
+    job again and resumes it, and two processes must never write one job's folder."""
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)
+
+
 def _child_main(kind: str, params: dict, folder: str, settings: Settings, url: str, sender, stop) -> None:
     """A job's process: runs the kind's function, sending progress and then its outcome."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    threading.Thread(target=_die_with, args=(os.getppid(),), daemon=True).start()
 
     def progress(stage: str, done: int, total: int, message: str | None = None, metrics: dict | None = None
                  ) -> None:  # fmt: skip

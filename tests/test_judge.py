@@ -326,15 +326,21 @@ def test_a_judgment_job_picked_before_its_answer_job_steps_aside_instead_of_bloc
         stack.stop()
 
 
-def test_an_endpoint_key_in_a_jobs_params_is_never_shown_by_the_jobs_api(arena_stack):
+def test_an_endpoint_key_is_never_part_of_a_job_only_the_name_of_the_variable_holding_it(arena_stack):
     params = {"questions": "corral", "models": [MODEL], "judge": "x", "wait_for": ["no-such-job"],
-              "judge_endpoint": {"base_url": "http://127.0.0.1:9/v1",
-                                 "api_key": "sk-secret-123"}}  # fmt: skip
-    created = httpx.post(
-        f"{arena_stack.url}/v1/jobs", json={"kind": "judgment", "params": params}, timeout=10
-    )
+              "judge_endpoint": {"api_key": "sk-secret-123"}}  # fmt: skip
+
+    def post(params: dict) -> httpx.Response:
+        body = {"kind": "judgment", "params": params}
+        return httpx.post(f"{arena_stack.url}/v1/jobs", json=body, timeout=10)
+
+    refused = post(params)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "params.judge_endpoint.api_key"
+    assert "sk-secret-123" not in refused.text
+
+    params["judge_endpoint"] = {"api_key_env": "JUDGE_KEY"}
+    created = post(params)
     assert created.status_code == 200, created.text
-    shown = [created.text, httpx.get(f"{arena_stack.url}/v1/jobs/{created.json()['id']}", timeout=10).text,
-             httpx.get(f"{arena_stack.url}/v1/jobs", timeout=10).text]  # fmt: skip
-    assert all("sk-secret-123" not in text for text in shown)
-    assert created.json()["params"]["judge_endpoint"]["api_key"] == "***"
+    assert created.json()["params"]["judge_endpoint"]["api_key_env"] == "JUDGE_KEY"
+    bad_name = {**params, "judge_endpoint": {"api_key_env": "not a name"}}
+    assert post(bad_name).status_code == 400

@@ -213,7 +213,8 @@ def answer(claimed: Claimed, tokenizer: Any, engine: Engine) -> Event:
             seq=1, type="done", result={"embeddings": vectors, "prompt_tokens": sum(map(len, inputs))}
         )
     if request.kind == "detokenize":
-        text = tokenizer.decode(request.prompt_token_ids or [], skip_special_tokens=False)
+        ids = checked_ids(request.prompt_token_ids or [], tokenizer)
+        text = tokenizer.decode(ids, skip_special_tokens=False)
         return Event(seq=1, type="done", result={"prompt": text})
     ids = encode_prompt(claimed, tokenizer)
     return Event(
