@@ -13,7 +13,9 @@ def test_compose_runs_redis_with_aof_a_gateway_workers_a_job_runner_and_the_ui()
     services = yaml.safe_load(COMPOSE.read_text())["services"]
     assert "--appendonly" in services["redis"]["command"]
     assert services["gateway"]["command"][:2] == ["corral", "gateway"]
-    assert services["gateway"]["ports"] == ["8000:8000"]
+    assert services["gateway"]["ports"] == ["127.0.0.1:8000:8000"]  # the host's loopback only
+    assert "--insecure" in services["gateway"]["command"]  # a container listens on 0.0.0.0
+    assert "ports" not in services["redis"]
     for worker in ("worker-cpu", "worker-gpu"):
         assert services[worker]["command"][:2] == ["corral", "worker"]
         assert services[worker]["environment"]["CORRAL_REDIS_URL"] == "redis://redis:6379/0"
@@ -22,8 +24,9 @@ def test_compose_runs_redis_with_aof_a_gateway_workers_a_job_runner_and_the_ui()
     assert services["jobs"]["command"] == ["corral", "jobs"]
     assert services["jobs"]["volumes"] == ["corral-data:/data"]  # artifacts shared with the others
     ui = services["ui"]
-    assert ui["command"][:2] == ["corral", "ui"] and ui["ports"] == ["8501:8501"]
+    assert ui["command"][:2] == ["corral", "ui"] and ui["ports"] == ["127.0.0.1:8501:8501"]
     assert ui["environment"]["CORRAL_GATEWAY_URL"] == "http://gateway:8000"  # a client of the gateway only
+    assert set(ui["environment"]) == {"CORRAL_GATEWAY_URL", "CORRAL_API_KEY"}  # no server secrets
     assert ui["depends_on"]["gateway"]["condition"] == "service_healthy"
     gpu = services["worker-gpu"]
     assert gpu["profiles"] == ["gpu"]

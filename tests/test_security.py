@@ -328,9 +328,8 @@ def job_processes(runner_pid: int) -> list[psutil.Process]:
     return [c for c in children if "spawn_main" in " ".join(c.cmdline())]
 
 
-def test_an_abort_kills_a_job_stuck_in_a_blocking_call_and_sigterm_stops_the_runner(runner) -> None:
-    fifo = runner.home / "never-written"
-    os.mkfifo(fifo)  # opening it for reading blocks until a writer comes: none will
+def _stuck_job(runner, fifo: Path) -> tuple[str, psutil.Process]:
+    """A clean job blocked opening a FIFO nobody writes, once running; its id and process."""
     created = new_job(runner.url, "clean", {"inputs": [str(fifo)]}).json()
     deadline = time.monotonic() + 60
     while status_of(runner.url, created["id"]) != "running":
@@ -338,24 +337,28 @@ def test_an_abort_kills_a_job_stuck_in_a_blocking_call_and_sigterm_stops_the_run
         time.sleep(0.1)
     children = job_processes(runner.process.pid)
     assert len(children) == 1, "the job runs in a process of its own"
-    aborted = httpx.delete(f"{runner.url}/v1/jobs/{created['id']}", headers=auth(ADMIN), timeout=10)
+    return created["id"], children[0]
+
+
+def _gone(process: psutil.Process) -> bool:
+    psutil.wait_procs([process], timeout=10)
+    return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+
+
+def test_an_abort_kills_a_job_stuck_in_a_blocking_call_and_sigterm_stops_the_runner(runner) -> None:
+    fifo = runner.home / "never-written"
+    os.mkfifo(fifo)  # opening it for reading blocks until a writer comes: none will
+    job_id, process = _stuck_job(runner, fifo)
+    aborted = httpx.delete(f"{runner.url}/v1/jobs/{job_id}", headers=auth(ADMIN), timeout=10)
     assert aborted.status_code == 200
-    assert wait_job(runner.url, created["id"], timeout_s=30)["status"] == "aborted"
-    psutil.wait_procs(children, timeout=10)
-    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+    assert wait_job(runner.url, job_id, timeout_s=30)["status"] == "aborted"
+    assert _gone(process)
 
     # The same stuck job again, then SIGTERM: the runner ends, and its job's process with it.
-    second = new_job(runner.url, "clean", {"inputs": [str(fifo)]}).json()
-    deadline = time.monotonic() + 60
-    while status_of(runner.url, second["id"]) != "running":
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    children = job_processes(runner.process.pid)
-    assert len(children) == 1
+    _, process = _stuck_job(runner, fifo)
     runner.process.send_signal(signal.SIGTERM)
     assert runner.process.wait(timeout=30) is not None
-    psutil.wait_procs(children, timeout=10)
-    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+    assert _gone(process)
 
 
 # --------------------------------------------------------------------------- 6–7. ownership, the arena
