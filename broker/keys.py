@@ -43,6 +43,13 @@ class Keys:
         received by every worker."""
         return f"{self.prefix}:cancel"
 
+    def cancelled(self, request_id: str) -> str:
+        """Marker of a request whose client went away (SET by its gateway with the cancel
+        broadcast). A worker looks for it when it claims the request and before it admits it,
+        so a request cancelled while it waited in the queue never starts. Expires a minute
+        after the request's deadline."""
+        return f"{self.prefix}:cancelled:{request_id}"
+
     def progress(self, request_id: str) -> str:
         """String log of one in-flight request's progress (broker/progress.py's format): what
         each choice generated and how far its events went. The worker holding the request

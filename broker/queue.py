@@ -16,7 +16,7 @@ from redis.exceptions import ResponseError
 from broker.keys import LANES, WORKER_GROUP, Keys
 from broker.progress import ChoiceProgress, ProgressUpdate
 from broker.progress import parse as parse_progress
-from broker.schemas import Event, GenerationRequest
+from broker.schemas import Event, GenerationRequest, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +233,22 @@ class RequestQueue:
         for lane in LANES:
             await self.redis.xgroup_delconsumer(self.keys.requests(model, lane), WORKER_GROUP, consumer)
 
-    async def cancel(self, request_id: str) -> None:
-        """Tell every worker to drop this request at its next step."""
-        await self.redis.publish(self.keys.cancel, request_id)
+    async def cancel(self, request_id: str, expire_at_ms: int | None = None) -> None:
+        """Drop this request wherever it is: workers running it drop it at their next step (the
+        broadcast), and a worker that claims it later drops it at once (the marker, kept until
+        `expire_at_ms`, the request's deadline plus a grace, or an hour)."""
+        expire_at_ms = expire_at_ms or now_ms() + 3_600_000
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(self.keys.cancelled(request_id), "1", pxat=expire_at_ms)
+            pipe.publish(self.keys.cancel, request_id)
+            await pipe.execute()
+
+    async def cancelled(self, request_ids: list[str]) -> set[str]:
+        """Which of these requests were cancelled (one round trip)."""
+        if not request_ids:
+            return set()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for request_id in request_ids:
+                pipe.exists(self.keys.cancelled(request_id))
+            found = await pipe.execute()
+        return {r for r, hit in zip(request_ids, found, strict=True) if hit}

@@ -133,6 +133,10 @@ class WorkerInfo(BaseModel):
     tokens_per_s: float = 0.0
     # Output tokens generated since the worker started.
     tokens_out: int = 0
+    # Requests it dropped unfinished (client gone, deadline passed; some before they started),
+    # and the tokens it had generated for them.
+    cancelled: int = 0
+    tokens_wasted: int = 0
     context_length: int = 0
     started_at: float = Field(default_factory=time.time)
     metadata: ModelMetadata = Field(default_factory=ModelMetadata)

@@ -82,6 +82,15 @@ class Settings(BaseSettings):
     # After SIGTERM, how long in-flight requests may take to finish; what is still running then
     # is handed back (left pending, with its progress) for a live worker to continue.
     drain_timeout_s: float = Field(30.0, ge=0)
+    # A worker whose engine has had work and made no step this long takes it for dead: it hands
+    # its requests back and exits (status 3) for its supervisor to start it again.
+    engine_stall_s: float = Field(120.0, gt=0)
+    # Tests only: SIGUSR2 makes the engine's thread die at its next step.
+    fault_injection: bool = False
+    # While other requests decode, the prompt tokens one engine step may take (a long prompt is
+    # read in slices between their tokens, so their streams never freeze); None = auto (128 on a
+    # CPU, chosen with bench/prefill.py; 512 on a GPU), 0 = no bound.
+    prefill_tokens_while_decoding: int | None = Field(None, ge=0)
     chat_template: str | None = None
     # LoRA adapters served beside the model on one copy of its weights: NAME=PATH each (a peft
     # adapter folder), each served as model NAME; from the environment, a JSON list.

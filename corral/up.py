@@ -22,6 +22,9 @@ from broker.settings import Settings
 console = Console(stderr=True)
 
 _READY_TIMEOUT_S = 600
+# A worker that exits (its engine died) is started again, up to this often.
+_MAX_RESTARTS = 5
+_RESTART_WINDOW_S = 600
 
 
 def child_env(settings: Settings) -> dict[str, str]:
@@ -106,6 +109,16 @@ def _stop(children: list[subprocess.Popen]) -> None:
             child.kill()
 
 
+def _may_restart(restarts: list[float]) -> bool:
+    """At most _MAX_RESTARTS in _RESTART_WINDOW_S: a worker that cannot start is not retried forever."""
+    now = time.monotonic()
+    restarts[:] = [t for t in restarts if now - t < _RESTART_WINDOW_S]
+    if len(restarts) >= _MAX_RESTARTS:
+        return False
+    restarts.append(now)
+    return True
+
+
 def up(settings: Settings) -> int:
     valkey = None
     if not settings.redis_url:
@@ -117,12 +130,14 @@ def up(settings: Settings) -> int:
         # The key of Corral's own calls: the readiness probe below, the UI, the judge's requests.
         settings = settings.with_overrides(internal_key=secrets.token_urlsafe(32))
     env = child_env(settings)
+    worker_command = [sys.executable, "-m", "workers"]
     children = [
         subprocess.Popen([sys.executable, "-m", "gateway"], env=env),
-        subprocess.Popen([sys.executable, "-m", "workers"], env=env),
+        subprocess.Popen(worker_command, env=env),
         subprocess.Popen([sys.executable, "-m", "corral", "jobs"], env=env),
         subprocess.Popen(ui_command(settings), env=ui_env(settings), stdout=subprocess.DEVNULL),
     ]
+    restarts: list[float] = []
     url = gateway_url(settings)
     ui_url = f"http://{settings.host}:{settings.ui_port}"
     stopping = False
@@ -142,7 +157,13 @@ def up(settings: Settings) -> int:
         print(f"Web UI (chat, arena, leaderboard): {ui_url}", flush=True)
         console.print(f"Try: corral chat --url {url}    (Ctrl-C stops everything)")
         while not stopping:
-            if any(child.poll() is not None for child in children):
+            worker = children[1]
+            if worker.poll() is not None and _may_restart(restarts):
+                # A worker exits on its own when its engine dies (its requests are handed back):
+                # start it again, as compose's restart policy does.
+                console.print(f"[yellow]the worker exited ({worker.returncode}); starting it again[/yellow]")
+                children[1] = subprocess.Popen(worker_command, env=env)
+            elif any(child.poll() is not None for child in children):
                 console.print("[red]a component exited; stopping[/red]")
                 return 1
             time.sleep(0.5)

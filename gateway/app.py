@@ -43,7 +43,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redis = connect(url)
         arq = connect_arq(url)
         keys = Keys(settings.key_prefix)
-        hub = EventHub(redis, keys)
+        queue = RequestQueue(redis, keys)
+        hub = EventHub(redis, keys, on_orphan=queue.cancel)
         await hub.start()
         app.state.limits = limits = Limits(
             redis,
@@ -56,7 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.gateway = Gateway(
             settings=settings,
             redis=redis,
-            queue=RequestQueue(redis, keys),
+            queue=queue,
             hub=hub,
             metrics=Metrics(),
             models=LiveModels(WorkerRegistry(redis, keys)),
@@ -106,6 +107,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for model, workers in served.items():
             gateway.metrics.live_workers.labels(model).set(len(workers))
             gateway.metrics.queue_depth.labels(model).set(await gateway.queue.depth(model))
+            gateway.metrics.worker_cancelled.labels(model).set(sum(w.cancelled for w in workers))
+            gateway.metrics.worker_tokens_wasted.labels(model).set(sum(w.tokens_wasted for w in workers))
         return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app

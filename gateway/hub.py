@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import redis.asyncio as aioredis
 
@@ -22,8 +22,18 @@ log = logging.getLogger(__name__)
 _RECONNECT_MAX_S = 5.0
 
 
+# Request ids whose orphaned events were reported, remembered so each is cancelled once.
+_ORPHANS_REMEMBERED = 4096
+
+
 class EventHub:
-    def __init__(self, redis: aioredis.Redis, keys: Keys, gateway_id: str | None = None) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        gateway_id: str | None = None,
+        on_orphan: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.gateway_id = gateway_id or uuid.uuid4().hex[:12]
@@ -33,6 +43,11 @@ class EventHub:
         self._reader: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
         self.connected = False
+        # Called once for a request of ours that nobody here waits for any more (its client
+        # left): PUBLISH counts this gateway's pattern subscription as a listener whatever the
+        # request, so only the gateway can tell the worker that nobody hears it.
+        self.on_orphan = on_orphan
+        self._orphans: dict[str, None] = {}
 
     def new_request_id(self) -> str:
         return f"{self.gateway_id}.{uuid.uuid4().hex[:20]}"
@@ -58,6 +73,14 @@ class EventHub:
     def close(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
 
+    def _orphaned(self, request_id: str) -> None:
+        if self.on_orphan is None or request_id in self._orphans:
+            return
+        self._orphans[request_id] = None
+        if len(self._orphans) > _ORPHANS_REMEMBERED:
+            del self._orphans[next(iter(self._orphans))]
+        self.in_background(self.on_orphan(request_id))
+
     def in_background(self, coro) -> None:
         """Run `coro` to its end even if the task that asked is being cancelled (client gone)."""
         task = asyncio.get_running_loop().create_task(coro)
@@ -71,9 +94,12 @@ class EventHub:
                 async for message in self._pubsub.listen():
                     self.connected = True
                     backoff_s = 0.1
-                    queue = self._queues.get(message["channel"][len(self._channel_prefix) :])
+                    request_id = message["channel"][len(self._channel_prefix) :]
+                    queue = self._queues.get(request_id)
                     if queue is not None:
                         queue.put_nowait(message["data"])
+                    else:
+                        self._orphaned(request_id)
             except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as e:
                 self.connected = False
                 log.warning("pub/sub connection lost (%s); retrying in %.1fs", e, backoff_s)

@@ -140,7 +140,9 @@ class CompletionCreate(SamplingFields):
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, prompt: str | list) -> str | list:
-        if isinstance(prompt, list) and not prompt:
+        # An empty prompt has nothing for the model to continue (and would reach the engine as
+        # a zero-token sequence): "", [""], [] and [[]] alike.
+        if not prompt or (isinstance(prompt, list) and isinstance(prompt[0], str) and not prompt[0]):
             raise ValueError("the prompt is empty")
         if isinstance(prompt, list) and isinstance(prompt[0], str | list) and len(prompt) != 1:
             raise ValueError("exactly one prompt is served per request for now")

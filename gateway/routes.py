@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
 import orjson
-from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from broker.progress import GRACE_MS
 from broker.queue import QueueFull
 from broker.schemas import ChatMessage, Event, GenerationRequest, Usage, WorkerInfo
 from gateway.auth import Limited, LimitsDep, caller
@@ -35,6 +37,9 @@ from gateway.openai_schemas import (
 from gateway.state import Gateway, GatewayDep
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
+
+# How often a non-streaming request looks whether its client is still there.
+_DISCONNECT_POLL_S = 0.5
 
 
 def _model_card(name: str, workers: list[WorkerInfo]) -> dict:
@@ -75,17 +80,17 @@ async def get_model(model_id: str, gateway: GatewayDep) -> dict:
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionCreate, gateway: GatewayDep, who: Limited):
+async def chat_completions(body: ChatCompletionCreate, gateway: GatewayDep, who: Limited, http: Request):
     messages = [ChatMessage(role=m.role, content=m.text()) for m in body.messages]
     check_input_size(gateway, sum(len(m.content) for m in messages), "messages")
-    return await _generate(gateway, body, "chat", who.id, messages=messages)
+    return await _generate(gateway, body, "chat", who.id, http, messages=messages)
 
 
 @router.post("/completions")
-async def completions(body: CompletionCreate, gateway: GatewayDep, who: Limited):
+async def completions(body: CompletionCreate, gateway: GatewayDep, who: Limited, http: Request):
     prompt = body.prompt_fields()
     check_input_size(gateway, len(prompt.get("prompt") or prompt.get("prompt_token_ids") or ""), "prompt")
-    return await _generate(gateway, body, "completions", who.id, **prompt)
+    return await _generate(gateway, body, "completions", who.id, http, **prompt)
 
 
 @router.post("/embeddings")
@@ -175,6 +180,7 @@ class Call:
         self.deadline = loop.time() + (request.deadline_ms - request.created_ms) / 1000
         self.queue = gateway.hub.open(request.request_id)
         self.finished = False
+        self.counted = False
 
     async def events(self) -> AsyncIterator[Event]:
         try:
@@ -190,6 +196,7 @@ class Call:
             ) from None
 
     def count(self, status: str, usage: Usage | None = None) -> None:
+        self.counted = True
         model = self.request.model
         self.gateway.metrics.requests.labels(model, self.endpoint, status).inc()
         if usage is not None:
@@ -202,14 +209,19 @@ class Call:
         self.gateway.metrics.ttft.labels(self.request.model).observe(time.perf_counter() - self.received)
 
     def release(self) -> None:
-        """Forget the request; if it never finished (client gone, deadline), cancel it."""
+        """Forget the request; if it never finished (client gone, deadline), cancel it: it is
+        dropped wherever it is, running or still queued, and counted as abandoned unless its
+        outcome was counted already."""
         self.gateway.hub.close(self.request.request_id)
         if not self.finished:
-            self.gateway.hub.in_background(self.gateway.queue.cancel(self.request.request_id))
+            if not self.counted:
+                self.count("abandoned")
+            expire_at_ms = self.request.deadline_ms + GRACE_MS
+            self.gateway.hub.in_background(self.gateway.queue.cancel(self.request.request_id, expire_at_ms))
 
 
 async def _generate(
-    gateway: Gateway, body, endpoint: str, who: str, **prompt
+    gateway: Gateway, body, endpoint: str, who: str, http: Request, **prompt
 ) -> JSONResponse | StreamingResponse:
     refused = body.refusal()
     if refused is not None:
@@ -262,7 +274,7 @@ async def _generate(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_stream(call, shape, include_usage), media_type="text/event-stream")
-    return await _complete(call, shape)
+    return await _complete_unless_abandoned(call, shape, http)
 
 
 def _response_id(endpoint: str, request_id: str) -> str:
@@ -274,6 +286,28 @@ def _total(usages: list[Usage]) -> Usage:
     return Usage(
         prompt_tokens=usages[0].prompt_tokens, completion_tokens=sum(u.completion_tokens for u in usages)
     )
+
+
+async def _complete_unless_abandoned(call: Call, shape: ResponseShape, http: Request) -> Response:
+    """The whole answer, unless the client leaves first: then the request is cancelled at
+    once instead of generating until its deadline for nobody."""
+    answer = asyncio.ensure_future(_complete(call, shape))
+    watch = asyncio.ensure_future(_until_disconnected(http))
+    try:
+        await asyncio.wait((answer, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if answer.done():
+        return answer.result()
+    answer.cancel()  # its `finally` releases the call, which cancels the request
+    with contextlib.suppress(asyncio.CancelledError):
+        await answer
+    return Response(status_code=499)  # nobody reads it: the client is gone
+
+
+async def _until_disconnected(http: Request) -> None:
+    while not await http.is_disconnected():
+        await asyncio.sleep(_DISCONNECT_POLL_S)
 
 
 async def _complete(call: Call, shape: ResponseShape) -> JSONResponse:

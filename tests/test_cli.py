@@ -30,6 +30,7 @@ def test_corral_up_with_keys_starts_valkey_gateway_worker_and_ui_and_prints_the_
     env.update(
         CORRAL_HOME=str(home), CORRAL_PORT=str(port), CORRAL_THREADS="1", CORRAL_KV_CACHE_TOKENS="4096",
         CORRAL_UI_PORT=str(ui_port), CORRAL_API_KEYS="user-key", CORRAL_ADMIN_KEYS="admin-key",
+        CORRAL_FAULT_INJECTION="true",
     )  # fmt: skip
     user = {"Authorization": "Bearer user-key"}
     up = subprocess.Popen([sys.executable, "-m", "corral", "up"], env=env, stdout=subprocess.PIPE, text=True)
@@ -63,6 +64,19 @@ def test_corral_up_with_keys_starts_valkey_gateway_worker_and_ui_and_prints_the_
         url = json.loads((home / "valkey" / "server.json").read_text())["url"]
         with pytest.raises(redis.exceptions.NoPermissionError):
             redis.Redis(port=redis.Redis.from_url(url).connection_pool.connection_kwargs["port"]).keys()
+        # A worker whose engine dies exits, and `corral up` starts it again; the request that was
+        # running when it died is answered by the new one.
+        worker = next(p for p in psutil.Process(up.pid).children() if p.cmdline()[-2:] == ["-m", "workers"])
+        worker.send_signal(signal.SIGUSR2)  # its engine's thread dies at the next step
+        survived = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+            headers=user,
+            timeout=240,
+        )
+        assert survived.status_code == 200, survived.text
+        workers = [p for p in psutil.Process(up.pid).children() if p.cmdline()[-2:] == ["-m", "workers"]]
+        assert [w.pid for w in workers] != [worker.pid] and not worker.is_running()
     finally:
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=60) == 0

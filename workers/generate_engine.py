@@ -57,6 +57,9 @@ class GenerateEngine:
         self._jobs.put(None)
         self._thread.join(timeout=10)
 
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         self._cancelled.discard(request_id)
         self._jobs.put((request_id, prompt_ids, params))

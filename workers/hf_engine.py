@@ -13,13 +13,17 @@ on transformers 5.23 that shape this file:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
+from transformers.generation.continuous_batching.requests import RequestStatus
+from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING, FIFOScheduler
 
 from workers.engine import Outbox, SamplingParams, StepOutput, mean_pooled
 from workers.loading import LoadedModel, eos_ids, free_memory_bytes
@@ -35,6 +39,11 @@ _PAGE_TOKENS = 256
 _CPU_MAX_BATCH_TOKENS = 1024
 _CPU_KV_SHARE = 0.25
 _CPU_KV_MAX_BYTES = 4 << 30  # as vLLM's CPU backend reserves by default
+# Prompt tokens a step may take while others decode. On this 2-core CPU (bench/prefill.py, fp32,
+# one thread, 8 streams, a 7,372-token prompt): no bound 13.4 s worst gap / 66 s to the long
+# prompt's first token; 64: 1.8 s / 108 s; 128: 2.2 s / 77 s; 256: 3.6 s / 69 s.
+_CPU_PREFILL_WHILE_DECODING = 128
+_GPU_PREFILL_WHILE_DECODING = 512
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -67,6 +76,36 @@ def cpu_cache_plan(loaded: LoadedModel, max_batch: int, kv_cache_tokens: int, ma
     return kv_cache_tokens, max_batch_tokens
 
 
+class FairScheduler(FIFOScheduler):
+    """transformers' FIFO scheduler (decoding requests first), with the prompt tokens of one step
+    bounded while any request decodes. Unbounded, a long prompt fills whole steps of
+    `max_batch_tokens` (1,024 on a CPU) until it is read in, and every other stream waits that
+    long for its next token; bounded, it is read in slices between their tokens. Alone, a prompt
+    still gets the whole step. The bound is a class attribute: transformers builds the scheduler
+    itself, from a name (see `fair_scheduler`)."""
+
+    prefill_tokens_while_decoding: ClassVar[int] = _CPU_PREFILL_WHILE_DECODING
+
+    def schedule_batch(self, token_budget: int, cache_budget: int):
+        decoding = sum(s.status == RequestStatus.DECODING for s in self.active_requests.values())
+        if decoding:
+            token_budget = min(token_budget, decoding + self.prefill_tokens_while_decoding)
+        return super().schedule_batch(token_budget, cache_budget)
+
+
+def fair_scheduler(prefill_tokens_while_decoding: int) -> str:
+    """The name under which transformers finds a FairScheduler with this bound ("fifo" for none)."""
+    if not prefill_tokens_while_decoding:
+        return "fifo"
+    params = list(inspect.signature(FIFOScheduler.schedule_batch).parameters)
+    if params != ["self", "token_budget", "cache_budget"]:  # pinned: transformers 5.23–5.24
+        raise RuntimeError(f"transformers' scheduler changed ({params}); update workers/hf_engine.py")
+    name = f"corral-fair-{prefill_tokens_while_decoding}"
+    bound = {"prefill_tokens_while_decoding": prefill_tokens_while_decoding}
+    SCHEDULER_MAPPING.setdefault(name, type(name, (FairScheduler,), bound))
+    return name
+
+
 class TransformersEngine:
     def __init__(
         self,
@@ -75,6 +114,7 @@ class TransformersEngine:
         kv_cache_tokens: int = 0,
         max_batch_tokens: int = 0,
         adapters: dict[str, Path] | None = None,
+        prefill_tokens_while_decoding: int | None = None,
     ) -> None:
         self.loaded = loaded
         self.max_batch = max_batch
@@ -86,6 +126,10 @@ class TransformersEngine:
             kv_cache_tokens, max_batch_tokens = cpu_cache_plan(
                 loaded, max_batch, kv_cache_tokens, max_batch_tokens
             )
+        if prefill_tokens_while_decoding is None:
+            auto = _CPU_PREFILL_WHILE_DECODING if loaded.device == "cpu" else _GPU_PREFILL_WHILE_DECODING
+            prefill_tokens_while_decoding = auto
+            log.info("prefill_tokens_while_decoding=%d (auto)", prefill_tokens_while_decoding)
         self.context_length = loaded.context_length
         tokenizer, model = loaded.tokenizer, loaded.model
         self.eos_token_ids = eos_ids(loaded)
@@ -112,6 +156,7 @@ class TransformersEngine:
                 num_blocks=-(-kv_cache_tokens // _PAGE_TOKENS) if kv_cache_tokens else None,
                 max_batch_tokens=max_batch_tokens or None,
                 page_size=_PAGE_TOKENS,
+                scheduler_type=fair_scheduler(prefill_tokens_while_decoding),
             ),
         )
         # request id → (tokens already reported, the token ids that end it)
@@ -127,6 +172,21 @@ class TransformersEngine:
 
     def stop(self) -> None:
         self.manager.stop(block=True, timeout=10)
+
+    def alive(self) -> bool:
+        # A crash asks for a hard stop before it fails every request (transformers 5.24), so a
+        # dead engine's error results are never mistaken for errors of their requests.
+        status = self.manager.background_thread_status
+        return (self.manager.is_running() and status.fatal_error is None
+                and status.local_status == status.DONT_STOP)  # fmt: skip
+
+    def fail_next_step(self) -> None:
+        """Fault injection (tests): the generation thread's next step raises, and it dies."""
+
+        def broken() -> None:
+            raise RuntimeError("fault injected: the engine's thread dies")
+
+        self.manager._generation_step = broken
 
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         stop_ids = frozenset(params.stop_token_ids) | (

@@ -31,6 +31,15 @@ _BACKOFF_MIN_S = 0.1
 _BACKOFF_MAX_S = 2.0
 # How long a busy worker waits for engine output before it checks deadlines again.
 _STEP_WAIT_S = 0.5
+# Cancels of requests not (yet) running here that are remembered before old ones are pruned.
+_EARLY_CANCELS_MAX = 10_000
+# Exit status of a worker whose engine died: a supervisor (corral up, compose) starts it again.
+ENGINE_DIED_EXIT = 3
+
+
+class EngineDied(Exception):
+    """The engine stopped working (its thread died, or it made no step for too long). The
+    worker hands its requests back and exits; it never publishes the engine's last errors."""
 
 
 def new_worker_id() -> str:
@@ -51,6 +60,7 @@ class Worker:
         worker_ttl_s: float = 5.0,
         max_attempts: int = 3,
         drain_timeout_s: float = 30.0,
+        engine_stall_s: float = 120.0,
         template_stops: Stops = NO_STOPS,
         metadata: ModelMetadata | None = None,
         adapters: dict[str, ModelMetadata] | None = None,
@@ -74,6 +84,9 @@ class Worker:
         # A request whose worker died more often than this ends with an error.
         self.max_attempts = max_attempts
         self.drain_timeout_s = drain_timeout_s
+        # An engine with work that yields nothing this long is taken for dead.
+        self.engine_stall_s = engine_stall_s
+        self._last_output_at = time.monotonic()
         self._drain_until = float("inf")
         # Choices being generated, by engine id; and choices left per request id.
         self.active: dict[str, Sequence] = {}
@@ -90,6 +103,11 @@ class Worker:
         self._unheard_since: dict[str, float] = {}
         self.started_at = time.time()
         self.tokens_out = 0
+        # Cancels of requests not running here (yet): one claimed now may be between its marker
+        # check and its start. Kept a minute.
+        self._cancelled_early: dict[str, float] = {}
+        self.cancelled = 0
+        self.tokens_wasted = 0
         self.requests_done = 0
         self.reclaimed = 0
         self.tokens_per_s = 0.0  # over the last heartbeat interval
@@ -114,6 +132,10 @@ class Worker:
                 try:
                     await self.iterate()
                     backoff_s = _BACKOFF_MIN_S
+                except EngineDied as e:
+                    log.error("the engine died (%s): handing back %d requests and exiting", e, len(self.open))
+                    await self.hand_back()
+                    raise
                 except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as e:
                     # The engine keeps generating; its output waits in the engine, and what was
                     # not published or acked waits here, until Redis answers again.
@@ -131,9 +153,11 @@ class Worker:
 
     async def iterate(self) -> None:
         """One turn of the loop: claim → admit → step → publish → ack."""
+        self.check_engine()
         claimed = await self.claim()
         events, done = await self.admit(claimed)
         outputs = await self.engine.step(_STEP_WAIT_S if self.active else 0)
+        self.check_engine(outputs)
         events += self.collect(outputs, done)
         events += self.expire_overdue(done)
         self._unpublished += events
@@ -154,6 +178,18 @@ class Worker:
         ):
             pass
 
+    def check_engine(self, outputs: list | None = None) -> None:
+        """Raises EngineDied if the engine's thread is gone, or it has had work and yielded
+        nothing for `engine_stall_s`. A dead engine's final outputs (an error for every request)
+        are never published: the requests go to a live worker instead."""
+        now = time.monotonic()
+        if outputs or not self.active:
+            self._last_output_at = now
+        if not self.engine.alive():
+            raise EngineDied("its thread is not running")
+        if now - self._last_output_at > self.engine_stall_s:
+            raise EngineDied(f"no step in {self.engine_stall_s:.0f}s with {len(self.active)} requests")
+
     def stop(self) -> None:
         """Stop claiming; `run` returns once the requests in flight are done, or after the
         drain timeout, handing back what is still running."""
@@ -165,11 +201,12 @@ class Worker:
         """Leave the requests still running pending, unacked: their progress is in Redis, and
         once this worker has deregistered a live one reclaims and continues them."""
         handed = {sequence.request_id for sequence in self.active.values()}
-        for engine_id in list(self.active):
-            self.engine.cancel(engine_id)
+        if self.engine.alive():
+            for engine_id in list(self.active):
+                self.engine.cancel(engine_id)
         self.active.clear()
         self.open.clear()
-        log.info("drain timeout: handed back %d requests", len(handed))
+        log.info("handed back %d requests", len(handed))
 
     async def claim(self) -> list[Claimed]:
         """New requests, and requests of dead workers, up to the free batch slots."""
@@ -206,13 +243,21 @@ class Worker:
         over: tokenizer requests, requests that cannot run, resumed requests with nothing left."""
         if not claimed:
             return [], []
+        # Requests whose clients left while they waited never start: they are acked at once.
+        cancelled = await self.queue.cancelled([c.request.request_id for c in claimed])
+        self.cancelled += len(cancelled)
+        done: list[Claimed] = [c for c in claimed if c.request.request_id in cancelled]
+        claimed = [c for c in claimed if c.request.request_id not in cancelled]
         progress = {c.request.request_id: await self._attempt(c) for c in claimed if c.reclaimed}
         # Chat templates and tokenizing are CPU work: keep them off the event loop.
         prepared = await asyncio.to_thread(self._prepare, claimed, progress)
         events: list[tuple[str, Event]] = []
-        done: list[Claimed] = []
         for item, result in zip(claimed, prepared, strict=True):
             request_id = item.request.request_id
+            if self._cancelled_early.pop(request_id, None) is not None:  # cancelled while prepared
+                self.cancelled += 1
+                done.append(item)
+                continue
             if isinstance(result, Event):
                 events.append((request_id, result))
                 done.append(item)
@@ -389,6 +434,8 @@ class Worker:
             reclaimed=self.reclaimed,
             tokens_per_s=round(self.tokens_per_s, 2),
             tokens_out=self.tokens_out,
+            cancelled=self.cancelled,
+            tokens_wasted=self.tokens_wasted,
             context_length=self.engine.context_length,
             started_at=self.started_at,
             metadata=self.metadata,
@@ -429,10 +476,16 @@ class Worker:
 
     async def _cancel(self, request_id: str) -> None:
         if request_id not in self.open:
+            now = time.monotonic()
+            self._cancelled_early[request_id] = now
+            if len(self._cancelled_early) > _EARLY_CANCELS_MAX:
+                self._cancelled_early = {r: t for r, t in self._cancelled_early.items() if now - t < 60}
             return
         done: list[Claimed] = []
         for sequence in [s for s in self.active.values() if s.request_id == request_id]:
             self.engine.cancel(sequence.engine_id)
+            self.tokens_wasted += len(sequence.generated)
             done += self._release(sequence)
+        self.cancelled += 1
         await self.ack(done)
         log.info("cancelled %s", request_id)

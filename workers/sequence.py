@@ -22,6 +22,15 @@ class InvalidPrompt(Exception):
 
 
 def encode_prompt(claimed: Claimed, tokenizer: Any) -> list[int]:
+    """The request's prompt as token ids; never empty (the last line of defence: a zero-token
+    sequence kills transformers' batching thread, and with it every request on the worker)."""
+    ids = _encode(claimed, tokenizer)
+    if not ids:
+        raise InvalidPrompt("invalid_request", "the prompt is empty: it encodes to no tokens")
+    return ids
+
+
+def _encode(claimed: Claimed, tokenizer: Any) -> list[int]:
     request = claimed.request
     if request.messages is not None:
         if not tokenizer.chat_template:
@@ -216,7 +225,7 @@ def answer(claimed: Claimed, tokenizer: Any, engine: Engine) -> Event:
         ids = checked_ids(request.prompt_token_ids or [], tokenizer)
         text = tokenizer.decode(ids, skip_special_tokens=False)
         return Event(seq=1, type="done", result={"prompt": text})
-    ids = encode_prompt(claimed, tokenizer)
+    ids = _encode(claimed, tokenizer)  # tokenizing "" is fine: no engine sees it
     return Event(
         seq=1, type="done", result={"tokens": ids, "count": len(ids), "max_model_len": context_length}
     )

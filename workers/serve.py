@@ -15,7 +15,7 @@ from workers.generate_engine import GenerateEngine
 from workers.hf_engine import TransformersEngine
 from workers.loading import LoadedModel, MissingExtra, Placement, load_model
 from workers.lora import parse_specs
-from workers.runtime import Worker
+from workers.runtime import ENGINE_DIED_EXIT, EngineDied, Worker
 from workers.upstream import Upstream, UpstreamEngine, UpstreamWorker
 
 log = logging.getLogger(__name__)
@@ -27,8 +27,13 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
+    if settings.fault_injection and hasattr(worker.engine, "fail_next_step"):
+        loop.add_signal_handler(signal.SIGUSR2, worker.engine.fail_next_step)
     try:
         await worker.run()
+    except EngineDied:
+        # Its requests are handed back and it has deregistered: a supervisor starts a new one.
+        raise SystemExit(ENGINE_DIED_EXIT) from None
     finally:
         await redis.aclose()
 
@@ -41,6 +46,7 @@ def _runtime_options(settings: Settings) -> dict:
         "worker_ttl_s": settings.worker_ttl_s,
         "max_attempts": settings.max_attempts,
         "drain_timeout_s": settings.drain_timeout_s,
+        "engine_stall_s": settings.engine_stall_s,
         "metadata": ModelMetadata.model_validate(settings.model_metadata()),
     }
 
@@ -86,6 +92,7 @@ def build_engine(settings: Settings, loaded: LoadedModel, adapters: dict) -> Eng
                 kv_cache_tokens=settings.kv_cache_tokens,
                 max_batch_tokens=settings.max_batch_tokens,
                 adapters=adapters,
+                prefill_tokens_while_decoding=settings.prefill_tokens_while_decoding,
             )
         except (RuntimeError, ValueError, NotImplementedError, TypeError) as e:
             if settings.engine == "continuous":

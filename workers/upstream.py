@@ -173,6 +173,9 @@ class UpstreamEngine:
         self._client = httpx.AsyncClient(base_url=self.upstream.base_url.rstrip("/"), timeout=timeout,
                                          headers=self.upstream.headers())  # fmt: skip
 
+    def alive(self) -> bool:
+        return True  # nothing runs here but HTTP calls, each failing on its own
+
     def stop(self) -> None:
         for task in self._calls.values():
             task.cancel()
@@ -272,6 +275,8 @@ class UpstreamWorker(Worker):
     def __init__(self, engine: UpstreamEngine, *args: Any, **kwargs: Any) -> None:
         super().__init__(engine, None, *args, **kwargs)  # type: ignore[arg-type]
         self.upstream = engine.upstream
+        # An upstream may think for minutes before its first token; its own timeout governs.
+        self.engine_stall_s = float("inf")
 
     async def warmup(self) -> None:
         """Nothing to warm; a server that cannot be reached is logged, not fatal (it may come up)."""
