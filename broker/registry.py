@@ -46,6 +46,8 @@ class WorkerRegistry:
         """Served model name → its live workers."""
         served: dict[str, list[WorkerInfo]] = {}
         for worker in await self.live():
+            if not worker.engine_alive:
+                continue
             for model in worker.models:
                 served.setdefault(model, []).append(worker)
         return served

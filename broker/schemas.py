@@ -137,6 +137,9 @@ class WorkerInfo(BaseModel):
     # and the tokens it had generated for them.
     cancelled: int = 0
     tokens_wasted: int = 0
+    # Whether its engine works: its thread is alive, and it has made a step lately while it had
+    # work. A worker whose engine is not is left out of the served models.
+    engine_alive: bool = True
     context_length: int = 0
     started_at: float = Field(default_factory=time.time)
     metadata: ModelMetadata = Field(default_factory=ModelMetadata)

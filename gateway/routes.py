@@ -38,9 +38,6 @@ from gateway.state import Gateway, GatewayDep
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
 
-# How often a non-streaming request looks whether its client is still there.
-_DISCONNECT_POLL_S = 0.5
-
 
 def _model_card(name: str, workers: list[WorkerInfo]) -> dict:
     return {
@@ -295,10 +292,14 @@ async def _complete_unless_abandoned(call: Call, shape: ResponseShape, http: Req
     watch = asyncio.ensure_future(_until_disconnected(http))
     try:
         await asyncio.wait((answer, watch), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server is stopping
+        answer.cancel()
+        raise
     finally:
         watch.cancel()
-    if answer.done():
-        return answer.result()
+    gone = watch.done() and not watch.cancelled() and watch.exception() is None
+    if answer.done() or not gone:
+        return await answer
     answer.cancel()  # its `finally` releases the call, which cancels the request
     with contextlib.suppress(asyncio.CancelledError):
         await answer
@@ -306,8 +307,10 @@ async def _complete_unless_abandoned(call: Call, shape: ResponseShape, http: Req
 
 
 async def _until_disconnected(http: Request) -> None:
-    while not await http.is_disconnected():
-        await asyncio.sleep(_DISCONNECT_POLL_S)
+    """Returns when the client goes away. The body has been read, so the next ASGI message is
+    the disconnect (as Starlette's StreamingResponse listens for it); nothing is polled."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _complete(call: Call, shape: ResponseShape) -> JSONResponse:

@@ -182,13 +182,19 @@ class Worker:
         """Raises EngineDied if the engine's thread is gone, or it has had work and yielded
         nothing for `engine_stall_s`. A dead engine's final outputs (an error for every request)
         are never published: the requests go to a live worker instead."""
-        now = time.monotonic()
         if outputs or not self.active:
-            self._last_output_at = now
+            self._last_output_at = time.monotonic()
+        trouble = self.engine_trouble()
+        if trouble is not None:
+            raise EngineDied(trouble)
+
+    def engine_trouble(self) -> str | None:
+        """Why the engine cannot serve, or None when it can (also reported by the heartbeat)."""
         if not self.engine.alive():
-            raise EngineDied("its thread is not running")
-        if now - self._last_output_at > self.engine_stall_s:
-            raise EngineDied(f"no step in {self.engine_stall_s:.0f}s with {len(self.active)} requests")
+            return "its thread is not running"
+        if self.active and time.monotonic() - self._last_output_at > self.engine_stall_s:
+            return f"no step in {self.engine_stall_s:.0f}s with {len(self.active)} requests"
+        return None
 
     def stop(self) -> None:
         """Stop claiming; `run` returns once the requests in flight are done, or after the
@@ -436,6 +442,7 @@ class Worker:
             tokens_out=self.tokens_out,
             cancelled=self.cancelled,
             tokens_wasted=self.tokens_wasted,
+            engine_alive=self.engine_trouble() is None,
             context_length=self.engine.context_length,
             started_at=self.started_at,
             metadata=self.metadata,
