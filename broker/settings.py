@@ -16,6 +16,8 @@ class Settings(BaseSettings):
     home: Path = Path("~/.corral").expanduser()
     # Unset: use (or start) the embedded Valkey under `home`. Set: any Redis or Valkey URL.
     redis_url: str | None = None
+    # The embedded Valkey's port on 127.0.0.1 (None: a free one, chosen when it starts).
+    valkey_port: int | None = Field(None, gt=0, lt=65536)
     # Prefix of every Redis key; tests give each run its own so they never collide.
     key_prefix: str = "corral"
 
@@ -95,6 +97,9 @@ class Settings(BaseSettings):
     # LoRA adapters served beside the model on one copy of its weights: NAME=PATH each (a peft
     # adapter folder), each served as model NAME; from the environment, a JSON list.
     lora: list[str] = Field(default_factory=list)
+    # Profiles: the model's weights served under more names, each with its own system prompt and
+    # sampling preset, NAME=JSON or NAME=FILE (YAML) each; from the environment, a JSON list.
+    profiles: list[str] = Field(default_factory=list)
     worker_id: str | None = None
     # Weights quantized on load by bitsandbytes (the `quant` extra); both work on a CPU too.
     load_8bit: bool = False

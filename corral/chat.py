@@ -41,7 +41,8 @@ class ChatSession:
         self.messages = json.loads(path.read_text())["messages"]
 
     def stream_reply(self) -> Iterator[str]:
-        """Stream the assistant's reply to the conversation so far, then append it."""
+        """Stream the assistant's reply to the conversation so far, then append it. Stopped early
+        (the caller closes the iterator: Ctrl-C), the text so far is kept as the reply."""
         body = {
             "model": self.model,
             "messages": self.messages,
@@ -50,24 +51,28 @@ class ChatSession:
             "stream": True,
         }
         parts: list[str] = []
-        with self.client.stream("POST", "/v1/chat/completions", json=body, timeout=None) as response:
-            if response.status_code != 200:
-                response.read()
-                raise httpx.HTTPStatusError(
-                    _error_message(response), request=response.request, response=response
-                )
-            for line in response.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    raise RuntimeError(chunk["error"]["message"])
-                for choice in chunk["choices"]:
-                    text = choice["delta"].get("content")
-                    if text:
-                        parts.append(text)
-                        yield text
-        self.messages.append({"role": "assistant", "content": "".join(parts)})
+        try:
+            # Leaving this block early closes the connection, which cancels the request.
+            with self.client.stream("POST", "/v1/chat/completions", json=body, timeout=None) as response:
+                if response.status_code != 200:
+                    response.read()
+                    raise httpx.HTTPStatusError(
+                        _error_message(response), request=response.request, response=response
+                    )
+                for line in response.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        raise RuntimeError(chunk["error"]["message"])
+                    for choice in chunk["choices"]:
+                        text = choice["delta"].get("content")
+                        if text:
+                            parts.append(text)
+                            yield text
+        finally:
+            if parts:
+                self.messages.append({"role": "assistant", "content": "".join(parts)})
 
     def regen(self) -> Iterator[str]:
         if self.messages and self.messages[-1]["role"] == "assistant":
@@ -96,6 +101,15 @@ def _show(console: Console, chunks: Iterator[str], rich: bool) -> None:
             live.update(Markdown(shown))
 
 
+def _answer(console: Console, chunks: Iterator[str], show: Callable[[Iterator[str]], None]) -> None:
+    """Shows a streamed reply; Ctrl-C stops it (the request is cancelled) and returns to the prompt."""
+    try:
+        show(chunks)
+    except KeyboardInterrupt:
+        chunks.close()  # type: ignore[attr-defined]  (a generator: closing it closes the stream)
+        console.print("\n(stopped)", highlight=False)
+
+
 def _command(session: ChatSession, line: str, show: Callable[[Iterator[str]], None]) -> bool:
     """Run a !! command; False means exit."""
     name, _, arg = line[2:].partition(" ")
@@ -108,7 +122,7 @@ def _command(session: ChatSession, line: str, show: Callable[[Iterator[str]], No
         show(session.regen())
     elif name in ("save", "load") and arg:
         getattr(session, name)(Path(arg.strip()).expanduser())
-        print(f"({name}d {arg.strip()})")
+        print(f"({name[:-1]}ed {arg.strip()})")
     else:
         print(HELP)
     return True
@@ -128,11 +142,13 @@ def run_chat(url: str, args: argparse.Namespace) -> int:
             return 1
         session = ChatSession(client, model, args.temperature, args.max_tokens, args.system)
         console.print(f"chatting with {model} at {url} — {HELP}")
-        show = lambda chunks: _show(console, chunks, args.style == "rich")  # noqa: E731
+        rich = args.style == "rich"
+        show = lambda chunks: _answer(console, chunks, lambda c: _show(console, c, rich))  # noqa: E731
         while True:
             try:
                 line = input("USER: ").strip()
-            except (EOFError, KeyboardInterrupt):
+            except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: leave cleanly
+                print()
                 return 0
             if not line:
                 continue
@@ -145,3 +161,5 @@ def run_chat(url: str, args: argparse.Namespace) -> int:
                 show(session.stream_reply())
             except (httpx.HTTPError, RuntimeError) as e:
                 console.print(f"[red]error: {e}[/red]")
+            if session.messages and session.messages[-1]["role"] == "user":
+                session.messages.pop()  # no reply came: the question is taken back, to ask again

@@ -6,10 +6,11 @@ import argparse
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from broker.settings import Settings
+from corral.progress import Counts
 from pipelines.pipeline import Aborted, CleanConfig, Run
 
 
@@ -68,8 +69,8 @@ def run_clean(args: argparse.Namespace, settings: Settings) -> int:
     if not args.output:
         console.print("[red]--output is needed (or --queue)[/red]")
         return 2
-    with Progress(TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console) as bar:  # fmt: skip
+    with Progress(TextColumn("{task.description:<24}"), BarColumn(), Counts(), TimeElapsedColumn(),
+                  console=console) as bar:  # fmt: skip
         tasks: dict[str, int] = {}
 
         def progress(stage: str, done: int, total: int) -> None:
@@ -78,6 +79,10 @@ def run_clean(args: argparse.Namespace, settings: Settings) -> int:
             bar.update(tasks[stage], completed=done, total=total or None)
 
         run = Run(config, Path(args.output), {"tokenizer": tokenizer_for(settings.home)}, progress)
+        done_before = len(run.completed())
+        if done_before:
+            console.print(f"resuming in {args.output}: {done_before} of {len(run.stage_names)} stages were "
+                          "finished by an earlier run of this pipeline and are kept")  # fmt: skip
         try:
             reports = run.execute()
         except Aborted:
@@ -88,7 +93,13 @@ def run_clean(args: argparse.Namespace, settings: Settings) -> int:
         dropped = ", ".join(f"{reason} {n}" for reason, n in sorted(r.dropped.items())) or "0"
         table.add_row(r.stage, str(r.records_in), str(r.kept), dropped, str(r.added or ""), str(r.out))
     console.print(table)
-    console.print(f"written to {args.output}: train.jsonl, report.json, stats.json, stats.png")
+    split = reports[-1].notes
+    files = ", ".join(
+        f"{name}.jsonl ({split.get(name, 0)} records)" for name in ("train", "test") if name in split
+    )
+    if "test" in split and not split["test"]:
+        files += " — the test split is empty: too few records for --test-ratio"
+    console.print(f"written to {args.output}: {files}; report.json, stats.json, stats.png")
     return 0
 
 

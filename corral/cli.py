@@ -9,8 +9,13 @@ import sys
 from broker.settings import Settings
 
 
-def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="built-in name, local folder, .gguf file or hub id")
+def _add_worker_flags(parser: argparse.ArgumentParser, several: bool = False) -> None:
+    if several:
+        parser.add_argument("--model", action="append", dest="models", metavar="MODEL",
+                            help="built-in name, local folder, .gguf file or hub id; repeatable, one "
+                            "worker each (default: smollm2-135m-instruct)")  # fmt: skip
+    else:
+        parser.add_argument("--model", help="built-in name, local folder, .gguf file or hub id")
     parser.add_argument("--served-name", help="the name clients ask for (default: --model)")
     parser.add_argument(
         "--model-info-file",
@@ -34,6 +39,12 @@ def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lora", action="append", metavar="NAME=PATH",
         help="serve a LoRA adapter (peft folder) as model NAME on the base weights; repeatable",
+    )  # fmt: skip
+    parser.add_argument(
+        "--profile", action="append", dest="profiles", metavar="NAME=JSON|FILE",
+        help="serve the model's weights under NAME too, with its own system prompt and sampling preset "
+        "(JSON or a YAML file: system, temperature, top_p, top_k, min_p, max_tokens, penalties, "
+        "display_name, description); repeatable",
     )  # fmt: skip
     parser.add_argument("--worker-id")
     parser.add_argument("--load-8bit", action="store_true", default=None,
@@ -73,8 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_gateway_flags(up)
     up.add_argument("--ui-port", type=int, help="the web UI's port (default 8501)")
-    _add_worker_flags(up)
+    up.add_argument("--no-profile", action="store_true",
+                    help="serve a lone model alone (by default a concise profile of it is served "
+                    "beside it, so the arena has two contestants)")  # fmt: skip
+    _add_worker_flags(up, several=True)
 
+    commands.add_parser("status", help="what `corral up` runs on this machine, on which ports")
+    commands.add_parser("stop", help="stop what `corral up` runs on this machine")
     _add_gateway_flags(commands.add_parser("gateway", help="run the OpenAI-compatible gateway"))
     ui = commands.add_parser("ui", help="run the web UI (chat, arena, side-by-side, leaderboard)")
     _add_gateway_flags(ui)
@@ -139,6 +155,10 @@ def main(argv: list[str] | None = None) -> None:
         from corral.jobs import run_cli
 
         sys.exit(run_cli(args, settings))
+    if args.command in ("status", "stop"):
+        from corral import up
+
+        sys.exit(getattr(up, args.command)(settings))
     if args.command == "ui":
         from corral.up import run_ui
 
@@ -154,4 +174,4 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "up":
         from corral.up import up
 
-        sys.exit(up(settings))
+        sys.exit(up(settings, args.models or [settings.model], default_profile=not args.no_profile))

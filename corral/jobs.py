@@ -17,6 +17,7 @@ its stages in its artifacts folder). The same renewal loop looks at the job's ab
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import multiprocessing
 import os
@@ -32,12 +33,21 @@ from arq.cron import cron
 from arq.worker import Retry, Worker, func
 from pydantic import ValidationError
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
-from broker.connection import connect, connect_arq, job_deserializer, job_serializer, resolve_redis_url
-from broker.jobs import RUN_JOB, JobError, JobPublic, JobStore, RatingsParams
+from broker.connection import (
+    connect,
+    connect_arq,
+    job_deserializer,
+    job_serializer,
+    redact,
+    resolve_redis_url,
+)
+from broker.jobs import ENDED, RUN_JOB, JobError, JobPublic, JobStore, RatingsParams
 from broker.keys import Keys
 from broker.settings import Settings
+from corral.progress import Counts
 
 log = logging.getLogger(__name__)
 
@@ -293,9 +303,15 @@ def _die_with(parent_pid: int) -> None:
     os._exit(1)
 
 
+def _logging() -> None:
+    """INFO for Corral's own lines; not one line per HTTP call (an answer job makes thousands)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
 def _child_main(kind: str, params: dict, folder: str, settings: Settings, url: str, sender, stop) -> None:
     """A job's process: runs the kind's function, sending progress and then its outcome."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _logging()
     threading.Thread(target=_die_with, args=(os.getppid(),), daemon=True).start()
 
     def progress(stage: str, done: int, total: int, message: str | None = None, metrics: dict | None = None
@@ -399,7 +415,7 @@ async def run_runner(settings: Settings, queues: list[str] | None = None, burst:
         )
         for queue in queues
     ]
-    log.info("job runner on %s (redis %s)", ", ".join(queues), url)
+    log.info("job runner on %s (redis %s)", ", ".join(queues), redact(url))
     sweeper = asyncio.create_task(sweep())
     try:
         await asyncio.gather(*(w.async_run() for w in workers))
@@ -414,7 +430,7 @@ async def run_runner(settings: Settings, queues: list[str] | None = None, burst:
 def main(settings: Settings) -> None:
     import signal
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _logging()
 
     async def serve() -> None:
         task = asyncio.create_task(run_runner(settings))
@@ -436,8 +452,64 @@ def add_parser(commands) -> None:
     jobs = commands.add_parser("jobs", help="run the job runner, or list, show and cancel jobs")
     actions = jobs.add_subparsers(dest="action")
     actions.add_parser("list", help="recent jobs")
-    actions.add_parser("show", help="one job").add_argument("job_id")
-    actions.add_parser("cancel", help="abort a job").add_argument("job_id")
+    show = actions.add_parser("show", help="one job")
+    show.add_argument("job_id")
+    show.add_argument("-f", "--follow", action="store_true", help="a progress bar until the job ends")
+    cancel = actions.add_parser("cancel", help="abort a job, and wait until it has stopped")
+    cancel.add_argument("job_id")
+    cancel.add_argument("--no-wait", action="store_true", help="ask it to stop, and return at once")
+
+
+async def follow(store: JobStore, job_ids: list[str], console: Console) -> int:
+    """Progress bars of jobs until every one has ended, then a table of how each ended; 0 when
+    all succeeded."""
+    columns = (TextColumn("{task.description}"), BarColumn(), Counts(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as bar:
+        tasks = {job_id: bar.add_task(job_id, total=None) for job_id in job_ids}
+        while True:
+            jobs = [await store.get(job_id) for job_id in job_ids]
+            for job_id, job in zip(job_ids, jobs, strict=True):
+                if job is None:
+                    console.print(f"[red]no job {job_id} (it may have expired)[/red]")
+                    return 1
+                what = f"{job.kind} {job.id[:8]} {job.status}: {job.stage or ''} {job.message}".strip()
+                bar.update(tasks[job_id], description=what[:60], completed=job.done, total=job.total or None)
+            if all(job.status in ENDED for job in jobs):
+                break
+            await asyncio.sleep(0.5)
+    table = Table(Column("job", no_wrap=True), "kind", "status", "result")
+    for job in jobs:
+        table.add_row(job.id, job.kind, job.status, json.dumps(job.result or job.error)[:160])
+    console.print(table)
+    for job in jobs:
+        if isinstance(job.result, dict) and job.result.get("warning"):
+            console.print(f"[yellow]{job.kind} {job.id}: {job.result['warning']}[/yellow]")
+    return 0 if all(job.status == "succeeded" for job in jobs) else 1
+
+
+async def _cancel(store: JobStore, job: JobPublic, console: Console, wait: bool) -> int:
+    """Aborts a job and (unless told not to) waits until it has stopped, saying how long it took;
+    a job that has already ended is left as it is, and said so (exit 1)."""
+    if job.status in ENDED:
+        ended = time.strftime("%Y-%m-%d %H:%M", time.localtime(job.finished_at or job.created_at))
+        console.print(f"job {job.id} already ended ({job.status}, {ended}); nothing to cancel")
+        return 1
+    asked = time.monotonic()
+    job = await store.abort(job.id) or job
+    if not wait or job.status in ENDED:
+        console.print(f"job {job.id}: {job.status}" + ("" if job.status in ENDED else "; abort requested"))
+        return 0
+    with console.status(
+        f"aborting {job.kind} job {job.id}: it stops at its next step and keeps what it finished"
+    ):
+        while job is not None and job.status not in ENDED:
+            await asyncio.sleep(0.25)
+            job = await store.get(job.id)
+    if job is None:
+        console.print("[red]the job's record is gone[/red]")
+        return 1
+    console.print(f"job {job.id} {job.status} in {time.monotonic() - asked:.1f} s: {job.message}")
+    return 0
 
 
 def run_cli(args, settings: Settings) -> int:
@@ -459,12 +531,16 @@ async def _cli(args, settings: Settings) -> int:
                 table.add_row(job.id, job.kind, job.status, job.stage, done, created)
             console.print(table)
             return 0
-        job = await (store.get(args.job_id) if args.action == "show" else store.abort(args.job_id))
+        job = await store.get(args.job_id)
         if job is None:
             console.print(f"[red]no job {args.job_id}[/red]")
             return 1
-        console.print_json(job.model_dump_json())
-        return 0
+        if args.action == "show":
+            if args.follow and job.status not in ENDED:
+                return await follow(store, [job.id], console)
+            console.print_json(job.model_dump_json())
+            return 0
+        return await _cancel(store, job, console, wait=not args.no_wait)
     finally:
         await store.redis.aclose()
         await store.arq.aclose()

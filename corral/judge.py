@@ -9,11 +9,9 @@ import json
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-from rich.table import Table
 
 from broker.connection import resolve_redis_url
-from broker.jobs import ENDED, AnswerParams, EndpointSpec, JudgmentParams
+from broker.jobs import AnswerParams, EndpointSpec, JudgmentParams
 from broker.settings import Settings
 
 
@@ -30,6 +28,8 @@ def add_parser(commands) -> None:
     run.add_argument("--mode", choices=["single", "pairwise-baseline", "pairwise-all"], default="single")
     run.add_argument("--baseline", help="the baseline model for pairwise-baseline")
     run.add_argument("--questions", default="mt_bench", help="mt_bench, corral, or a question.jsonl path")
+    run.add_argument("--first-n", type=int, help="only the set's first N questions (short CPU runs)")
+    run.add_argument("--question-ids", help="only these questions, comma-separated ids")
     run.add_argument("--output", help="folder for answers, judgments and results")
     run.add_argument("--url", help="contestants' OpenAI-compatible base URL (default: this gateway's /v1)")
     run.add_argument("--api-key-env", help="the job runner's environment variable holding the key for --url")
@@ -76,7 +76,7 @@ def run_cli(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
-    from corral.jobs import job_store
+    from corral.jobs import follow, job_store
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     contestants = _endpoint(args.url, args.api_key_env)
@@ -85,8 +85,16 @@ async def _run(args: argparse.Namespace, settings: Settings, console: Console) -
     named = args.questions in ("mt_bench", "corral")
     questions = args.questions if named else str(Path(args.questions).resolve())
     everyone = sorted(set(models) | ({args.baseline} if args.baseline else set()))
+    ids = [i.strip() for i in args.question_ids.split(",") if i.strip()] if args.question_ids else None
+    ids = [int(i) if i.isdigit() else i for i in ids] if ids else None
+    pick = {"first_n": args.first_n, "question_ids": ids}
     answers = AnswerParams(questions=questions, models=everyone, endpoint=contestants, output=output,
-                           n=args.n, max_tokens=args.max_tokens, concurrency=args.concurrency)  # fmt: skip
+                           n=args.n, max_tokens=args.max_tokens, concurrency=args.concurrency,
+                           **pick)  # fmt: skip
+    problem = _questions_problem(answers)
+    if problem is not None:
+        console.print(f"[red]{problem}[/red]\nnothing was queued")
+        return 2
     store = job_store(settings, await asyncio.to_thread(resolve_redis_url, settings))
     try:
         answer_job = await store.create("answer", answers)
@@ -94,32 +102,24 @@ async def _run(args: argparse.Namespace, settings: Settings, console: Console) -
                                    baseline=args.baseline, judge_endpoint=judge_endpoint, output=output,
                                    concurrency=args.concurrency, wait_for=[answer_job.id],
                                    max_tokens=args.judge_max_tokens,
-                                   parse_retries=args.parse_retries)  # fmt: skip
+                                   parse_retries=args.parse_retries, **pick)  # fmt: skip
         judgment_job = await store.create("judgment", judgments)
         console.print(f"queued answer job {answer_job.id} and judgment job {judgment_job.id}")
         if not args.wait:
             return 0
-        return await _follow(store, [answer_job.id, judgment_job.id], console)
+        return await follow(store, [answer_job.id, judgment_job.id], console)
     finally:
         await store.redis.aclose()
         await store.arq.aclose()
 
 
-async def _follow(store, job_ids: list[str], console: Console) -> int:
-    with Progress(
-        TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), console=console
-    ) as bar:
-        tasks = {job_id: bar.add_task(job_id, total=None) for job_id in job_ids}
-        while True:
-            jobs = [await store.get(job_id) for job_id in job_ids]
-            for job in jobs:
-                bar.update(tasks[job.id], description=f"{job.kind} {job.status} {job.message}"[:40],
-                           completed=job.done, total=job.total or None)  # fmt: skip
-            if all(job.status in ENDED for job in jobs):
-                break
-            await asyncio.sleep(0.5)
-    table = Table("job", "kind", "status", "result")
-    for job in jobs:
-        table.add_row(job.id, job.kind, job.status, json.dumps(job.result or job.error)[:120])
-    console.print(table)
-    return 0 if all(job.status == "succeeded" for job in jobs) else 1
+def _questions_problem(params: AnswerParams) -> str | None:
+    """Why the questions cannot be read here, before anything is queued (None: they can)."""
+    from broker.jobs import JobError
+    from judge import questions as question_sets
+
+    try:
+        chosen = question_sets.chosen(params)
+    except (JobError, OSError, ValueError) as e:
+        return str(e)
+    return None if chosen else f"the question set {params.questions} has no questions to ask"

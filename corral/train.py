@@ -118,6 +118,6 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
         except (KeyboardInterrupt, Aborted):
             console.print("[yellow]stopped; run the same command again to resume from the last checkpoint[/]")
             return 130
-    console.print(f"trained {result['steps']} steps, final loss {result['final_loss']}; "
-                  f"serve it with: corral worker --model {result['output']}")  # fmt: skip
+    console.print(f"trained {result['steps']} steps, final loss {result['final_loss']}; serve it with:")
+    print(f"  corral worker --model {result['output']}")  # whole, unwrapped: to copy
     return 0

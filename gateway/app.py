@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from broker.arena import ArenaStore
-from broker.connection import connect, connect_arq, resolve_redis_url
+from broker.connection import connect, connect_arq, redact, resolve_redis_url
 from broker.jobs import JobStore
 from broker.keys import Keys
 from broker.queue import RequestQueue
@@ -65,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             jobs=JobStore(redis, arq, keys, str(settings.home / "jobs"), settings.job_keep_s),
             arena=ArenaStore(redis, keys, settings.arena_battle_ttl_s),
         )
-        log.info("gateway %s ready on redis %s", hub.gateway_id, url)
+        log.info("gateway %s ready on redis %s", hub.gateway_id, redact(url))
         try:
             yield
         finally:

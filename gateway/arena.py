@@ -87,6 +87,12 @@ class TurnCreate(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(512, gt=0)
 
+    def defaulted(self) -> list[str]:
+        """The sampling fields the player left out, which a served profile fills with its preset."""
+        given = self.model_fields_set
+        renamed = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "max_new_tokens"}
+        return [field for name, field in renamed.items() if name not in given]
+
 
 class VoteCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -226,7 +232,7 @@ async def play_turn(
             messages.append(ChatMessage(role="user", content=body.content))
             request = new_request(
                 gateway, model=model, messages=messages, temperature=body.temperature, top_p=body.top_p,
-                max_new_tokens=body.max_tokens,
+                max_new_tokens=body.max_tokens, defaulted=body.defaulted(),
             )  # fmt: skip
             call = Call(gateway, request, "arena", who.id)
             calls.append(call)

@@ -43,6 +43,10 @@ _ONLY_NEUTRAL: dict[str, tuple] = {
 }
 
 
+_PRESETTABLE = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                "repetition_penalty")  # fmt: skip
+
+
 class SamplingFields(BaseModel):
     # Extra fields are kept so that `refusal` can name them; none is ever ignored.
     model_config = ConfigDict(extra="allow")
@@ -71,6 +75,15 @@ class SamplingFields(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     seed: int | None = None
+
+    def defaulted(self) -> list[str]:
+        """The sampling fields the client left out, as the worker names them (a served profile
+        fills these with its own preset)."""
+        given = self.model_fields_set
+        unset = [name for name in _PRESETTABLE if name not in given]
+        if not given & {"max_tokens", "max_completion_tokens"}:
+            unset.append("max_new_tokens")
+        return unset
 
     def refusal(self) -> tuple[str, str] | None:
         """(field, message) for the first field this request uses that Corral does not serve."""

@@ -255,6 +255,7 @@ async def _generate(
         repetition_penalty=body.repetition_penalty,
         seed=body.seed,
         logprobs=body.logprobs_count(),
+        defaulted=body.defaulted(),
         **prompt,
     )
     call = Call(gateway, request, endpoint, who)

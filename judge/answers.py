@@ -71,7 +71,7 @@ async def _answer(
 
 async def generate(params: AnswerParams, output: Path, progress: Progress, stop: threading.Event) -> dict:
     """Answers every (model, question) not answered yet; returns counts."""
-    questions = question_sets.load(params.questions)
+    questions = question_sets.chosen(params)
     todo = []
     for model in params.models:
         done = load_answers(output, model)

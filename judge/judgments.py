@@ -75,7 +75,7 @@ def _answers(output: Path, models: list[str]) -> dict[str, dict]:
 
 
 async def judge(params: JudgmentParams, output: Path, progress: Progress, stop: threading.Event) -> dict:
-    questions = question_sets.load(params.questions)
+    questions = question_sets.chosen(params)
     single = params.mode == "single"
     models = params.models if single else sorted({m for pair in pairs(params) for m in pair})
     answers = _answers(output, models)

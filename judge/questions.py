@@ -87,3 +87,18 @@ def load(name: str) -> list[Question]:
             question.reference = references[question.question_id]
         questions.append(question)
     return questions
+
+
+def chosen(params) -> list[Question]:
+    """The questions a job's params pick from its set: all, the first `first_n`, or those whose
+    ids are in `question_ids` (in the set's order; an id not in the set is a named error)."""
+    questions = load(params.questions)
+    if params.question_ids is not None:
+        wanted = {str(i) for i in params.question_ids}
+        missing = wanted - {str(q.question_id) for q in questions}
+        if missing:
+            raise JobError("unknown_question", f"{len(missing)} of the question ids are not in the set")
+        questions = [q for q in questions if str(q.question_id) in wanted]
+    if params.first_n is not None:
+        questions = questions[: params.first_n]
+    return questions

@@ -110,11 +110,29 @@ def summarize(output: Path, judgment_path: Path, mode: str, questions: list) -> 
     records = read_jsonl(judgment_path)
     categories = {q.question_id: q.category for q in questions}
     rows = single(records, categories) if mode == "single" else pairwise(records)
-    summary = {"mode": mode, "judgments": len(records), "parse_failures": sum(bool(r.get("parse_failure"))
-               for r in records), "models": rows, "file": str(judgment_path)}  # fmt: skip
+    failures = sum(bool(r.get("parse_failure")) for r in records)
+    summary = {"mode": mode, "judgments": len(records), "parse_failures": failures, "models": rows,
+               "file": str(judgment_path)}  # fmt: skip
+    warning = parse_warning(len(records), failures)
+    if warning:
+        summary["warning"] = warning
     (output / "results.json").write_text(json.dumps(summary, indent=2))
     plot(rows, mode, output / "results.png")
     return summary
+
+
+# Judges that follow the verdict format reliably (README, "Judging"); a small model does not.
+STRONG_JUDGES = "gpt-4o, Claude, Llama-3.1-70B-Instruct or Qwen2.5-72B-Instruct"
+
+
+def parse_warning(judgments: int, failures: int) -> str | None:
+    """What to tell people when most judgments could not be read (None when most could)."""
+    if not judgments or failures * 2 < judgments:
+        return None
+    what = "All" if failures == judgments else f"{failures} of"
+    return (f"{what} {judgments} judgments failed to parse: the judge did not write its verdict in the "
+            f"asked format, so there is little or nothing to score. Small models rarely can; use a "
+            f"stronger judge, such as {STRONG_JUDGES}.")  # fmt: skip
 
 
 def plot(rows: list[dict], mode: str, path: Path) -> None:
@@ -124,7 +142,16 @@ def plot(rows: list[dict], mode: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(8, 4))
-    if mode == "single":
+    scored = (
+        any(r.get("categories") for r in rows)
+        if mode == "single"
+        else any(r["wins"] + r["ties"] + r["losses"] for r in rows)
+    )
+    if not scored:
+        axes.axis("off")
+        axes.text(0.5, 0.5, "no judgment could be parsed: nothing to plot\n(see results.json's warning)",
+                  ha="center", va="center", fontsize=12)  # fmt: skip
+    elif mode == "single":
         categories = sorted({c for r in rows for c in r.get("categories", {})})
         width = 0.8 / max(len(rows), 1)
         for i, row in enumerate(rows):

@@ -66,14 +66,15 @@ def judgment_job(
     config = JudgmentParams.model_validate(params)
     output = _prepare(config, folder, home)
     counts = asyncio.run(judge(config, output, progress, stop))
-    questions = question_sets.load(config.questions)
+    questions = question_sets.chosen(config)
     summary = summarize(
         output, Path(counts["file"]), "single" if config.mode == "single" else "pair", questions
     )
     summary.update(name=run_name(config), judge=config.judge, questions=config.questions,
                    computed_at=time.time())  # fmt: skip
     publish(client, keys, summary, _browse(config, output, questions))
-    return {**counts, "results": str(output / "results.json"), "name": summary["name"]}
+    ended = {**counts, "results": str(output / "results.json"), "name": summary["name"]}
+    return {**ended, "warning": summary["warning"]} if "warning" in summary else ended
 
 
 def _browse(config: JudgmentParams, output: Path, questions: list) -> list[dict]:

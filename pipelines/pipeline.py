@@ -200,24 +200,40 @@ class Run:
     def _write(self, source: Path) -> StageReport:
         """The final files: train (and test) in the chosen format."""
         report = StageReport("write")
-        self.progress("write", 0, 0)
-        draw = random.Random(self.config.seed)
+        total = _count_lines(source)
+        self.progress("write", 0, total)
+        test = test_indices(total, self.config.test_ratio, self.config.seed)
         shape = records.to_openai if self.config.format == "openai" else (lambda r: r)
         names = ["train", "test"] if self.config.test_ratio else ["train"]
         partial = {n: (self.folder / f"{n}.jsonl.partial").open("w", encoding="utf-8") for n in names}
-        counts = Counter()
-        for record in _jsonl(source):
+        counts = Counter({name: 0 for name in names})
+        for index, record in enumerate(_jsonl(source)):
             self._check()
             report.records_in += 1
-            name = "test" if self.config.test_ratio and draw.random() < self.config.test_ratio else "train"
+            name = "test" if index in test else "train"
             partial[name].write(json.dumps(shape(record), ensure_ascii=False) + "\n")
             counts[name] += 1
+            if report.records_in % 1000 == 0:
+                self.progress("write", report.records_in, total)
         for name, handle in partial.items():
             handle.close()
             (self.folder / f"{name}.jsonl.partial").replace(self.folder / f"{name}.jsonl")
         report.kept = report.out = report.records_in
         report.notes = dict(counts)
         return report
+
+
+def test_size(records_in: int, ratio: float) -> int:
+    """Records in the test split: the ratio's share, rounded, but at least 1 when there is a ratio
+    and two or more records, and never all of them (train keeps at least one)."""
+    if ratio <= 0 or records_in < 2:
+        return 0
+    return min(max(round(records_in * ratio), 1), records_in - 1)
+
+
+def test_indices(records_in: int, ratio: float, seed: int) -> set[int]:
+    """Which records (by position) go to test: an exact-size sample, the same for the same seed."""
+    return set(random.Random(seed).sample(range(records_in), test_size(records_in, ratio)))
 
 
 class _Rejections:

@@ -55,16 +55,21 @@ def _plot(path: Path, turns: dict[str, list[int]], lengths: dict[str, list[int]]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for split in turns:
+    shown = [split for split in turns if turns[split]]  # an empty split gets no legend entry
+    for split in shown:
         # One bar per turn count, centred on it.
-        left.hist(turns[split], bins=np.arange(0.5, max(turns[split] or [0]) + 1.5), alpha=0.6, label=split)
+        left.hist(turns[split], bins=np.arange(0.5, max(turns[split]) + 1.5), alpha=0.6, label=split)
         right.hist(lengths[split], bins=50, alpha=0.6, label=split)
     left.set(title="Turns per conversation", xlabel="turns", ylabel="conversations")
     right.set(title=f"Length per conversation ({unit})", xlabel=unit, ylabel="conversations")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))  # turns are whole numbers
     for axes in (left, right):
-        axes.legend()
+        axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(shown) > 1:
+            axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -36,6 +36,9 @@ def test_corral_up_with_keys_starts_valkey_gateway_worker_and_ui_and_prints_the_
     up = subprocess.Popen([sys.executable, "-m", "corral", "up"], env=env, stdout=subprocess.PIPE, text=True)
     try:
         line = up.stdout.readline()
+        assert line.startswith("Redis: embedded Valkey on 127.0.0.1:"), line
+        assert "redis-cli -p" in up.stdout.readline()  # how to look inside, password from its file
+        line = up.stdout.readline()
         assert f"http://127.0.0.1:{port}/v1" in line, line
         ui_line = up.stdout.readline()
         assert f"http://127.0.0.1:{ui_port}" in ui_line, ui_line
@@ -101,3 +104,92 @@ def test_chat_session_streams_regenerates_and_round_trips_a_conversation(stack: 
         assert session.messages == [{"role": "system", "content": "Be brief."}]
         session.load(tmp_path / "chat.json")
         assert session.messages[-1]["content"] == first
+
+
+class Terminal:
+    """The master side of a pseudo-terminal: what the program wrote, read as it comes."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.text, self.cursor = fd, "", 0
+
+    def read(self, wait_s: float = 0.5) -> bool:
+        import select
+
+        if not select.select([self.fd], [], [], wait_s)[0]:
+            return True
+        try:
+            chunk = os.read(self.fd, 4096)
+        except OSError:  # the program ended
+            return False
+        self.text += chunk.decode(errors="replace")
+        return bool(chunk)
+
+    def expect(self, wanted: str, timeout_s: float = 120) -> str:
+        """Waits for `wanted` after the last match; returns what came before it."""
+        deadline = time.monotonic() + timeout_s
+        while wanted not in self.text[self.cursor :]:
+            if time.monotonic() > deadline or not self.read():
+                raise AssertionError(f"no {wanted!r} within {timeout_s} s; the terminal showed:\n{self.text}")
+        at = self.text.index(wanted, self.cursor)
+        before, self.cursor = self.text[self.cursor : at], at + len(wanted)
+        return before
+
+    def write(self, keys: bytes) -> None:
+        os.write(self.fd, keys)
+
+
+def _abandoned(stack: Stack) -> float:
+    metrics = httpx.get(f"{stack.url}/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("corral_requests_total{") and 'status="abandoned"' in line
+    )
+
+
+def test_ctrl_c_in_corral_chat_stops_the_answer_and_returns_to_the_prompt(stack: Stack) -> None:
+    """`corral chat` in a pseudo-terminal, as a person runs it: Ctrl-C while it answers cancels
+    the request and returns to the prompt, the next question works, Ctrl-C at the prompt exits."""
+    import pty
+
+    command = [sys.executable, "-m", "corral", "chat", "--url", stack.url, "--model", MODEL,
+               "--temperature", "0", "--max-tokens", "200"]  # fmt: skip
+    abandoned_before = _abandoned(stack)
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the pty is its controlling terminal, so Ctrl-C is a SIGINT to it
+        os.execvpe(sys.executable, command, stack.env())
+    terminal = Terminal(fd)
+    try:
+        terminal.expect("USER: ")
+        terminal.write(b"Write a long story about a dragon who learns to bake bread.\r")
+        terminal.expect("ASSISTANT: ")
+        deadline = time.monotonic() + 120
+        while len(terminal.text[terminal.cursor :].strip()) < 10:  # it has started answering
+            assert time.monotonic() < deadline, terminal.text
+            terminal.read()
+        terminal.write(b"\x03")
+        terminal.expect("(stopped)")
+        terminal.expect("USER: ")
+        deadline = time.monotonic() + 30  # the gateway saw the client go and cancelled the request
+        while _abandoned(stack) <= abandoned_before:
+            assert time.monotonic() < deadline, "the stopped request was not cancelled"
+            time.sleep(0.2)
+
+        terminal.write(b"Name a colour.\r")
+        terminal.expect("ASSISTANT: ")
+        reply = terminal.expect("USER: ")
+        assert reply.strip() and "error" not in reply
+
+        terminal.write(b"\x03")  # at the prompt: leaves cleanly, on a new line
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+        for _ in range(50):  # what it wrote last, until the terminal closes
+            if not terminal.read(0.1):
+                break
+        assert os.waitstatus_to_exitcode(status) == 0, terminal.text
+        assert terminal.text.endswith("\n") and "Traceback" not in terminal.text
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)

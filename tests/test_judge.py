@@ -223,12 +223,34 @@ def test_answers_and_single_judgments_end_to_end_and_a_rerun_redoes_nothing(
     app.selectbox(key="judge_run").set_value(f"corral/single/{MODEL}").run()
     assert not app.exception and not app.error
     assert list(app.dataframe[0].value["Model"]) == [MODEL]
-    assert len(app.get("image")) == 1
+    # A chart when some judgment could be read; when most could not, the page says why and what to use.
+    assert len(app.get("vega_lite_chart")) == (1 if row["parse_failures"] < 16 else 0)
+    warned = [w.value for w in app.warning]
+    assert bool(warned) == (row["parse_failures"] * 2 >= 16) == ("warning" in results)
+    assert not warned or "use a stronger judge" in warned[0]
     assert len(app.expander) == 4  # the answer and the judgment, for each of the two turns
 
 
+def test_the_judge_cli_refuses_questions_it_cannot_read_before_queueing_anything(arena_stack, tmp_path):
+    def jobs() -> list[str]:
+        return [j["id"] for j in httpx.get(f"{arena_stack.url}/v1/jobs", timeout=10).json()["data"]]
+
+    before = jobs()
+    command = [sys.executable, "-m", "corral", "judge", "run", "--models", MODEL, "--judge", MODEL]
+    for args, reason in [
+        (("--questions", str(tmp_path / "missing.jsonl")), "no question set"),
+        (("--questions", "corral", "--question-ids", "2,999"), "1 of the question ids are not in the set"),
+    ]:
+        refused = subprocess.run(
+            [*command, *args], capture_output=True, text=True, timeout=60, env=arena_stack.env()
+        )
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert reason in refused.stdout and "nothing was queued" in refused.stdout
+    assert jobs() == before
+
+
 def test_pairwise_judging_runs_both_orders_and_an_unreachable_judge_fails_clearly(arena_stack, tmp_path):
-    flags = ("--mode", "pairwise-all", "--judge-max-tokens", "32", "--parse-retries", "0")
+    flags = ("--mode", "pairwise-all", "--judge-max-tokens", "32", "--parse-retries", "0", "--first-n", "3")
     run = run_judge_cli(arena_stack, tmp_path, "--models", f"{MODEL},{TWIN}", "--judge", MODEL, *flags)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     pairs = read(tmp_path / "model_judgment" / f"{MODEL}_pair.jsonl")
@@ -236,7 +258,8 @@ def test_pairwise_judging_runs_both_orders_and_an_unreachable_judge_fails_clearl
         m: {a["question_id"]: a for a in read(tmp_path / "model_answer" / f"{m}.jsonl")}
         for m in (MODEL, TWIN)
     }
-    assert len(pairs) == 16
+    assert all(sorted(answered) == [1, 2, 3] for answered in answers.values())  # --first-n 3
+    assert len(pairs) == 6  # 3 questions × 2 turns
     for p in pairs:
         assert {p["model_1"], p["model_2"]} == {MODEL, TWIN}
         assert p["g1_judgment"] and p["g2_judgment"]
@@ -267,7 +290,7 @@ def test_pairwise_judging_runs_both_orders_and_an_unreachable_judge_fails_clearl
         asyncio.run(judge(down, tmp_path, lambda *a, **k: None, threading.Event()))
     left = tmp_path / "model_judgment" / f"{MODEL}_single.jsonl"
     assert not left.exists() or not left.read_text().strip()
-    assert len(read(tmp_path / "model_judgment" / f"{MODEL}_pair.jsonl")) == 16  # untouched
+    assert len(read(tmp_path / "model_judgment" / f"{MODEL}_pair.jsonl")) == 6  # untouched
 
 
 def test_a_judgment_job_picked_before_its_answer_job_steps_aside_instead_of_blocking(arena_stack, tmp_path):

@@ -69,6 +69,7 @@ def test_the_full_pipeline_on_the_500_sample_accounts_for_every_record(
     blocked = next(r for r in reports if r.stage.endswith("blocked_words"))
     assert blocked.dropped["blocked_word"] > 0  # the sample's identity answers name other vendors
     assert next(r for r in reports if r.stage.endswith("identity")).added == 7
+    assert len(jsonl(folder / "test.jsonl")) == 21  # exactly round(207 × 0.1)
     written = len(jsonl(folder / "train.jsonl")) + len(jsonl(folder / "test.jsonl"))
     assert written == reports[-1].out == 207
     stats = json.loads((folder / "stats.json").read_text())
@@ -253,3 +254,39 @@ def test_several_inputs_are_merged_in_order_and_a_language_can_be_skipped(tmp_pa
 
     assert reports[0].records_in == 3 and reports[1].dropped == {"language": 1}
     assert [r["id"] for r in jsonl(tmp_path / "out" / "train.jsonl")] == ["ok", "ok2"]
+
+
+SPLITS = [(44, 0.2, 9), (25, 0.02, 1), (2, 0.5, 1), (1, 0.5, 0), (10, 0.99, 9), (10, 0.0, 0)]
+
+
+@pytest.mark.parametrize(("records_in", "ratio", "test"), SPLITS)
+def test_the_test_split_has_exactly_its_share_of_the_records(tmp_path, records_in, ratio, test) -> None:
+    conversations = [
+        {"id": f"c{i}", "conversations": [{"from": "human", "value": f"question {i}"},
+                                           {"from": "gpt", "value": f"answer {i}"}]}
+        for i in range(records_in)
+    ]  # fmt: skip
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(conversations))
+    reports = run(tmp_path, {}, [data], [], test_ratio=ratio, seed=3).execute()
+    folder = tmp_path / "out"
+    held_out = jsonl(folder / "test.jsonl") if ratio else []
+    assert len(held_out) == test and reports[-1].notes.get("test", 0) == test
+    kept = jsonl(folder / "train.jsonl")
+    assert len(kept) == records_in - test
+    assert sorted(r["id"] for r in kept + held_out) == sorted(c["id"] for c in conversations)
+
+
+def test_corral_clean_says_when_it_resumes_and_how_many_records_each_split_got(tmp_path, sample) -> None:
+    out = tmp_path / "cleaned"
+    command = [sys.executable, "-m", "corral", "clean", str(sample), "-o", str(out),
+               "--steps", "roles,dedupe", "--test-ratio", "0.05"]  # fmt: skip
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "resuming" not in first.stdout
+    train, test = len(jsonl(out / "train.jsonl")), len(jsonl(out / "test.jsonl"))
+    assert test == round((train + test) * 0.05)
+    assert f"train.jsonl ({train} records), test.jsonl ({test} records)" in " ".join(first.stdout.split())
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "resuming in" in again.stdout and "4 of 4 stages" in " ".join(again.stdout.split())

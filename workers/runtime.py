@@ -9,6 +9,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -20,6 +21,7 @@ from broker.registry import WorkerRegistry
 from broker.schemas import Event, ModelMetadata, WorkerInfo, now_ms
 from workers.chat_templates import NO_STOPS, Stops
 from workers.engine import Engine, SamplingParams
+from workers.profiles import Profile
 from workers.sequence import InvalidPrompt, Sequence, answer, encode_prompt, rejection
 
 log = logging.getLogger(__name__)
@@ -64,10 +66,16 @@ class Worker:
         template_stops: Stops = NO_STOPS,
         metadata: ModelMetadata | None = None,
         adapters: dict[str, ModelMetadata] | None = None,
+        profiles: dict[str, Profile] | None = None,
     ) -> None:
         self.metadata = metadata or ModelMetadata()
         # LoRA adapters served beside the model, each under its own name, with their metadata.
         self.adapters = adapters or {}
+        # Profiles of the model (its weights under another name, with their own system prompt
+        # and sampling preset).
+        self.profiles = profiles or {}
+        self.names_metadata = {**self.adapters, **{name: profile.metadata(self.metadata, model)
+                                                   for name, profile in self.profiles.items()}}  # fmt: skip
         self.engine = engine
         self.tokenizer = tokenizer
         self.template_stops = template_stops
@@ -76,7 +84,7 @@ class Worker:
         self.queue = RequestQueue(redis, keys)
         self.registry = WorkerRegistry(redis, keys)
         self.model = model
-        self.models = (model, *self.adapters)
+        self.models = (model, *self.adapters, *self.profiles)
         self.device = device
         self.worker_id = worker_id or new_worker_id()
         self.heartbeat_s = heartbeat_s
@@ -306,6 +314,9 @@ class Worker:
 
     def _start(self, item: Claimed, earlier: dict[int, ChoiceProgress]) -> list[Sequence] | Event:
         try:
+            profile = self.profiles.get(item.request.model)
+            if profile is not None:
+                item = replace(item, request=profile.apply(item.request))
             if item.request.kind != "generate":
                 return self.answer(item)
             new_choice = self.choice_maker(item)
@@ -446,7 +457,7 @@ class Worker:
             context_length=self.engine.context_length,
             started_at=self.started_at,
             metadata=self.metadata,
-            model_metadata=self.adapters,
+            model_metadata=self.names_metadata,
         )
 
     async def beat(self) -> None:

@@ -13,8 +13,9 @@ from broker.settings import Settings
 from workers.engine import Engine
 from workers.generate_engine import GenerateEngine
 from workers.hf_engine import TransformersEngine
-from workers.loading import LoadedModel, MissingExtra, Placement, load_model
+from workers.loading import LoadedModel, MissingExtra, Placement, builtin_metadata, load_model
 from workers.lora import parse_specs
+from workers.profiles import Profile, parse_profiles
 from workers.runtime import ENGINE_DIED_EXIT, EngineDied, Worker
 from workers.upstream import Upstream, UpstreamEngine, UpstreamWorker
 
@@ -39,6 +40,7 @@ async def serve(settings: Settings) -> None:
 
 
 def _runtime_options(settings: Settings) -> dict:
+    own = {} if settings.upstream_url else builtin_metadata(settings.model)
     return {
         "model": settings.model_name,
         "worker_id": settings.worker_id,
@@ -47,8 +49,12 @@ def _runtime_options(settings: Settings) -> dict:
         "max_attempts": settings.max_attempts,
         "drain_timeout_s": settings.drain_timeout_s,
         "engine_stall_s": settings.engine_stall_s,
-        "metadata": ModelMetadata.model_validate(settings.model_metadata()),
+        "metadata": ModelMetadata.model_validate({**own, **settings.model_metadata()}),
     }
+
+
+def _profiles(settings: Settings, adapters: dict) -> dict[str, Profile]:
+    return parse_profiles(settings.profiles, taken={settings.model_name, *adapters})
 
 
 async def model_worker(settings: Settings, redis) -> Worker:
@@ -65,6 +71,7 @@ async def model_worker(settings: Settings, redis) -> Worker:
         placement=Placement(settings.num_gpus, settings.max_gpu_memory, settings.cpu_offloading),
     )
     adapters = parse_specs(settings.lora)
+    profiles = _profiles(settings, adapters)
     engine = build_engine(settings, loaded, adapters)
     described = {
         name: ModelMetadata.model_validate(
@@ -73,7 +80,8 @@ async def model_worker(settings: Settings, redis) -> Worker:
         for name, path in adapters.items()
     }
     return Worker(engine, loaded.tokenizer, redis, Keys(settings.key_prefix), device=loaded.device,
-                  template_stops=loaded.stops, adapters=described, **_runtime_options(settings))  # fmt: skip
+                  template_stops=loaded.stops, adapters=described, profiles=profiles,
+                  **_runtime_options(settings))  # fmt: skip
 
 
 def build_engine(settings: Settings, loaded: LoadedModel, adapters: dict) -> Engine:
@@ -113,7 +121,9 @@ async def upstream_worker(settings: Settings, redis) -> Worker:
     log.info("forwarding %s to %s as %s", settings.model_name, upstream.base_url, upstream.model)
     engine = UpstreamEngine(upstream, max_batch=settings.max_batch)
     keys = Keys(settings.key_prefix)
-    return UpstreamWorker(engine, redis, keys, device="api", **_runtime_options(settings))
+    return UpstreamWorker(
+        engine, redis, keys, device="api", profiles=_profiles(settings, {}), **_runtime_options(settings)
+    )
 
 
 def main(settings: Settings | None = None) -> None:

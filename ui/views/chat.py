@@ -6,7 +6,7 @@ import uuid
 
 import streamlit as st
 
-from ui.widgets import attempt, client, generation_params, served_models
+from ui.widgets import attempt, client, generation_params, served_models, show_text
 
 st.title("Chat")
 models = served_models()
@@ -20,15 +20,24 @@ state.setdefault("chat_regenerate_now", False)
 
 def reply() -> None:
     """Streams the model's answer to the conversation so far into a new assistant message."""
-    with st.chat_message("assistant"):
-        text = attempt(lambda: st.write_stream(client().chat(model, state.chat_messages, **params)))
+    box = st.chat_message("assistant").empty()
+    shown = ""
+
+    def stream() -> str:
+        nonlocal shown
+        for piece in client().chat(model, state.chat_messages, **params):
+            shown += piece
+            show_text(box, shown, typing=True)
+        show_text(box, shown)
+        return shown
+
+    text = attempt(stream)
     if text:
         state.chat_messages.append({"role": "assistant", "content": text})
 
 
 for message in state.chat_messages:
-    with st.chat_message(message["role"]):
-        st.markdown(message["content"])
+    show_text(st.chat_message(message["role"]), message["content"])
 
 if state.chat_regenerate_now:
     state.chat_regenerate_now = False
@@ -36,8 +45,7 @@ if state.chat_regenerate_now:
 
 if prompt := st.chat_input("Say something", key="chat_prompt"):
     state.chat_messages.append({"role": "user", "content": prompt})
-    with st.chat_message("user"):
-        st.markdown(prompt)
+    show_text(st.chat_message("user"), prompt)
     reply()
 
 if state.chat_messages:

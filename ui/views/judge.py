@@ -3,8 +3,7 @@ question with its answers and judgments."""
 
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
-import numpy as np
+import altair as alt
 import streamlit as st
 
 from ui.widgets import client, fetch
@@ -19,6 +18,8 @@ name = st.selectbox("Run (question set / mode / judge)", [r["name"] for r in run
 run = fetch(lambda: client().judge_run(name))
 single = run["mode"] == "single"
 st.caption(f"{run['judgments']} judgments, {run['parse_failures']} parse failures (left out of every figure)")
+if run.get("warning"):
+    st.warning(run["warning"], icon="⚖️")
 
 if single:
     rows = [
@@ -34,25 +35,39 @@ else:
              "Parse failures": r["failures"]} for r in run["models"]]  # fmt: skip
 st.dataframe(rows, hide_index=True, width="stretch")
 
-figure, axes = plt.subplots(figsize=(8, 3.5))
 if single:
-    categories = sorted({c for r in run["models"] for c in r.get("categories", {})})
-    width = 0.8 / max(len(run["models"]), 1)
-    for i, r in enumerate(run["models"]):
-        values = [r.get("categories", {}).get(c, 0) for c in categories]
-        axes.bar(np.arange(len(categories)) + i * width, values, width, label=r["model"])
-    axes.set_xticks(np.arange(len(categories)) + 0.4 - width / 2, categories, rotation=30, ha="right")
-    axes.set_ylim(0, 10)
-    axes.set_ylabel("mean score per category")
+    bars = [{"Model": r["model"], "Category": category, "Mean score": score}
+            for r in run["models"] for category, score in r.get("categories", {}).items()]  # fmt: skip
+    if bars:
+        chart = (
+            alt.Chart(alt.Data(values=bars))
+            .mark_bar()
+            .encode(
+                x=alt.X("Category:N", title=None, axis=alt.Axis(labelAngle=-30)),
+                xOffset="Model:N",
+                y=alt.Y(
+                    "Mean score:Q", scale=alt.Scale(domain=[0, 10]), title="mean score per category (1–10)"
+                ),
+                color="Model:N",
+                tooltip=["Model:N", "Category:N", alt.Tooltip("Mean score:Q", format=".2f")],
+            )
+        )
+        st.altair_chart(chart, height=340)
 else:
-    names = [r["model"] for r in run["models"]]
-    axes.barh(names, [r["adjusted_win_rate"] or 0 for r in run["models"]])
-    axes.set_xlim(0, 1)
-    axes.set_xlabel("adjusted win rate (a tie counts half)")
-if single:
-    axes.legend(fontsize=8)
-figure.tight_layout()
-st.pyplot(figure)
+    bars = [
+        {"Model": r["model"], "Outcome": outcome, "Pairs": r[key]}
+        for r in run["models"]
+        for outcome, key in (("win", "wins"), ("tie", "ties"), ("loss", "losses"))
+    ]
+    if any(b["Pairs"] for b in bars):
+        chart = alt.Chart(alt.Data(values=bars)).mark_bar().encode(
+            y=alt.Y("Model:N", title=None, axis=alt.Axis(labelLimit=320)),
+            x=alt.X("Pairs:Q", stack="zero", title="judged pairs"),
+            color=alt.Color("Outcome:N", scale=alt.Scale(domain=["win", "tie", "loss"],
+                            range=["#2ca02c", "#aaaaaa", "#d62728"])),
+            tooltip=["Model:N", "Outcome:N", "Pairs:Q"],
+        )  # fmt: skip
+        st.altair_chart(chart, height=max(140, 40 * len(run["models"]) + 60))
 
 st.subheader("Questions")
 detail = run.get("questions_detail", [])

@@ -1,12 +1,11 @@
 """Leaderboard: Bradley–Terry scores with 95% intervals from anonymous battles, the win-fraction
-and battle-count heatmaps, and the intervals as a plot."""
+and battle-count heatmaps, and the intervals as a plot; models shown by their display names."""
 
 from __future__ import annotations
 
 import time
 
-import matplotlib.pyplot as plt
-import numpy as np
+import altair as alt
 import streamlit as st
 
 from ui.widgets import attempt, client, fetch
@@ -41,47 +40,65 @@ computed = time.strftime("%Y-%m-%d %H:%M", time.localtime(board["computed_at"]))
 left.caption(f"{board['battles']} anonymous battles · computed {computed} · "
              f"{board['bootstrap_rounds']} bootstrap rounds")  # fmt: skip
 
+
+def shown(model: str) -> str:
+    """A model as people know it: its display name where its worker gives one."""
+    return (metadata.get(model) or {}).get("display_name") or model
+
+
+metadata = {r["model"]: r.get("metadata") or {} for r in board["data"]}
 rows = [
-    {"Rank": r["rank"], "Model": r["model"], "Score": r["score"],
-     "95% CI": f"{r['ci'][0]:.0f} – {r['ci'][1]:.0f}", "Votes": r["votes"], "Online Elo": r["elo"],
-     "Organization": (r.get("metadata") or {}).get("organization", ""),
-     "License": (r.get("metadata") or {}).get("license", "")}
+    {"Rank": r["rank"], "Model": shown(r["model"]), "Served as": r["model"], "Score": round(r["score"]),
+     "95% CI": f"{r['ci'][0]:.0f} – {r['ci'][1]:.0f}", "Votes": r["votes"], "Online Elo": round(r["elo"]),
+     "Organization": metadata[r["model"]].get("organization", ""),
+     "License": metadata[r["model"]].get("license", "")}
     for r in board["data"]
 ]  # fmt: skip
 st.dataframe(rows, hide_index=True, width="stretch")
 
 
-def heatmap(matrix: list[list], title: str, fmt: str) -> plt.Figure:
-    models = board["models"]
-    values = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
-    figure, axes = plt.subplots(figsize=(1.2 + 0.9 * len(models), 1 + 0.7 * len(models)))
-    image = axes.imshow(values, cmap="RdBu" if fmt == "{:.2f}" else "Blues")
-    axes.set_xticks(range(len(models)), models, rotation=45, ha="right")
-    axes.set_yticks(range(len(models)), models)
-    axes.set_xlabel("model B")
-    axes.set_ylabel("model A")
-    for i in range(len(models)):
-        for j in range(len(models)):
-            if not np.isnan(values[i, j]):
-                axes.text(j, i, fmt.format(values[i, j]), ha="center", va="center", fontsize=8)
-    figure.colorbar(image, ax=axes, shrink=0.8)
-    axes.set_title(title)
-    figure.tight_layout()
-    return figure
+def heatmap(matrix: list[list], title: str, value: str, fmt: str, scheme: str) -> None:
+    """An A × B matrix as a heatmap whose labels stay readable from 2 models to 30: names cut to a
+    length (whole in the tooltip), a row height that grows with the models, cells labelled while
+    they are big enough. (Streamlit sizes the chart: a size set in the spec, or a legend below,
+    collapses its rows.)"""
+    names = [shown(m) for m in board["models"]]
+    cells = [{"Model A": names[i], "Model B": names[j], value: v}
+             for i, row in enumerate(matrix) for j, v in enumerate(row) if v is not None]  # fmt: skip
+    axis = {"labelLimit": 160, "labelOverlap": True}
+    base = alt.Chart(alt.Data(values=cells), title=title).encode(
+        x=alt.X("Model B:N", sort=names, axis=alt.Axis(orient="top", labelAngle=-40, **axis)),
+        y=alt.Y("Model A:N", sort=names, axis=alt.Axis(**axis)),
+    )
+    squares = base.mark_rect().encode(
+        color=alt.Color(f"{value}:Q", scale=alt.Scale(scheme=scheme)),
+        tooltip=["Model A:N", "Model B:N", alt.Tooltip(f"{value}:Q", format=fmt)],
+    )
+    layers = [squares]
+    if len(names) <= 12:
+        layers.append(base.mark_text(fontSize=11).encode(text=alt.Text(f"{value}:Q", format=fmt)))
+    rows = max(260, min(900, 30 * len(names)))
+    st.altair_chart(alt.layer(*layers), height=rows + 170)  # + the names above
 
 
-first, second = st.columns(2)
-with first:
-    st.pyplot(heatmap(board["win_fraction"], "Fraction of A's wins over B (ties left out)", "{:.2f}"))
-with second:
-    st.pyplot(heatmap(board["battle_count"], "Battles between A and B", "{:.0f}"))
-
-figure, axes = plt.subplots(figsize=(7, 1 + 0.4 * len(board["data"])))
-ordered = board["data"][::-1]
-scores = np.array([r["score"] for r in ordered])
-errors = np.array([[r["score"] - r["ci"][0] for r in ordered], [r["ci"][1] - r["score"] for r in ordered]])
-axes.errorbar(scores, range(len(ordered)), xerr=errors, fmt="o", capsize=4)
-axes.set_yticks(range(len(ordered)), [r["model"] for r in ordered])
-axes.set_xlabel("score (Elo scale) with bootstrap 95% interval")
-figure.tight_layout()
-st.pyplot(figure)
+tab_wins, tab_counts, tab_intervals = st.tabs(["Win fraction", "Battle count", "Confidence intervals"])
+with tab_wins:
+    heatmap(board["win_fraction"], "Fraction of A's wins over B (ties left out)", "win fraction", ".2f",
+            "redblue")  # fmt: skip
+with tab_counts:
+    heatmap(board["battle_count"], "Battles between A and B", "battles", ".0f", "blues")
+with tab_intervals:
+    points = [{"Model": shown(r["model"]), "Score": r["score"], "Low": r["ci"][0], "High": r["ci"][1]}
+              for r in board["data"]]  # fmt: skip
+    order = [p["Model"] for p in points]
+    base = alt.Chart(alt.Data(values=points)).encode(
+        y=alt.Y("Model:N", sort=order, title=None, axis=alt.Axis(labelLimit=220))
+    )
+    intervals = base.mark_rule(strokeWidth=2).encode(
+        x=alt.X("Low:Q", scale=alt.Scale(zero=False), title="score (Elo scale) with bootstrap 95% interval"),
+        x2="High:Q",
+    )
+    dots = base.mark_point(filled=True, size=80).encode(
+        x="Score:Q", tooltip=["Model:N", alt.Tooltip("Score:Q", format=".1f"), "Low:Q", "High:Q"]
+    )
+    st.altair_chart(alt.layer(intervals, dots), height=max(140, 32 * len(points) + 60))

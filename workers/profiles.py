@@ -1,0 +1,124 @@
+"""Served profiles: one set of weights served under another name, with its own system prompt and
+sampling preset. Two profiles of one model are two arena contestants on one copy of the weights,
+and how people A/B-test prompts.
+
+A profile fills in only what the client left out: its system prompt goes first in a chat that
+has none, and its sampling values replace the fields the client did not set (the gateway lists
+them in `GenerationRequest.defaulted`), as vLLM does with a model's generation config. Applying
+a profile twice gives what applying it once gives, so a request taken over by another worker
+runs as it began.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from broker.schemas import ChatMessage, GenerationRequest, ModelMetadata
+
+# A profile's presets, named as in the OpenAI API, and the request fields they set.
+_PRESETS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "repetition_penalty": "repetition_penalty",
+    "max_tokens": "max_new_tokens",
+}
+
+
+class ProfileError(ValueError):
+    """A --profile that cannot be served: its spec, file or a field is wrong (named)."""
+
+
+class Profile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128)
+    system: str | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    max_tokens: int | None = Field(None, ge=1)
+    # What /v1/models, the arena and the leaderboard show about it.
+    display_name: str | None = None
+    description: str | None = None
+
+    def metadata(self, base: ModelMetadata, base_name: str) -> ModelMetadata:
+        """The base model's metadata, with this profile's own name and description."""
+        described = self.description or f"{base_name} with the {self.name} profile"
+        shown = self.display_name
+        if shown is None:  # the base's display name and what the profile's name adds to the base's
+            suffix = self.name.removeprefix(base_name).strip("-_ ") or self.name
+            shown = f"{base.display_name} ({suffix})" if base.display_name else self.name
+        return base.model_copy(update={"display_name": shown, "description": described})
+
+    def apply(self, request: GenerationRequest) -> GenerationRequest:
+        """The request as this profile serves it (see the module's docstring)."""
+        update: dict = {}
+        for preset, field in _PRESETS.items():
+            value = getattr(self, preset)
+            if value is not None and field in request.defaulted:
+                update[field] = value
+        messages = request.messages
+        if self.system and messages is not None and not any(m.role == "system" for m in messages):
+            update["messages"] = [ChatMessage(role="system", content=self.system), *messages]
+        return request.model_copy(update=update) if update else request
+
+
+def default_profile(model_name: str) -> Profile:
+    """The second contestant `corral up` serves beside a lone model, so the arena works at once:
+    the same weights told to be brief, and sampled cooler."""
+    return Profile(
+        name=f"{model_name}-concise",
+        system="You are a helpful assistant. Answer in at most three short sentences, plainly.",
+        temperature=0.3,
+        max_tokens=256,
+        description=f"{model_name} with a system prompt asking for short answers, at temperature 0.3",
+    )
+
+
+def parse_profiles(specs: list[str], taken: set[str]) -> dict[str, Profile]:
+    """`NAME=JSON` or `NAME=FILE` (YAML or JSON) strings from --profile → name → Profile.
+    `taken` holds the names the worker already serves, which a profile may not reuse."""
+    profiles: dict[str, Profile] = {}
+    for spec in specs:
+        name, sep, body = spec.partition("=")
+        name, body = name.strip(), body.strip()
+        if not sep or not name or not body:
+            raise ProfileError(f"--profile takes NAME=JSON or NAME=FILE, got {spec!r}")
+        if name in profiles or name in taken:
+            raise ProfileError(f"--profile {name!r}: that name is served already")
+        fields = _read(name, body)
+        try:
+            profiles[name] = Profile.model_validate({**fields, "name": name})
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            raise ProfileError(f"--profile {name!r}: {problems}") from None
+    return profiles
+
+
+def _read(name: str, body: str) -> dict:
+    if body.startswith("{"):
+        text = body
+    else:
+        path = Path(body).expanduser()
+        if not path.is_file():
+            raise ProfileError(f"--profile {name!r}: {body!r} is neither a JSON object nor a file")
+        text = path.read_text()
+    try:
+        fields = json.loads(text) if text.lstrip().startswith("{") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ProfileError(f"--profile {name!r}: not valid JSON or YAML: {e}") from None
+    if not isinstance(fields, dict):
+        raise ProfileError(f"--profile {name!r}: a profile is a mapping of fields")
+    return fields
