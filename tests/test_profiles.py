@@ -20,13 +20,13 @@ def request(defaulted: list[str], messages: list[ChatMessage] | None = None, **f
 def test_profiles_parse_from_json_and_yaml_files_and_name_what_is_wrong(tmp_path) -> None:
     preset = tmp_path / "pirate.yaml"
     preset.write_text("system: Talk like a pirate.\ntemperature: 1.1\nmax_tokens: 64\n")
-    profiles = parse_profiles(
-        ['brief={"system": "Be brief.", "top_p": 0.5}', f"pirate={preset}"], taken={"m"}
-    )
+    specs = ['brief={"system": "Be brief.", "top_p": 0.5}', f"pirate={preset}", "concise"]
+    profiles = parse_profiles(specs, "m", taken={"m"})
+    assert profiles["m-concise"] == default_profile("m")  # a built-in, by name
     assert profiles["brief"] == Profile(name="brief", system="Be brief.", top_p=0.5)
     assert profiles["pirate"].temperature == 1.1 and profiles["pirate"].max_tokens == 64
     for spec, named in [
-        ("nameless", "NAME=JSON or NAME=FILE"),
+        ("nameless", "NAME=JSON, NAME=FILE or a built-in"),
         ('m={"system": "x"}', "served already"),
         ('x={"temperature": 9}', "temperature"),
         ('x={"colour": "red"}', "colour"),
@@ -34,7 +34,7 @@ def test_profiles_parse_from_json_and_yaml_files_and_name_what_is_wrong(tmp_path
         ("x={not json", "not valid JSON or YAML"),
     ]:
         with pytest.raises(ProfileError, match=named):
-            parse_profiles([spec], taken={"m"})
+            parse_profiles([spec], "m", taken={"m"})
 
 
 def test_a_profile_fills_only_what_the_client_left_out_and_applying_it_twice_changes_nothing() -> None:

@@ -87,24 +87,43 @@ def default_profile(model_name: str) -> Profile:
     )
 
 
-def parse_profiles(specs: list[str], taken: set[str]) -> dict[str, Profile]:
-    """`NAME=JSON` or `NAME=FILE` (YAML or JSON) strings from --profile → name → Profile.
-    `taken` holds the names the worker already serves, which a profile may not reuse."""
+# Profiles known by name alone (`--profile concise`), each made for the served model.
+BUILTIN = {"concise": default_profile}
+
+
+def profile_name(spec: str, base: str) -> str:
+    """The name a --profile spec serves under: NAME of NAME=…, or `<base>-<builtin>`."""
+    name, sep, _ = spec.partition("=")
+    return name.strip() if sep else f"{base}-{spec.strip()}"
+
+
+def parse_profiles(specs: list[str], base: str, taken: set[str]) -> dict[str, Profile]:
+    """--profile strings → name → Profile: `NAME=JSON`, `NAME=FILE` (YAML or JSON), or the name
+    of a built-in profile (`concise`: served as `<base>-concise`). `taken` holds the names the
+    worker already serves, which a profile may not reuse."""
     profiles: dict[str, Profile] = {}
     for spec in specs:
         name, sep, body = spec.partition("=")
         name, body = name.strip(), body.strip()
-        if not sep or not name or not body:
-            raise ProfileError(f"--profile takes NAME=JSON or NAME=FILE, got {spec!r}")
-        if name in profiles or name in taken:
-            raise ProfileError(f"--profile {name!r}: that name is served already")
-        fields = _read(name, body)
-        try:
-            profiles[name] = Profile.model_validate({**fields, "name": name})
-        except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-            raise ProfileError(f"--profile {name!r}: {problems}") from None
+        if not sep and name in BUILTIN:
+            profile = BUILTIN[name](base)
+        elif not sep or not name or not body:
+            known = ", ".join(BUILTIN)
+            raise ProfileError(f"--profile takes NAME=JSON, NAME=FILE or a built-in ({known}), got {spec!r}")
+        else:
+            profile = _validated(name, _read(name, body))
+        if profile.name in profiles or profile.name in taken:
+            raise ProfileError(f"--profile {profile.name!r}: that name is served already")
+        profiles[profile.name] = profile
     return profiles
+
+
+def _validated(name: str, fields: dict) -> Profile:
+    try:
+        return Profile.model_validate({**fields, "name": name})
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ProfileError(f"--profile {name!r}: {problems}") from None
 
 
 def _read(name: str, body: str) -> dict:

@@ -54,7 +54,7 @@ def _runtime_options(settings: Settings) -> dict:
 
 
 def _profiles(settings: Settings, adapters: dict) -> dict[str, Profile]:
-    return parse_profiles(settings.profiles, taken={settings.model_name, *adapters})
+    return parse_profiles(settings.profiles, settings.model_name, taken={settings.model_name, *adapters})
 
 
 async def model_worker(settings: Settings, redis) -> Worker:
