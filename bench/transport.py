@@ -37,58 +37,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from broker.settings import Settings
-from workers.engine import SamplingParams, StepOutput
-
-# Ordinary word tokens to cycle through, so the detokenizer does real work.
-_TEXT = "the quick brown fox jumps over the lazy dog and runs far away into the green hills "
-
-
-class TokenTap:
-    """An Engine that emits `tokens_per_step` tokens per request per step, no model involved."""
-
-    def __init__(self, tokenizer, max_batch: int, tokens_per_step: int) -> None:
-        self.max_batch = max_batch
-        self.context_length = 8192
-        self.eos_token_ids = frozenset()
-        self.tokens_per_step = tokens_per_step
-        self._ids = tokenizer.encode(_TEXT * 8)
-        self._active: dict[str, list[int]] = {}  # request id → [sent, budget]
-        self._wakeup = asyncio.Event()
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        self._active[request_id] = [0, params.max_new_tokens]
-        self._wakeup.set()
-
-    def cancel(self, request_id: str) -> None:
-        self._active.pop(request_id, None)
-
-    def embed(self, inputs: list[list[int]]) -> list[list[float]]:
-        return [[0.0] for _ in inputs]
-
-    async def step(self, timeout_s: float) -> list[StepOutput]:
-        if not self._active:
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout_s)
-            except TimeoutError:
-                return []
-        await asyncio.sleep(0)  # a real engine's step yields to the loop too
-        outputs = []
-        for request_id, progress in list(self._active.items()):
-            sent, budget = progress
-            n = min(self.tokens_per_step, budget - sent)
-            ids = [self._ids[(sent + i) % len(self._ids)] for i in range(n)]
-            progress[0] = sent + n
-            out = StepOutput(request_id, ids)
-            if progress[0] >= budget:
-                out.finished, out.finish_reason = True, "length"
-                del self._active[request_id]
-            outputs.append(out)
-        return outputs
+from tests.helpers import TokenTap
 
 
 def run_worker(tokens_per_step: int) -> None:
@@ -99,6 +48,7 @@ def run_worker(tokens_per_step: int) -> None:
     from broker.keys import Keys
     from workers.loading import resolve_model_path
     from workers.runtime import Worker
+    from workers.sequence import TokenFrontend
 
     settings = Settings()
 
@@ -106,7 +56,8 @@ def run_worker(tokens_per_step: int) -> None:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(settings.model, settings.home))
         redis = connect(settings.redis_url)
         engine = TokenTap(tokenizer, settings.max_batch, tokens_per_step)
-        worker = Worker(engine, tokenizer, redis, Keys(settings.key_prefix), settings.model_name, "none")
+        frontend = TokenFrontend(tokenizer)
+        worker = Worker(engine, frontend, redis, Keys(settings.key_prefix), settings.model_name, "none")
         await worker.run()
 
     asyncio.run(serve())

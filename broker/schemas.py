@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,6 +18,42 @@ def now_ms() -> int:
 class ChatMessage(BaseModel):
     role: str
     content: str
+
+
+class Sampling(BaseModel):
+    """How a request's tokens are drawn: the one list of sampling parameters. The gateway's API
+    schema inherits these fields with their bounds, the worker's per-choice parameters extend
+    them, and each field's default is its neutral value (the one that changes nothing). A new
+    parameter is a field here, and its use in the worker."""
+
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0 = greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    # Not in OpenAI's API; vLLM and FastChat accept it. 0 = off.
+    top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    # vLLM's and FastChat's extension: 1 = off.
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    # Same seed and same request: same output (choice i of n draws with seed + i).
+    seed: int | None = None
+
+    def sampling(self) -> Sampling:
+        """Only the sampling fields (of a model that extends them)."""
+        return Sampling.model_validate({name: getattr(self, name) for name in Sampling.model_fields})
+
+    def changed(self) -> dict[str, Any]:
+        """The sampling fields that differ from their neutral defaults."""
+        return {
+            name: getattr(self, name)
+            for name, field in Sampling.model_fields.items()
+            if getattr(self, name) != field.default
+        }
+
+    def for_choice(self, index: int) -> Sampling:
+        """Choice `index` of n: each draws its own tokens, and the same seed repeats them."""
+        seeded = self.sampling()
+        return seeded if self.seed is None else seeded.model_copy(update={"seed": self.seed + index})
 
 
 class GenerationRequest(BaseModel):
@@ -37,19 +73,10 @@ class GenerationRequest(BaseModel):
     prompt_token_ids: list[int] | None = None
     # Embeddings: the inputs, each a text or token ids.
     inputs: list[str | list[int]] | None = None
-    # Sampling. temperature 0 means greedy.
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = no top-k filter
+    sampling: Sampling = Field(default_factory=Sampling)
     max_new_tokens: int = 256
     # Choices to generate from the one prompt (the engine shares the prompt's KV blocks).
     n: int = 1
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    # Same seed and same request: same output.
-    seed: int | None = None
     # Log-probabilities of each token and of this many alternatives; None = off.
     logprobs: int | None = None
     stop: list[str] = Field(default_factory=list)
@@ -58,7 +85,7 @@ class GenerationRequest(BaseModel):
     echo: bool = False
     # Keep generating past EOS (benchmarks with a fixed output length).
     ignore_eos: bool = False
-    # The sampling fields (as named here) the client did not set: a served profile fills them.
+    # The sampling fields (and max_new_tokens) the client did not set: a served profile fills them.
     defaulted: list[str] = Field(default_factory=list)
     created_ms: int = Field(default_factory=now_ms)
     # Wall-clock deadline (epoch ms); a worker never starts work past it.

@@ -33,7 +33,7 @@ from broker.arena import (
 )
 from broker.jobs import RatingsParams
 from broker.queue import QueueFull
-from broker.schemas import ChatMessage
+from broker.schemas import ChatMessage, Sampling
 from gateway.auth import Admin, Caller, Limited, LimitsDep, Principal, caller
 from gateway.errors import APIError, Backlogged, InvalidRequest, ModelNotFound
 from gateway.routes import Call, metadata_of, new_request, require_worker
@@ -232,7 +232,8 @@ async def play_turn(
             messages = [ChatMessage(**m) for m in battle.messages(side)]
             messages.append(ChatMessage(role="user", content=body.content))
             request = new_request(
-                gateway, model=model, messages=messages, temperature=body.temperature, top_p=body.top_p,
+                gateway, model=model, messages=messages,
+                sampling=Sampling(temperature=body.temperature, top_p=body.top_p),
                 max_new_tokens=body.max_tokens, defaulted=body.defaulted(),
             )  # fmt: skip
             call = Call(gateway, request, "arena", who.id)

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from broker.schemas import TokenLogprob, Usage
+from broker.schemas import Sampling, TokenLogprob, Usage
 
 # A token id as a client may send one: any int beyond this is no model's (a bigger one would
 # overflow the tensors it goes into); ids past the model's vocabulary are the worker's 400.
@@ -43,19 +43,14 @@ _ONLY_NEUTRAL: dict[str, tuple] = {
 }
 
 
-_PRESETTABLE = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                "repetition_penalty")  # fmt: skip
+class SamplingFields(Sampling):
+    """What chat and completions requests share: the sampling fields (broker.schemas.Sampling,
+    with their bounds) and the rest of OpenAI's request shape."""
 
-
-class SamplingFields(BaseModel):
     # Extra fields are kept so that `refusal` can name them; none is ever ignored.
     model_config = ConfigDict(extra="allow")
 
     model: str
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    # Not in OpenAI's API; vLLM and FastChat accept it. 0 = off.
-    top_k: int = Field(0, ge=0)
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     stream: bool = False
@@ -69,18 +64,12 @@ class SamplingFields(BaseModel):
     stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=64)
     ignore_eos: bool = False
     user: str | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    # vLLM's and FastChat's extensions: 1 = off.
-    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    seed: int | None = None
 
     def defaulted(self) -> list[str]:
         """The sampling fields the client left out, as the worker names them (a served profile
         fills these with its own preset)."""
         given = self.model_fields_set
-        unset = [name for name in _PRESETTABLE if name not in given]
+        unset = [name for name in Sampling.model_fields if name not in given]
         if not given & {"max_tokens", "max_completion_tokens"}:
             unset.append("max_new_tokens")
         return unset

@@ -229,3 +229,26 @@ def arena_stack(redis_url: str, model_path: str, tmp_path_factory) -> Iterator[S
         yield stack
     finally:
         stack.stop()
+
+
+# --------------------------------------------------------------------------- test tiers
+
+# Tests that start processes or load a model to serve (`make test` runs them; `make test-fast`
+# leaves them out): by the fixtures they use, and by module for those that start their own.
+_SLOW_FIXTURES = {"stack", "arena_stack", "jobs_stack", "greedy"}
+_SLOW_MODULES = {
+    "test_cli", "test_ui", "test_reliability", "test_worker_health", "test_security", "test_train",
+    "test_lora", "test_gptq", "test_quantized", "test_fallback", "test_gpu_placement", "test_schemathesis",
+    "test_upstream", "test_serving", "test_openai_api", "test_api_contract", "test_arena", "test_jobs",
+}  # fmt: skip
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: starts processes or serves a model (not in make test-fast)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if module in _SLOW_MODULES or _SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)

@@ -16,7 +16,7 @@ import redis
 
 from corral.chat import ChatSession
 from tests.conftest import HOME, MODEL, Stack, free_port
-from tests.test_ui import wait_for_ui
+from tests.helpers import wait_for_ui
 
 
 def test_corral_up_with_keys_starts_valkey_gateway_worker_and_ui_and_prints_the_urls(

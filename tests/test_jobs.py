@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import Stack, free_port
-from tests.test_pipelines import packaged
+from tests.helpers import packaged
 
 LEASE_S = 1.5
 BIG_STEPS = ["roles", "malformed", "min_turns", "dedupe", "blocked_words", "min_length"]

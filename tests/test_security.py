@@ -28,7 +28,7 @@ from broker.jobs import EndpointSpec, JobStore
 from broker.keys import Keys
 from gateway.auth import key_id
 from tests.conftest import MODEL, Stack, free_port, wait_until_ok
-from tests.test_pipelines import packaged
+from tests.helpers import packaged
 
 A, B, ADMIN = "key-a", "key-b", "key-admin"
 

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ import torch
 
 from pipelines.sft import IGNORE, Skipped, tokenize, tokenize_all
 from tests.conftest import HOME, Stack, free_port
-from tests.test_pipelines import packaged
+from tests.helpers import packaged, train_a_few_steps
 
 TEMPLATES = Path(__file__).parent.parent / "workers" / "templates"
 CONVERSATION = [
@@ -135,14 +134,7 @@ def eval_loss(model_path: str, tokenizer, data: Path) -> float:
 
 
 def train(folder: Path, data: Path, method: str, **extra) -> dict:
-    from pipelines.train import train_job
-    from workers.loading import resolve_model_path
-
-    params = {"data": [str(data)], "method": method, "max_steps": STEPS, "max_length": 256,
-              "batch_size": 2, "global_batch_size": 4,
-              "learning_rate": 1e-4 if method == "full" else 1e-3, **extra}  # fmt: skip
-    context = {"model_path": lambda name: resolve_model_path(name, HOME)}
-    return train_job(params, folder, context, lambda *a, **k: None, threading.Event())
+    return train_a_few_steps(folder, data, method, STEPS, **extra)
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])

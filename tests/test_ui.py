@@ -14,10 +14,10 @@ import httpx
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from tests.conftest import HOME, MODEL, MODEL_INFO, TWIN, TWIN_INFO, free_port, wait_until_ok
+from tests.conftest import HOME, MODEL, MODEL_INFO, TWIN, TWIN_INFO, free_port
+from tests.helpers import PAGES, wait_for_ui
 from ui.widgets import keep_line_breaks
 
-PAGES = Path(__file__).parent.parent / "ui" / "views"
 TIMEOUT_S = 120
 
 
@@ -272,7 +272,3 @@ def test_a_browser_after_corral_up_chats_plays_the_arena_and_reads_the_leaderboa
         if up.poll() is None:
             up.send_signal(signal.SIGINT)
             up.wait(timeout=60)
-
-
-def wait_for_ui(url: str) -> None:
-    wait_until_ok(f"{url}/_stcore/health")

@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from tests.conftest import MODEL, Stack, free_port
-from tests.test_reliability import stream_text
+from tests.helpers import stream_text
 
 
 @pytest.fixture
@@ -167,7 +167,7 @@ GAP_BOUND_S = 6.0
 
 
 def test_training_data_that_cannot_be_rendered_is_dropped_by_name_and_counted(tokenizer, tmp_path) -> None:
-    from tests.test_train import train
+    from tests.helpers import train_a_few_steps as train
 
     turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]
     good = {"id": "g", "conversations": turns}

@@ -21,9 +21,10 @@ from types import SimpleNamespace
 import torch
 from transformers import DynamicCache, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from workers.engine import Outbox, SamplingParams, StepOutput, mean_pooled
+from workers.engine import Outbox, SamplingParams, StepOutput
 from workers.loading import LoadedModel, eos_ids
 from workers.lora import MultiLoRA
+from workers.pooling import mean_pooled
 from workers.sampling import CORRAL_KWARGS, Penalties, RowBatch, Sampler, request_kwargs
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class GenerateEngine:
             if request_id in self._cancelled:
                 return  # as in a continuous batch, a cancelled request gets no final output
             ids = torch.tensor([feed], device=model.device)
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids, cache=cache, use_cache=True)  # transformers 5.25 names it `cache`
             logits = out.logits[:, -1].float()  # [1, V]
             token = self._pick(state, logits, warpers)
             state.generated_tokens.append(token)

@@ -25,10 +25,11 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.requests import RequestStatus
 from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING, FIFOScheduler
 
-from workers.engine import Outbox, SamplingParams, StepOutput, mean_pooled
+from workers.engine import Outbox, SamplingParams, StepOutput
 from workers.loading import LoadedModel, eos_ids, free_memory_bytes
 from workers.lora import MultiLoRA
 from workers.lora import install as install_lora
+from workers.pooling import mean_pooled
 from workers.sampling import install, request_kwargs
 
 log = logging.getLogger(__name__)

@@ -209,8 +209,9 @@ def eos_ids(loaded: LoadedModel) -> frozenset[int]:
     return frozenset([eos] if isinstance(eos, int) else (eos or []))
 
 
-class MissingExtra(RuntimeError):
-    """An option needs a package from one of Corral's optional extras."""
+class MissingExtra(ValueError):
+    """An option needs a package from one of Corral's optional extras (a setting that cannot work
+    as the machine is)."""
 
     def __init__(self, option: str, package: str, extra: str) -> None:
         super().__init__(f"{option} needs {package}, which is not installed: pip install 'corral[{extra}]'")

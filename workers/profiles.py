@@ -17,19 +17,10 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from broker.schemas import ChatMessage, GenerationRequest, ModelMetadata
+from broker.schemas import ChatMessage, GenerationRequest, ModelMetadata, Sampling
 
-# A profile's presets, named as in the OpenAI API, and the request fields they set.
-_PRESETS = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "min_p": "min_p",
-    "presence_penalty": "presence_penalty",
-    "frequency_penalty": "frequency_penalty",
-    "repetition_penalty": "repetition_penalty",
-    "max_tokens": "max_new_tokens",
-}
+# A profile's sampling presets: every sampling field but the seed (broker.schemas.Sampling).
+_PRESETS = tuple(name for name in Sampling.model_fields if name != "seed")
 
 
 class ProfileError(ValueError):
@@ -65,10 +56,14 @@ class Profile(BaseModel):
     def apply(self, request: GenerationRequest) -> GenerationRequest:
         """The request as this profile serves it (see the module's docstring)."""
         update: dict = {}
-        for preset, field in _PRESETS.items():
-            value = getattr(self, preset)
-            if value is not None and field in request.defaulted:
-                update[field] = value
+        preset = {
+            name: getattr(self, name, None) for name in _PRESETS if getattr(self, name, None) is not None
+        }
+        sampling = {name: value for name, value in preset.items() if name in request.defaulted}
+        if sampling:
+            update["sampling"] = request.sampling.model_copy(update=sampling)
+        if self.max_tokens is not None and "max_new_tokens" in request.defaulted:
+            update["max_new_tokens"] = self.max_tokens
         messages = request.messages
         if self.system and messages is not None and not any(m.role == "system" for m in messages):
             update["messages"] = [ChatMessage(role="system", content=self.system), *messages]

@@ -8,9 +8,7 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -19,10 +17,9 @@ from broker.progress import GRACE_MS, ChoiceProgress, ProgressUpdate
 from broker.queue import Claimed, RequestQueue
 from broker.registry import WorkerRegistry
 from broker.schemas import Event, ModelMetadata, WorkerInfo, now_ms
-from workers.chat_templates import NO_STOPS, Stops
-from workers.engine import Engine, SamplingParams
+from workers.engine import Choice, Engine, Frontend
 from workers.profiles import Profile
-from workers.sequence import InvalidPrompt, Sequence, answer, encode_prompt, rejection
+from workers.sequence import InvalidPrompt, rejection
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +49,7 @@ class Worker:
     def __init__(
         self,
         engine: Engine,
-        tokenizer: Any,
+        frontend: Frontend,
         redis: aioredis.Redis,
         keys: Keys,
         model: str,
@@ -63,7 +60,6 @@ class Worker:
         max_attempts: int = 3,
         drain_timeout_s: float = 30.0,
         engine_stall_s: float = 120.0,
-        template_stops: Stops = NO_STOPS,
         metadata: ModelMetadata | None = None,
         adapters: dict[str, ModelMetadata] | None = None,
         profiles: dict[str, Profile] | None = None,
@@ -77,8 +73,7 @@ class Worker:
         self.names_metadata = {**self.adapters, **{name: profile.metadata(self.metadata, model)
                                                    for name, profile in self.profiles.items()}}  # fmt: skip
         self.engine = engine
-        self.tokenizer = tokenizer
-        self.template_stops = template_stops
+        self.frontend = frontend
         self.redis = redis
         self.keys = keys
         self.queue = RequestQueue(redis, keys)
@@ -97,10 +92,10 @@ class Worker:
         self._last_output_at = time.monotonic()
         self._drain_until = float("inf")
         # Choices being generated, by engine id; and choices left per request id.
-        self.active: dict[str, Sequence] = {}
+        self.active: dict[str, Choice] = {}
         self.open: dict[str, int] = {}
         # Choices that finished this step: their last progress is still to be written.
-        self._finished: dict[str, Sequence] = {}
+        self._finished: dict[str, Choice] = {}
         self._next_reclaim = 0.0
         # Kept across a Redis outage: events not yet published, requests not yet acked.
         self._unpublished: list[tuple[str, Event]] = []
@@ -176,15 +171,9 @@ class Worker:
         await self.drop_unheard()
 
     async def warmup(self) -> None:
-        """Run one tiny request before registering, so the engine's first-batch set-up (cache
-        allocation: seconds on a CPU) is never paid by a client."""
-        request_id = f"warmup-{self.worker_id}"
-        prompt_ids = list(self.tokenizer.encode("Hello"))
-        self.engine.add(request_id, prompt_ids, SamplingParams(temperature=0, max_new_tokens=2))
-        while not any(
-            out.finished for out in await self.engine.step(timeout_s=60) if out.request_id == request_id
-        ):
-            pass
+        """The frontend's warm-up, before the worker registers (a first request's set-up is never
+        paid by a client)."""
+        await self.frontend.warmup(self.engine)
 
     def check_engine(self, outputs: list | None = None) -> None:
         """Raises EngineDied if the engine's thread is gone, or it has had work and yielded
@@ -299,8 +288,8 @@ class Worker:
 
     def _prepare(
         self, claimed: list[Claimed], progress: dict[str, dict[int, ChoiceProgress] | Event]
-    ) -> list[list[Sequence] | Event]:
-        prepared: list[list[Sequence] | Event] = []
+    ) -> list[list[Choice] | Event]:
+        prepared: list[list[Choice] | Event] = []
         at_ms = now_ms()
         for item in claimed:
             earlier = progress.get(item.request.request_id, {})
@@ -312,42 +301,29 @@ class Worker:
                 prepared.append(self._start(item, earlier))
         return prepared
 
-    def _start(self, item: Claimed, earlier: dict[int, ChoiceProgress]) -> list[Sequence] | Event:
+    def _start(self, item: Claimed, earlier: dict[int, ChoiceProgress]) -> list[Choice] | Event:
         try:
             profile = self.profiles.get(item.request.model)
             if profile is not None:
                 item = replace(item, request=profile.apply(item.request))
             if item.request.kind != "generate":
-                return self.answer(item)
-            new_choice = self.choice_maker(item)
+                return self.frontend.answer(item, self.engine)
+            new_choice = self.frontend.choices(item, self.engine)
             choices = []
             for index in range(item.request.n):
-                sequence = new_choice(index)
+                choice = new_choice(index)
                 done_before = earlier.get(index)
                 if done_before is not None:
                     if done_before.done:
                         continue
-                    sequence.resume(done_before)
-                choices.append(sequence)
+                    choice.resume(done_before)
+                choices.append(choice)
             return choices
         except InvalidPrompt as e:
             return rejection(e.code, str(e))
         except Exception as e:  # one bad request must never take the worker down
             log.exception("could not start %s", item.request.request_id)
             return rejection("engine_error", f"{type(e).__name__}: {e}")
-
-    def answer(self, item: Claimed) -> Event:
-        """The one event answering a tokenize, detokenize or embed request."""
-        if item.request.kind == "embed" and item.request.model in self.adapters:
-            return rejection("invalid_request", f"embeddings come from the base model only: ask {self.model}")
-        return answer(item, self.tokenizer, self.engine)
-
-    def choice_maker(self, item: Claimed) -> Callable[[int], Sequence]:
-        """What builds choice `index` of a generate request (the prompt is encoded once)."""
-        ids = encode_prompt(item, self.tokenizer)
-        adapter = item.request.model if item.request.model in self.adapters else ""
-        return lambda index: Sequence(item, ids, self.tokenizer, self.engine.context_length, index=index,
-                                      template_stops=self.template_stops, adapter=adapter)  # fmt: skip
 
     def collect(self, outputs: list, done: list[Claimed]) -> list[tuple[str, Event]]:
         """Events for this step's outputs; requests that finished are added to `done`."""
@@ -380,7 +356,7 @@ class Worker:
         and the (sequence, tokens recorded) marks to set once that is written."""
         updates: dict[str, ProgressUpdate] = {}
         marks = []
-        recorded: set[Sequence] = set()
+        recorded: set[Choice] = set()
         for request_id, event in events:
             engine_id = f"{request_id}/{event.index}"
             sequence = self.active.get(engine_id) or self._finished.get(engine_id)
@@ -389,7 +365,7 @@ class Worker:
                 marks.append((sequence, sequence.record(updates.setdefault(request_id, ProgressUpdate()))))
         return updates, marks
 
-    def _release(self, sequence: Sequence) -> list[Claimed]:
+    def _release(self, sequence: Choice) -> list[Claimed]:
         """Forget a finished choice; the request once its last choice is done."""
         del self.active[sequence.engine_id]
         self._finished[sequence.engine_id] = sequence
@@ -502,7 +478,7 @@ class Worker:
         done: list[Claimed] = []
         for sequence in [s for s in self.active.values() if s.request_id == request_id]:
             self.engine.cancel(sequence.engine_id)
-            self.tokens_wasted += len(sequence.generated)
+            self.tokens_wasted += sequence.completion_tokens
             done += self._release(sequence)
         self.cancelled += 1
         await self.ack(done)

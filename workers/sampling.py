@@ -29,15 +29,16 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 )
 from transformers.generation.continuous_batching.model_runner import ModelRunner
 
+from broker.schemas import Sampling
 from workers.engine import SamplingParams
 
-# Sampling fields of this module and the value that means "off".
+# transformers' own processors take these (every request passes them).
+_TRANSFORMERS_OWN = ("temperature", "top_k", "top_p")
+# The fields this module's processors take, and the value that means "off": every other
+# sampling field (broker.schemas.Sampling's defaults are its neutral values), and two of a
+# choice's own.
 _NEUTRAL = {
-    "min_p": 0.0,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-    "repetition_penalty": 1.0,
-    "seed": None,
+    **{name: field.default for name, field in Sampling.model_fields.items() if name not in _TRANSFORMERS_OWN},
     "logprobs": None,
     "resumed_tokens": 0,
 }

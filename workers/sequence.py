@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from broker.progress import GRACE_MS, ChoiceProgress, ProgressUpdate, entry
@@ -85,19 +85,11 @@ class Sequence:
                 f"the prompt is {len(prompt_ids)} tokens; the model's context is {context_length}",
             )
         self.params = SamplingParams(
-            temperature=request.temperature,
-            top_p=request.top_p,
-            top_k=request.top_k,
+            **request.sampling.for_choice(index).model_dump(),
             # Clipped to what the context has left, as FastChat does.
             max_new_tokens=min(request.max_new_tokens, room),
             stop_token_ids=tuple(dict.fromkeys((*request.stop_token_ids, *template_stops.token_ids))),
             ignore_eos=request.ignore_eos,
-            min_p=request.min_p,
-            presence_penalty=request.presence_penalty,
-            frequency_penalty=request.frequency_penalty,
-            repetition_penalty=request.repetition_penalty,
-            # Each choice draws its own tokens; the same seed repeats the same choices.
-            seed=None if request.seed is None else request.seed + index,
             logprobs=request.logprobs,
             adapter=adapter,
         )
@@ -179,8 +171,8 @@ class Sequence:
         decoded = self.detokenizer.push(self.generated)
         self.stops.hold(decoded[sent_text:])  # generated but held back: still to be sent
         left = self.params.max_new_tokens - len(self.generated)
-        self.params = dataclasses.replace(
-            self.params, max_new_tokens=max(left, 0), resumed_tokens=len(self.generated)
+        self.params = self.params.model_copy(
+            update={"max_new_tokens": max(left, 0), "resumed_tokens": len(self.generated)}
         )
 
     def _entry(self, token_id: int, logprob: float) -> TopLogprob:
@@ -229,6 +221,46 @@ def answer(claimed: Claimed, tokenizer: Any, engine: Engine) -> Event:
     return Event(
         seq=1, type="done", result={"tokens": ids, "count": len(ids), "max_model_len": context_length}
     )
+
+
+class TokenFrontend:
+    """The frontend of a model's engine: the tokenizer encodes prompts (with the chat template)
+    into `Sequence`s, and answers tokenize, detokenize and embed requests."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        template_stops: Stops = NO_STOPS,
+        adapters: frozenset[str] = frozenset(),
+        base: str = "",
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.template_stops = template_stops
+        # The LoRA adapters' served names (a request for one runs with it), and the base's name.
+        self.adapters = adapters
+        self.base = base
+
+    def choices(self, item: Claimed, engine: Engine) -> Callable[[int], Sequence]:
+        ids = encode_prompt(item, self.tokenizer)  # once for all n choices
+        adapter = item.request.model if item.request.model in self.adapters else ""
+        return lambda index: Sequence(item, ids, self.tokenizer, engine.context_length, index=index,
+                                      template_stops=self.template_stops, adapter=adapter)  # fmt: skip
+
+    def answer(self, item: Claimed, engine: Engine) -> Event:
+        if item.request.kind == "embed" and item.request.model in self.adapters:
+            return rejection("invalid_request", f"embeddings come from the base model only: ask {self.base}")
+        return answer(item, self.tokenizer, engine)
+
+    async def warmup(self, engine: Engine) -> None:
+        """One tiny request, so the engine's first-batch set-up (cache allocation: seconds on a
+        CPU) is never paid by a client."""
+        request_id = "warmup"
+        prompt_ids = list(self.tokenizer.encode("Hello"))
+        engine.add(request_id, prompt_ids, SamplingParams(temperature=0, max_new_tokens=2))
+        while not any(
+            out.finished for out in await engine.step(timeout_s=60) if out.request_id == request_id
+        ):
+            pass
 
 
 def rejection(code: str, message: str) -> Event:

@@ -11,13 +11,9 @@ from broker.keys import Keys
 from broker.schemas import ModelMetadata
 from broker.settings import Settings
 from workers.engine import Engine
-from workers.generate_engine import GenerateEngine
-from workers.hf_engine import TransformersEngine
-from workers.loading import LoadedModel, MissingExtra, Placement, builtin_metadata, load_model
-from workers.lora import parse_specs
 from workers.profiles import Profile, parse_profiles
 from workers.runtime import ENGINE_DIED_EXIT, EngineDied, Worker
-from workers.upstream import Upstream, UpstreamEngine, UpstreamWorker
+from workers.upstream import Upstream, UpstreamEngine, UpstreamFrontend
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +35,14 @@ async def serve(settings: Settings) -> None:
         await redis.aclose()
 
 
+def _builtin_metadata(model: str) -> dict:
+    from workers.loading import builtin_metadata
+
+    return builtin_metadata(model)
+
+
 def _runtime_options(settings: Settings) -> dict:
-    own = {} if settings.upstream_url else builtin_metadata(settings.model)
+    own = {} if settings.upstream_url else _builtin_metadata(settings.model)
     return {
         "model": settings.model_name,
         "worker_id": settings.worker_id,
@@ -58,6 +60,11 @@ def _profiles(settings: Settings, adapters: dict) -> dict[str, Profile]:
 
 
 async def model_worker(settings: Settings, redis) -> Worker:
+    # torch and transformers: only a model's worker loads them.
+    from workers.loading import Placement, load_model
+    from workers.lora import parse_specs
+    from workers.sequence import TokenFrontend
+
     loaded = await asyncio.to_thread(
         load_model,
         settings.model,
@@ -79,14 +86,17 @@ async def model_worker(settings: Settings, redis) -> Worker:
         )
         for name, path in adapters.items()
     }
-    return Worker(engine, loaded.tokenizer, redis, Keys(settings.key_prefix), device=loaded.device,
-                  template_stops=loaded.stops, adapters=described, profiles=profiles,
-                  **_runtime_options(settings))  # fmt: skip
+    frontend = TokenFrontend(loaded.tokenizer, loaded.stops, frozenset(adapters), settings.model_name)
+    return Worker(engine, frontend, redis, Keys(settings.key_prefix), device=loaded.device,
+                  adapters=described, profiles=profiles, **_runtime_options(settings))  # fmt: skip
 
 
-def build_engine(settings: Settings, loaded: LoadedModel, adapters: dict) -> Engine:
+def build_engine(settings: Settings, loaded, adapters: dict) -> Engine:
     """Continuous batching where transformers can run the model that way, else the one-at-a-time
     decode loop, saying why at start."""
+    from workers.generate_engine import GenerateEngine
+    from workers.hf_engine import TransformersEngine
+
     reason = loaded.unbatchable
     if settings.engine == "generate":
         reason = "--engine generate"
@@ -120,10 +130,11 @@ async def upstream_worker(settings: Settings, redis) -> Worker:
     )
     log.info("forwarding %s to %s as %s", settings.model_name, upstream.base_url, upstream.model)
     engine = UpstreamEngine(upstream, max_batch=settings.max_batch)
-    keys = Keys(settings.key_prefix)
-    return UpstreamWorker(
-        engine, redis, keys, device="api", profiles=_profiles(settings, {}), **_runtime_options(settings)
-    )
+    options = _runtime_options(settings)
+    # An upstream may think for minutes before its first token; its own timeout governs.
+    options["engine_stall_s"] = float("inf")
+    return Worker(engine, UpstreamFrontend(upstream), redis, Keys(settings.key_prefix), device="api",
+                  profiles=_profiles(settings, {}), **options)  # fmt: skip
 
 
 def main(settings: Settings | None = None) -> None:
@@ -136,6 +147,6 @@ def main(settings: Settings | None = None) -> None:
         run = asyncio.run
     try:
         run(serve(settings or Settings()))
-    except (MissingExtra, ValueError) as e:  # a setting that cannot work: say which, no traceback
+    except ValueError as e:  # a setting that cannot work (MissingExtra too): say which, no traceback
         log.error("%s", e)
         raise SystemExit(2) from None

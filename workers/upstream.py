@@ -23,8 +23,7 @@ import httpx
 from broker.progress import GRACE_MS, ChoiceProgress, ProgressUpdate, entry
 from broker.queue import Claimed
 from broker.schemas import Event, EventError, FinishReason, TokenLogprob, Usage
-from workers.engine import Outbox, SamplingParams, StepOutput
-from workers.runtime import Worker
+from workers.engine import Engine, Outbox, SamplingParams, StepOutput
 from workers.sequence import InvalidPrompt, rejection
 
 log = logging.getLogger(__name__)
@@ -61,8 +60,8 @@ def request_body(claimed: Claimed, upstream: Upstream, index: int) -> tuple[str,
         "stream": True,
         "stream_options": {"include_usage": True},
         "max_tokens": request.max_new_tokens,
-        "temperature": request.temperature,
-        "top_p": request.top_p,
+        "temperature": request.sampling.temperature,
+        "top_p": request.sampling.top_p,
     }
     if request.messages is not None:
         path = "/chat/completions"
@@ -75,14 +74,9 @@ def request_body(claimed: Claimed, upstream: Upstream, index: int) -> tuple[str,
         if request.logprobs is not None:
             message = "logprobs on completions are not available for an API-backed model"
             raise InvalidPrompt("invalid_request", message)
+    body |= request.sampling.for_choice(index).changed()  # every sampling field, by its API name
     optional = {
         "stop": (request.stop, []),
-        "seed": (None if request.seed is None else request.seed + index, None),
-        "presence_penalty": (request.presence_penalty, 0.0),
-        "frequency_penalty": (request.frequency_penalty, 0.0),
-        "top_k": (request.top_k, 0),
-        "min_p": (request.min_p, 0.0),
-        "repetition_penalty": (request.repetition_penalty, 1.0),
         "ignore_eos": (request.ignore_eos, False),
         "stop_token_ids": (request.stop_token_ids, []),
     }
@@ -91,8 +85,8 @@ def request_body(claimed: Claimed, upstream: Upstream, index: int) -> tuple[str,
 
 
 class UpstreamChoice:
-    """One choice of one request, answered by one streamed upstream call. Duck-types
-    workers.sequence.Sequence for the runtime: events, progress records, takeover."""
+    """One choice of one request, answered by one streamed upstream call (a workers.engine.Choice:
+    events, progress records, takeover); the engine's prompt is the choice itself."""
 
     def __init__(self, claimed: Claimed, upstream: Upstream, index: int = 0) -> None:
         request = claimed.request
@@ -105,6 +99,8 @@ class UpstreamChoice:
         self._echo = (request.prompt or "") if request.echo and request.messages is None else ""
         self.sent_chars = 0
         self.recorded = 0
+        # Tokens the upstream reported for it, once it has finished.
+        self.completion_tokens = 0
         self.finished = False
         self._seq = 0
         # Set when an earlier worker already sent part of the answer: an upstream stream
@@ -129,6 +125,7 @@ class UpstreamChoice:
             events.append(self._event(type="delta", text=text, logprobs=out.choices or None))
         if out.finished:
             self.finished = True
+            self.completion_tokens = out.completion_tokens
             usage = Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens)
             events.append(self._event(type="done", finish_reason=out.finish_reason or "stop", usage=usage))
         return events
@@ -157,8 +154,6 @@ class UpstreamChoice:
 class UpstreamEngine:
     """Runs each choice as a streamed HTTP call on the event loop; `step` hands over the text
     that arrived since the last call. `max_batch` bounds the calls open at once."""
-
-    eos_token_ids: frozenset[int] = frozenset()
 
     def __init__(self, upstream: Upstream, max_batch: int, context_length: int = 0) -> None:
         self.upstream = upstream
@@ -269,26 +264,24 @@ def _delta(part: dict) -> tuple[str, list[TokenLogprob]]:
     return text, [TokenLogprob.model_validate(item) for item in content]
 
 
-class UpstreamWorker(Worker):
-    """The model worker's runtime around an UpstreamEngine."""
+class UpstreamFrontend:
+    """The frontend of an API-backed model: each choice is one upstream call; there is no
+    tokenizer, so tokenize, detokenize and embed requests are refused."""
 
-    def __init__(self, engine: UpstreamEngine, *args: Any, **kwargs: Any) -> None:
-        super().__init__(engine, None, *args, **kwargs)  # type: ignore[arg-type]
-        self.upstream = engine.upstream
-        # An upstream may think for minutes before its first token; its own timeout governs.
-        self.engine_stall_s = float("inf")
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
 
-    async def warmup(self) -> None:
+    def choices(self, item: Claimed, engine: Engine) -> Callable[[int], UpstreamChoice]:
+        return lambda index: UpstreamChoice(item, self.upstream, index)
+
+    def answer(self, item: Claimed, engine: Engine) -> Event:
+        return rejection("invalid_request", f"{item.request.kind} is not available for an API-backed model")
+
+    async def warmup(self, engine: Engine) -> None:
         """Nothing to warm; a server that cannot be reached is logged, not fatal (it may come up)."""
-        assert isinstance(self.engine, UpstreamEngine) and self.engine._client is not None
+        assert isinstance(engine, UpstreamEngine) and engine._client is not None
         try:
-            response = await self.engine._client.get("/models", timeout=10)
+            response = await engine._client.get("/models", timeout=10)
             log.info("upstream %s answered /models with %d", self.upstream.base_url, response.status_code)
         except httpx.HTTPError as e:
             log.warning("upstream %s unreachable for now: %s", self.upstream.base_url, e)
-
-    def answer(self, item: Claimed) -> Event:
-        return rejection("invalid_request", f"{item.request.kind} is not available for an API-backed model")
-
-    def choice_maker(self, item: Claimed) -> Callable[[int], UpstreamChoice]:  # type: ignore[override]
-        return lambda index: UpstreamChoice(item, self.upstream, index)
