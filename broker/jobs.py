@@ -12,17 +12,20 @@ import builtins
 import json
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from arq.connections import ArqRedis
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from broker.connection import connect, connect_arq
 from broker.keys import Keys
+from broker.settings import Settings
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "aborted"]
 ENDED = ("succeeded", "failed", "aborted")
-# The one arq function every job runs through (corral/jobs.py dispatches on the kind).
+# The one arq function every job runs through (corral/runner.py dispatches on the kind).
 RUN_JOB = "run_job"
 _EVENTS_MAX = 1000
 
@@ -33,6 +36,14 @@ class JobError(Exception):
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(f"{reason}: {message}")
+
+
+class JobAborted(Exception):
+    """A job stopped because it was asked to (its stop event is set); what it finished is kept."""
+
+
+# How a job reports progress: progress(stage, done, total, message="", **metrics).
+Progress = Callable[..., None]
 
 
 # --------------------------------------------------------------------------- params per kind
@@ -256,6 +267,10 @@ class JobStore:
         self.artifacts_root = artifacts_root
         self.keep_s = keep_s
 
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+        await self.arq.aclose()
+
     async def create(self, kind: str, params: BaseModel, owner: str = "cli") -> JobPublic:
         _, gpu = KINDS[kind]
         job_id = uuid.uuid4().hex[:16]
@@ -318,3 +333,9 @@ class JobStore:
     async def events(self, job_id: str, after: str, block_ms: int) -> builtins.list[tuple[str, dict]]:
         reply = await self.redis.xread({self.keys.job_events(job_id): after}, block=block_ms, count=100)
         return [entry for _, entries in reply or [] for entry in entries]
+
+
+def open_store(settings: Settings, url: str) -> JobStore:
+    """The job store of these settings on the Redis at `url` (close it with `aclose`)."""
+    keys = Keys(settings.key_prefix)
+    return JobStore(connect(url), connect_arq(url), keys, str(settings.home / "jobs"), settings.job_keep_s)

@@ -9,9 +9,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from broker.jobs import JobAborted
 from broker.settings import Settings
 from corral.progress import Counts
-from pipelines.pipeline import Aborted, CleanConfig, Run
+from pipelines.pipeline import CleanConfig, Run
 
 
 def add_parser(commands) -> None:
@@ -85,7 +86,7 @@ def run_clean(args: argparse.Namespace, settings: Settings) -> int:
                           "finished by an earlier run of this pipeline and are kept")  # fmt: skip
         try:
             reports = run.execute()
-        except Aborted:
+        except JobAborted:
             console.print("[yellow]stopped; run the same command again to resume[/]")
             return 130
     table = Table("stage", "in", "kept", "dropped", "added", "out")
@@ -108,15 +109,14 @@ def queue_job(kind: str, params, settings: Settings, console: Console) -> int:
     import asyncio
 
     from broker.connection import resolve_redis_url
-    from corral.jobs import job_store
+    from broker.jobs import open_store
 
     async def enqueue():
-        store = job_store(settings, await asyncio.to_thread(resolve_redis_url, settings))
+        store = open_store(settings, await asyncio.to_thread(resolve_redis_url, settings))
         try:
             return await store.create(kind, params)
         finally:
-            await store.redis.aclose()
-            await store.arq.aclose()
+            await store.aclose()
 
     job = asyncio.run(enqueue())
     console.print(f"queued job {job.id}; follow it with: corral jobs show {job.id}")

@@ -76,7 +76,8 @@ def run_cli(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
-    from corral.jobs import follow, job_store
+    from broker.jobs import open_store
+    from corral.jobs import follow
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     contestants = _endpoint(args.url, args.api_key_env)
@@ -95,7 +96,7 @@ async def _run(args: argparse.Namespace, settings: Settings, console: Console) -
     if problem is not None:
         console.print(f"[red]{problem}[/red]\nnothing was queued")
         return 2
-    store = job_store(settings, await asyncio.to_thread(resolve_redis_url, settings))
+    store = open_store(settings, await asyncio.to_thread(resolve_redis_url, settings))
     try:
         answer_job = await store.create("answer", answers)
         judgments = JudgmentParams(questions=questions, models=models, judge=args.judge, mode=args.mode,
@@ -109,8 +110,7 @@ async def _run(args: argparse.Namespace, settings: Settings, console: Console) -
             return 0
         return await follow(store, [answer_job.id, judgment_job.id], console)
     finally:
-        await store.redis.aclose()
-        await store.arq.aclose()
+        await store.aclose()
 
 
 def _questions_problem(params: AnswerParams) -> str | None:

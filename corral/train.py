@@ -100,7 +100,7 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
     if not args.output:
         console.print("[red]--output is needed (or --queue)[/red]")
         return 2
-    from pipelines.pipeline import Aborted
+    from broker.jobs import JobAborted
     from pipelines.train import train_job
     from workers.loading import resolve_model_path
 
@@ -115,7 +115,7 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
         context = {"model_path": lambda name: resolve_model_path(name, settings.home)}
         try:
             result = train_job(params.model_dump(), Path(args.output), context, progress, stop)
-        except (KeyboardInterrupt, Aborted):
+        except (KeyboardInterrupt, JobAborted):
             console.print("[yellow]stopped; run the same command again to resume from the last checkpoint[/]")
             return 130
     console.print(f"trained {result['steps']} steps, final loss {result['final_loss']}; serve it with:")

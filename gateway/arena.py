@@ -35,8 +35,8 @@ from broker.jobs import RatingsParams
 from broker.queue import QueueFull
 from broker.schemas import ChatMessage, Sampling
 from gateway.auth import Admin, Caller, Limited, LimitsDep, Principal, caller
+from gateway.calls import Call, metadata_of, new_request, require_worker, sse
 from gateway.errors import APIError, Backlogged, InvalidRequest, ModelNotFound
-from gateway.routes import Call, metadata_of, new_request, require_worker
 from gateway.state import Gateway, GatewayDep
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
@@ -256,10 +256,6 @@ def _release(calls: list[Call]) -> None:
         call.release()
 
 
-def _sse(payload: dict) -> bytes:
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
-
-
 async def _pump(side: Side, call: Call, out: asyncio.Queue) -> None:
     """One side's events onto the shared queue, then None."""
     try:
@@ -291,15 +287,15 @@ async def _stream_turn(
                 code, message = (item.code, item.message) if isinstance(item, APIError) else (
                     item.error.code, item.error.message)  # fmt: skip
                 failed = True
-                yield _sse({"side": side, "error": {"code": code, "message": message}})
+                yield sse({"side": side, "error": {"code": code, "message": message}})
             else:
                 if item.text:
                     texts[side].append(item.text)
-                    yield _sse({"side": side, "text": item.text})
+                    yield sse({"side": side, "text": item.text})
                 if item.type == "done":
                     finish[side] = item.finish_reason or "stop"
                     calls[sides.index(side)].count("ok", item.usage)
-                    yield _sse({"side": side, "finish_reason": finish[side]})
+                    yield sse({"side": side, "finish_reason": finish[side]})
         if not failed:
             turn = Turn(
                 prompt=body.content, left="".join(texts["left"]), right="".join(texts["right"]),
@@ -309,7 +305,7 @@ async def _stream_turn(
                 start=start, finish_at=time.time(),
             )  # fmt: skip
             played = await arena.add_turn(battle, turn)
-            yield _sse({"turn": len(played.turns), "done": True})
+            yield sse({"turn": len(played.turns), "done": True})
         yield b"data: [DONE]\n\n"
     finally:
         for task in pumps:

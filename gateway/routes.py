@@ -4,27 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
 
-import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from broker.progress import GRACE_MS
 from broker.queue import QueueFull
-from broker.schemas import ChatMessage, Event, GenerationRequest, Usage, WorkerInfo
+from broker.schemas import ChatMessage, Usage, WorkerInfo
 from gateway.auth import Limited, LimitsDep, caller
+from gateway.calls import Call, metadata_of, new_request, require_worker, sse
 from gateway.errors import (
     Backlogged,
     DeadlineExceeded,
     GenerationFailed,
     InvalidRequest,
     ModelNotFound,
-    ModelUnavailable,
     sse_error,
 )
-from gateway.hub import EventsLost, events
 from gateway.openai_schemas import (
     ChatCompletionCreate,
     CompletionCreate,
@@ -48,15 +44,6 @@ def _model_card(name: str, workers: list[WorkerInfo]) -> dict:
         "max_model_len": max(w.context_length for w in workers),
         "metadata": metadata_of(name, workers),
     }
-
-
-def metadata_of(model: str, workers: list[WorkerInfo]) -> dict:
-    """The model's metadata as its workers advertise it (the first that has any)."""
-    for worker in workers:
-        fields = worker.metadata_of(model).model_dump(exclude_none=True)
-        if fields:
-            return fields
-    return {}
 
 
 @router.get("/models")
@@ -128,24 +115,6 @@ def check_input_size(gateway: Gateway, chars: int, param: str) -> None:
         )  # fmt: skip
 
 
-def new_request(gateway: Gateway, timeout_s: float | None = None, **fields) -> GenerationRequest:
-    """A request with a fresh id (routed back to this gateway) and its deadline."""
-    created_ms = int(time.time() * 1000)
-    return GenerationRequest(
-        request_id=gateway.hub.new_request_id(),
-        created_ms=created_ms,
-        deadline_ms=created_ms + int((timeout_s or gateway.settings.request_timeout_s) * 1000),
-        **fields,
-    )
-
-
-async def require_worker(gateway: Gateway, model: str) -> None:
-    if await gateway.models.find(model) is None:
-        if await gateway.queue.known(model):
-            raise ModelUnavailable(model)
-        raise ModelNotFound(model)
-
-
 async def _ask(gateway: Gateway, model: str, kind: str, **fields) -> dict:
     """A request a worker answers with one result (it needs the model's tokenizer)."""
     await require_worker(gateway, model)
@@ -162,59 +131,6 @@ async def _ask(gateway: Gateway, model: str, kind: str, **fields) -> dict:
     finally:
         call.release()
     raise GenerationFailed("engine_error", "the worker ended the request without a result")
-
-
-class Call:
-    """One client request in flight: its queue of events, deadline and clean-up."""
-
-    def __init__(self, gateway: Gateway, request: GenerationRequest, endpoint: str, caller: str) -> None:
-        self.gateway = gateway
-        self.caller = caller
-        self.request = request
-        self.endpoint = endpoint
-        self.received = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        self.deadline = loop.time() + (request.deadline_ms - request.created_ms) / 1000
-        self.queue = gateway.hub.open(request.request_id)
-        self.finished = False
-        self.counted = False
-
-    async def events(self) -> AsyncIterator[Event]:
-        try:
-            gap_timeout_s = 3 * self.gateway.settings.worker_ttl_s
-            async for event in events(self.queue, self.deadline, self.request.n, gap_timeout_s):
-                self.finished = event.type != "delta"
-                yield event
-        except TimeoutError:
-            raise DeadlineExceeded() from None
-        except EventsLost:
-            raise GenerationFailed(
-                "events_lost", "part of the answer was lost between the worker and the gateway"
-            ) from None
-
-    def count(self, status: str, usage: Usage | None = None) -> None:
-        self.counted = True
-        model = self.request.model
-        self.gateway.metrics.requests.labels(model, self.endpoint, status).inc()
-        if usage is not None:
-            self.gateway.metrics.output_tokens.labels(model).inc(usage.completion_tokens)
-            self.gateway.metrics.prompt_tokens.labels(model).inc(usage.prompt_tokens)
-            if self.gateway.limits.tokens_per_min:  # no task per request when nothing is limited
-                self.gateway.hub.in_background(self.gateway.limits.spend(self.caller, usage.total_tokens))
-
-    def first_token(self) -> None:
-        self.gateway.metrics.ttft.labels(self.request.model).observe(time.perf_counter() - self.received)
-
-    def release(self) -> None:
-        """Forget the request; if it never finished (client gone, deadline), cancel it: it is
-        dropped wherever it is, running or still queued, and counted as abandoned unless its
-        outcome was counted already."""
-        self.gateway.hub.close(self.request.request_id)
-        if not self.finished:
-            if not self.counted:
-                self.count("abandoned")
-            expire_at_ms = self.request.deadline_ms + GRACE_MS
-            self.gateway.hub.in_background(self.gateway.queue.cancel(self.request.request_id, expire_at_ms))
 
 
 async def _generate(gateway: Gateway, body, endpoint: str, who: str, http: Request, **prompt) -> Response:
@@ -340,10 +256,6 @@ async def _complete(call: Call, shape: ResponseShape) -> JSONResponse:
     return JSONResponse(shape.complete(["".join(t) for t in texts], finish, usage, logprobs))
 
 
-def _sse(payload: dict) -> bytes:
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
-
-
 class _Outbox:
     """SSE chunks that leave in one write. Events that arrived together go out together, and a
     choice's consecutive text deltas become one chunk: under load the gateway then pays per
@@ -363,11 +275,11 @@ class _Outbox:
 
     def chunk(self, payload: dict) -> None:
         self._close_text()
-        self._parts.append(_sse(payload))
+        self._parts.append(sse(payload))
 
     def _close_text(self) -> None:
         if self._text:
-            self._parts.append(_sse(self.shape.chunk("".join(self._text), self._index)))
+            self._parts.append(sse(self.shape.chunk("".join(self._text), self._index)))
             self._text = []
 
     def take(self) -> bytes:

@@ -10,18 +10,11 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
-from broker.jobs import AnswerParams
+from broker.jobs import AnswerParams, JobAborted, Progress
 from judge import questions as question_sets
 from judge.endpoint import ChatClient
-
-Progress = Callable[..., None]
-
-
-class Stopped(Exception):
-    pass
 
 
 async def run_all(coroutines) -> None:
@@ -87,7 +80,7 @@ async def generate(params: AnswerParams, output: Path, progress: Progress, stop:
         nonlocal finished, written
         async with slots:
             if stop.is_set():
-                raise Stopped()
+                raise JobAborted()
             record = await _answer(client, model, question, params)
         path = answer_file(output, model)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,16 +17,13 @@ import itertools
 import json
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from broker.jobs import JudgmentParams
+from broker.jobs import JobAborted, JudgmentParams, Progress
 from judge import prompts, verdicts
 from judge import questions as question_sets
-from judge.answers import Stopped, load_answers, read_jsonl, run_all
+from judge.answers import load_answers, read_jsonl, run_all
 from judge.endpoint import ChatClient
-
-Progress = Callable[..., None]
 
 
 def judgment_file(output: Path, judge: str, kind: str) -> Path:
@@ -99,7 +96,7 @@ async def judge(params: JudgmentParams, output: Path, progress: Progress, stop: 
         nonlocal finished, failures
         async with slots:
             if stop.is_set():
-                raise Stopped()
+                raise JobAborted()
             if single:
                 record = await _single(asker, unit[0], question, turn, answers)
             else:

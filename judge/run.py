@@ -9,19 +9,17 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import redis
 
-from broker.jobs import AnswerParams, JudgmentParams
+from broker.jobs import AnswerParams, JudgmentParams, Progress
 from broker.keys import Keys
 from judge import questions as question_sets
 from judge.answers import generate, load_answers
 from judge.judgments import judge, judgment_file
 from judge.results import summarize
 
-Progress = Callable[..., None]
 # A judgment's text shown when browsing results is cut here (the files keep it whole).
 _BROWSE_CHARS = 4000
 

@@ -13,7 +13,7 @@ import json
 import random
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,17 +21,10 @@ from typing import Any
 import yaml
 from pydantic import field_validator
 
-from broker.jobs import CleanParams, StepSpec
+from broker.jobs import CleanParams, JobAborted, Progress, StepSpec
 from pipelines import records
 from pipelines.stats import write_stats
 from pipelines.steps import STEPS, Drop, Step
-
-# Called with (stage name, records done, records in total or 0 when unknown).
-Progress = Callable[[str, int, int], None]
-
-
-class Aborted(Exception):
-    """The run was asked to stop; completed stages are kept."""
 
 
 class CleanConfig(CleanParams):
@@ -136,7 +129,7 @@ class Run:
 
     def _check(self) -> None:
         if self.stop.is_set():
-            raise Aborted()
+            raise JobAborted()
 
     def _read(self) -> StageReport:
         report = StageReport("read")

@@ -16,17 +16,13 @@ import random
 import threading
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 from transformers import PrinterCallback, TrainerCallback
 
-from broker.jobs import TrainParams
+from broker.jobs import JobAborted, Progress, TrainParams
 from pipelines import records
-from pipelines.pipeline import Aborted
 from pipelines.sft import Example, Tokenized, tokenize_all
-
-Progress = Callable[..., None]
 
 
 def conversations(paths: list[str]) -> tuple[list[list[dict]], int]:
@@ -186,7 +182,7 @@ def train_job(params: dict, folder: Path, context: dict, progress: Progress, sto
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stop.is_set():
         _keep_finished_steps(trainer, folder)
-        raise Aborted()
+        raise JobAborted()
     metrics = trainer.evaluate() if eval_set.examples else {}
     output = _save(config, folder, trainer, tokenizer, model_path)
     summary = {

@@ -239,7 +239,7 @@ async def schedule(stack: Stack):
     from broker.connection import connect, connect_arq
     from broker.jobs import JobStore
     from broker.keys import Keys
-    from corral.jobs import Runner
+    from corral.runner import Runner
 
     settings = Settings(redis_url=stack.redis_url, key_prefix=stack.key_prefix)
     store = JobStore(
@@ -248,8 +248,7 @@ async def schedule(stack: Stack):
     try:
         return await Runner(settings, store, stack.redis_url).schedule_ratings()
     finally:
-        await store.redis.aclose()
-        await store.arq.aclose()
+        await store.aclose()
 
 
 def wait_for_job(url: str, job_id: str, timeout_s: float = 60) -> dict:

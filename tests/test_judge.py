@@ -325,8 +325,7 @@ def test_a_judgment_job_picked_before_its_answer_job_steps_aside_instead_of_bloc
                 output=str(tmp_path), max_tokens=8, parse_retries=0, wait_for=[answer.id]))  # fmt: skip
             return answer, judgment
         finally:
-            await store.redis.aclose()
-            await store.arq.aclose()
+            await store.aclose()
 
     answer, judgment = asyncio.run(create())
     client = sync_redis.Redis.from_url(stack.redis_url, decode_responses=True)

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from broker.jobs import JobAborted
 from pipelines import records
-from pipelines.pipeline import Aborted, CleanConfig, Run
+from pipelines.pipeline import CleanConfig, Run
 from tests.helpers import packaged
 
 EVERY_STEP = [
@@ -185,7 +186,7 @@ def test_a_stopped_run_resumes_after_its_last_completed_stage(tmp_path, sample) 
         if stage.endswith("dedupe"):
             stop.set()
 
-    with pytest.raises(Aborted):
+    with pytest.raises(JobAborted):
         Run(config, tmp_path / "out", progress=progress, stop=stop).execute()
     done_before = json.loads((tmp_path / "out" / "stages.json").read_text())
     assert [s["stage"] for s in done_before] == ["read", "01-roles"]

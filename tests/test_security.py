@@ -463,7 +463,7 @@ def test_the_runner_deletes_folders_of_expired_jobs(redis_url, key_prefix, tmp_p
 
     from broker.connection import connect, connect_arq
     from broker.jobs import RatingsParams
-    from corral.jobs import sweep_job_folders
+    from corral.runner import sweep_job_folders
 
     async def scenario() -> tuple[bool, bool]:
         store = JobStore(connect(redis_url), connect_arq(redis_url), Keys(key_prefix), str(tmp_path), 60)
@@ -476,8 +476,7 @@ def test_the_runner_deletes_folders_of_expired_jobs(redis_url, key_prefix, tmp_p
             await sweep_job_folders(store, keep_s=60)
             return (tmp_path / live.id).exists(), gone.exists()
         finally:
-            await store.redis.aclose()
-            await store.arq.aclose()
+            await store.aclose()
 
     assert asyncio.run(scenario()) == (True, False)
 
