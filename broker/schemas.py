@@ -9,6 +9,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 FinishReason = Literal["stop", "length", "error"]
+# Why a request ended in an error (an error event's code); the gateway maps each to a status.
+ErrorCode = Literal[
+    "invalid_request", "context_length_exceeded", "no_chat_template",  # the client's: 400
+    "deadline_exceeded",  # 504
+    "upstream_error",  # an API-backed model's server failed or refused: 502
+    "engine_error", "worker_lost", "events_lost",  # 500
+]  # fmt: skip
+CLIENT_ERRORS: frozenset[ErrorCode] = frozenset(
+    {"invalid_request", "context_length_exceeded", "no_chat_template"}
+)
 
 
 def now_ms() -> int:
@@ -117,8 +127,31 @@ class Usage(BaseModel):
 
 
 class EventError(BaseModel):
-    code: str
+    code: ErrorCode
     message: str
+
+
+class TokenizeResult(BaseModel):
+    """The answer to a tokenize request (vLLM's /tokenize)."""
+
+    model_config = ConfigDict(extra="forbid")
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str
+
+
+class EmbedResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    embeddings: list[list[float]]
+    prompt_tokens: int
+
+
+Result = TokenizeResult | DetokenizeResult | EmbedResult
 
 
 class Event(BaseModel):
@@ -133,8 +166,8 @@ class Event(BaseModel):
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: EventError | None = None
-    # The answer of a request that is not a generation (tokenize, detokenize).
-    result: dict | None = None
+    # The answer of a request that is not a generation (tokenize, detokenize, embed).
+    result: Result | None = None
 
 
 class ModelMetadata(BaseModel):

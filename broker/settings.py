@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     # Per API key (or per client address without keys), across all gateways; 0 = no limit.
     rate_limit_requests_per_min: int = Field(0, ge=0)
     rate_limit_tokens_per_min: int = Field(0, ge=0)
+    # The limits' fixed window ("per minute" is per window when this is changed; tests widen it
+    # so that a burst never straddles two windows).
+    rate_limit_window_s: int = Field(60, gt=0)
     # Upper bound of max_tokens a client may ask for.
     max_tokens_limit: int = Field(4096, gt=0)
     # Requests waiting for a model's workers beyond which new ones get a 429; 0 = no limit.

@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.rate_limit_requests_per_min,
             settings.rate_limit_tokens_per_min,
             keyless_role="user" if settings.insecure else "admin",
+            window_s=settings.rate_limit_window_s,
         )
         app.state.gateway = Gateway(
             settings=settings,

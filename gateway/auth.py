@@ -129,6 +129,8 @@ class Limits:
     tokens_per_min: int
     # No keys: callers are admins on a loopback-only gateway, users on an `insecure` one.
     keyless_role: Role = "admin"
+    # The length of the fixed windows the limits count in.
+    window_s: int = _WINDOW_S
 
     def authenticate(self, request: Request) -> Principal:
         """The caller; raises InvalidAPIKey when keys are on and this one is wrong."""
@@ -147,7 +149,7 @@ class Limits:
 
     def _window(self) -> tuple[int, int]:
         now = time.time()
-        return int(now // _WINDOW_S), int(_WINDOW_S - now % _WINDOW_S) + 1
+        return int(now // self.window_s), int(self.window_s - now % self.window_s) + 1
 
     async def admit(self, caller: str) -> None:
         """Count one request; raise RateLimited if the caller is over either limit."""
@@ -157,7 +159,7 @@ class Limits:
         requests_key = self.keys.rate(caller, "requests", window)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.incr(requests_key)
-            pipe.expire(requests_key, _WINDOW_S * 2)
+            pipe.expire(requests_key, self.window_s * 2)
             pipe.get(self.keys.rate(caller, "tokens", window))
             requests, _, tokens = await pipe.execute()
         if self.requests_per_min and int(requests) > self.requests_per_min:
@@ -171,7 +173,7 @@ class Limits:
         tokens_key = self.keys.rate(caller, "tokens", self._window()[0])
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.incrby(tokens_key, tokens)
-            pipe.expire(tokens_key, _WINDOW_S * 2)
+            pipe.expire(tokens_key, self.window_s * 2)
             await pipe.execute()
 
 

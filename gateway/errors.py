@@ -10,6 +10,8 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from broker.schemas import CLIENT_ERRORS, ErrorCode
+
 
 class APIError(Exception):
     status = 400
@@ -80,12 +82,9 @@ class GenerationFailed(APIError):
     status = 500
     type = "server_error"
 
-    # Worker error codes that are the client's fault.
-    CLIENT_CODES = frozenset({"context_length_exceeded", "no_chat_template", "invalid_request"})
-
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message, code=code)
-        if code in self.CLIENT_CODES:
+        if code in CLIENT_ERRORS:
             self.status, self.type = 400, "invalid_request_error"
         elif code == "deadline_exceeded":
             self.status, self.type = 504, "timeout_error"

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from broker.queue import QueueFull
-from broker.schemas import ChatMessage, Usage, WorkerInfo
+from broker.schemas import ChatMessage, DetokenizeResult, EmbedResult, TokenizeResult, Usage, WorkerInfo
 from gateway.auth import Limited, LimitsDep, caller
 from gateway.calls import Call, metadata_of, new_request, require_worker, sse
 from gateway.errors import (
@@ -31,6 +32,8 @@ from gateway.openai_schemas import (
     embedding_body,
 )
 from gateway.state import Gateway, GatewayDep
+
+R = TypeVar("R", TokenizeResult, DetokenizeResult, EmbedResult)
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
 
@@ -80,13 +83,13 @@ async def completions(body: CompletionCreate, gateway: GatewayDep, who: Limited,
 @router.post("/embeddings")
 async def embeddings(body: EmbeddingCreate, gateway: GatewayDep, who: Limited, limits: LimitsDep) -> dict:
     check_input_size(gateway, sum(len(item) for item in body.inputs()), "input")
-    result = await _ask(gateway, body.model, "embed", inputs=body.inputs())
-    tokens = result["prompt_tokens"]
+    result = await _ask(gateway, body.model, "embed", EmbedResult, inputs=body.inputs())
+    tokens = result.prompt_tokens
     if limits.tokens_per_min:
         gateway.hub.in_background(limits.spend(who.id, tokens))
     return {
         "object": "list",
-        "data": embedding_body(result["embeddings"], body.encoding_format),
+        "data": embedding_body(result.embeddings, body.encoding_format),
         "model": body.model,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
@@ -96,13 +99,17 @@ async def embeddings(body: EmbeddingCreate, gateway: GatewayDep, who: Limited, l
 async def tokenize(body: TokenizeCreate, gateway: GatewayDep, _: Limited) -> dict:
     messages = [ChatMessage(role=m.role, content=m.text()) for m in body.messages] if body.messages else None
     check_input_size(gateway, len(body.prompt or "") + sum(len(m.content) for m in messages or []), "prompt")
-    return await _ask(gateway, body.model, "tokenize", messages=messages, prompt=body.prompt)
+    result = await _ask(
+        gateway, body.model, "tokenize", TokenizeResult, messages=messages, prompt=body.prompt
+    )
+    return result.model_dump()
 
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeCreate, gateway: GatewayDep, _: Limited) -> dict:
     check_input_size(gateway, len(body.tokens), "tokens")
-    return await _ask(gateway, body.model, "detokenize", prompt_token_ids=body.tokens)
+    result = await _ask(gateway, body.model, "detokenize", DetokenizeResult, prompt_token_ids=body.tokens)
+    return result.model_dump()
 
 
 def check_input_size(gateway: Gateway, chars: int, param: str) -> None:
@@ -115,8 +122,9 @@ def check_input_size(gateway: Gateway, chars: int, param: str) -> None:
         )  # fmt: skip
 
 
-async def _ask(gateway: Gateway, model: str, kind: str, **fields) -> dict:
-    """A request a worker answers with one result (it needs the model's tokenizer)."""
+async def _ask(gateway: Gateway, model: str, kind: str, expected: type[R], **fields) -> R:
+    """A request a worker answers with one result of the `expected` kind (it needs the model's
+    tokenizer)."""
     await require_worker(gateway, model)
     request = new_request(gateway, model=model, kind=kind, **fields)
     call = Call(gateway, request, kind, caller="")
@@ -126,7 +134,7 @@ async def _ask(gateway: Gateway, model: str, kind: str, **fields) -> dict:
             if event.type == "error":
                 assert event.error is not None
                 raise GenerationFailed(event.error.code, event.error.message)
-            if event.result is not None:
+            if isinstance(event.result, expected):
                 return event.result
     finally:
         call.release()

@@ -486,6 +486,7 @@ def test_every_route_that_spends_compute_or_storage_is_rate_limited(jobs) -> Non
     admins = ",".join(f"a{i}" for i in range(8))
     limited = {"CORRAL_API_KEYS": users, "CORRAL_ADMIN_KEYS": admins}
     limited["CORRAL_RATE_LIMIT_REQUESTS_PER_MIN"] = "2"
+    limited["CORRAL_RATE_LIMIT_WINDOW_S"] = str(24 * 3600)  # no burst straddles two windows
     url = jobs.stack.start_gateway(CORRAL_HOME=str(jobs.home), **limited)
     calls = [
         ("u0", lambda k: post(url, "/v1/tokenize", k, {"model": MODEL, "prompt": "hi"})),

@@ -16,11 +16,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import ConfigDict
 
-from broker.schemas import Event, FinishReason, Sampling
+from broker.schemas import ErrorCode, Event, FinishReason, Sampling
 
 if TYPE_CHECKING:
     from broker.progress import ChoiceProgress, ProgressUpdate
     from broker.queue import Claimed
+    from broker.schemas import TokenLogprob
+    from workers.sampling import TokenChoice
 
 
 class SamplingParams(Sampling):
@@ -52,13 +54,13 @@ class StepOutput:
     # "stop" (EOS or a stop token) or "length"; set when finished.
     finish_reason: str | None = None
     error: str | None = None
-    # With logprobs on: one entry per new token (workers.sampling.TokenChoice; an upstream API's
-    # broker.schemas.TokenLogprob).
-    choices: list = field(default_factory=list)
+    # With logprobs on: one entry per new token (a model's engine: TokenChoice; an upstream API:
+    # the TokenLogprob it sent).
+    choices: list[TokenChoice] | list[TokenLogprob] = field(default_factory=list)
     # From an engine that receives text, not token ids (an upstream API): the new text, and on
     # its final output the token counts the upstream reported.
     text: str = ""
-    error_code: str | None = None  # the broker error code of `error`, where the engine knows one
+    error_code: ErrorCode | None = None  # the code of `error`, where the engine knows one
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -92,7 +94,7 @@ class Choice(Protocol):
 
     def finish(self, reason: FinishReason) -> Event: ...
 
-    def fail(self, code: str, message: str) -> Event: ...
+    def fail(self, code: ErrorCode, message: str) -> Event: ...
 
 
 class Frontend(Protocol):

@@ -7,7 +7,18 @@ from typing import Any
 
 from broker.progress import GRACE_MS, ChoiceProgress, ProgressUpdate, entry
 from broker.queue import Claimed
-from broker.schemas import Event, EventError, FinishReason, TokenLogprob, TopLogprob, Usage
+from broker.schemas import (
+    DetokenizeResult,
+    EmbedResult,
+    ErrorCode,
+    Event,
+    EventError,
+    FinishReason,
+    TokenizeResult,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
 from workers.chat_templates import NO_STOPS, Stops
 from workers.engine import Engine, SamplingParams, StepOutput
 from workers.text import IncrementalDetokenizer, StopStrings
@@ -16,7 +27,7 @@ from workers.text import IncrementalDetokenizer, StopStrings
 class InvalidPrompt(Exception):
     """The request cannot be run as given; `code` is the OpenAI error code for it."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
 
@@ -193,7 +204,7 @@ class Sequence:
         usage = Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=self.completion_tokens)
         return self._event(type="done", finish_reason=reason, usage=usage)
 
-    def fail(self, code: str, message: str) -> Event:
+    def fail(self, code: ErrorCode, message: str) -> Event:
         self.finished = True
         return self._event(type="error", finish_reason="error", error=EventError(code=code, message=message))
 
@@ -211,15 +222,15 @@ def answer(claimed: Claimed, tokenizer: Any, engine: Engine) -> Event:
             raise InvalidPrompt("invalid_request", f"each input must have 1 to {context_length} tokens")
         vectors = engine.embed(inputs)
         return Event(
-            seq=1, type="done", result={"embeddings": vectors, "prompt_tokens": sum(map(len, inputs))}
+            seq=1, type="done", result=EmbedResult(embeddings=vectors, prompt_tokens=sum(map(len, inputs)))
         )
     if request.kind == "detokenize":
         ids = checked_ids(request.prompt_token_ids or [], tokenizer)
         text = tokenizer.decode(ids, skip_special_tokens=False)
-        return Event(seq=1, type="done", result={"prompt": text})
+        return Event(seq=1, type="done", result=DetokenizeResult(prompt=text))
     ids = _encode(claimed, tokenizer)  # tokenizing "" is fine: no engine sees it
     return Event(
-        seq=1, type="done", result={"tokens": ids, "count": len(ids), "max_model_len": context_length}
+        seq=1, type="done", result=TokenizeResult(tokens=ids, count=len(ids), max_model_len=context_length)
     )
 
 
@@ -263,6 +274,6 @@ class TokenFrontend:
             pass
 
 
-def rejection(code: str, message: str) -> Event:
+def rejection(code: ErrorCode, message: str) -> Event:
     """The one event of a request that never started."""
     return Event(seq=1, type="error", finish_reason="error", error=EventError(code=code, message=message))

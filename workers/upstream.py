@@ -22,7 +22,7 @@ import httpx
 
 from broker.progress import GRACE_MS, ChoiceProgress, ProgressUpdate, entry
 from broker.queue import Claimed
-from broker.schemas import Event, EventError, FinishReason, TokenLogprob, Usage
+from broker.schemas import ErrorCode, Event, EventError, FinishReason, TokenLogprob, Usage
 from workers.engine import Engine, Outbox, SamplingParams, StepOutput
 from workers.sequence import InvalidPrompt, rejection
 
@@ -146,7 +146,7 @@ class UpstreamChoice:
         usage = Usage(prompt_tokens=0, completion_tokens=0)
         return self._event(type="done", finish_reason=reason, usage=usage)
 
-    def fail(self, code: str, message: str) -> Event:
+    def fail(self, code: ErrorCode, message: str) -> Event:
         self.finished = True
         return self._event(type="error", finish_reason="error", error=EventError(code=code, message=message))
 
@@ -194,7 +194,7 @@ class UpstreamEngine:
     def embed(self, inputs: list[list[int]]) -> list[list[float]]:
         raise InvalidPrompt("invalid_request", "embeddings are not available for an API-backed model")
 
-    def _fail(self, request_id: str, message: str, code: str = "upstream_error") -> None:
+    def _fail(self, request_id: str, message: str, code: ErrorCode = "upstream_error") -> None:
         out = StepOutput(request_id, [], finished=True, finish_reason="error", error=message, error_code=code)
         self.outbox.put(out)
 
