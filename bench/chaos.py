@@ -39,8 +39,11 @@ class Cluster:
         self.env.update(
             {f"CORRAL_{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None}
         )
-        self.env.update(CORRAL_KEY_PREFIX=f"chaos-{uuid.uuid4().hex[:8]}", CORRAL_HEARTBEAT_S="0.25",
-                        CORRAL_WORKER_TTL_S="1.5")  # fmt: skip
+        self.env.update(
+            CORRAL_KEY_PREFIX=f"chaos-{uuid.uuid4().hex[:8]}",
+            CORRAL_HEARTBEAT_S="0.25",
+            CORRAL_WORKER_TTL_S="1.5",
+        )
         self.url = f"http://{settings.host}:{settings.port}"
         self.gateway = subprocess.Popen([sys.executable, "-m", "gateway"], env=self.env)
         self.workers = [self._worker() for _ in range(workers)]
@@ -74,8 +77,13 @@ class Cluster:
 
 async def one(client: httpx.AsyncClient, model: str, i: int, max_tokens: int) -> tuple[str | None, float]:
     question = f"Write a short story about {TOPICS[i % len(TOPICS)]}."
-    body = {"model": model, "temperature": 0, "max_tokens": max_tokens, "stream": True,
-            "messages": [{"role": "user", "content": question}]}  # fmt: skip
+    body = {
+        "model": model,
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "messages": [{"role": "user", "content": question}],
+    }
     start = time.perf_counter()
     text = ""
     try:
@@ -121,13 +129,21 @@ async def run(
 def report(name: str, results: list, reference: list | None) -> None:
     completed = [text for text, _ in results if text is not None]
     lost = len(results) - len(completed)
-    wrong = 0 if reference is None else sum(
-        1 for (text, _), (ref, _) in zip(results, reference, strict=True) if text is not None and text != ref
-    )  # fmt: skip
+    wrong = (
+        0
+        if reference is None
+        else sum(
+            1
+            for (text, _), (ref, _) in zip(results, reference, strict=True)
+            if text is not None and text != ref
+        )
+    )
     latencies = sorted(t for text, t in results if text is not None)
     p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] if latencies else float("nan")
-    print(f"{name:>12}: sent {len(results)}  completed {len(completed)}  lost {lost}  wrong {wrong}  "
-          f"latency p50 {statistics.median(latencies):.2f}s  p95 {p95:.2f}s")  # fmt: skip
+    print(
+        f"{name:>12}: sent {len(results)}  completed {len(completed)}  lost {lost}  wrong {wrong}  "
+        f"latency p50 {statistics.median(latencies):.2f}s  p95 {p95:.2f}s"
+    )
 
 
 def main() -> None:

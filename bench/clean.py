@@ -26,8 +26,17 @@ from broker.settings import Settings
 from corral.clean import tokenizer_for
 from pipelines.pipeline import CleanConfig, Run
 
-STEPS = ["html_to_markdown", "roles", "malformed", "min_turns", "blocked_words", "error_replies",
-         "min_length", "dedupe", {"language": {"keep": ["en"]}}]  # fmt: skip
+STEPS = [
+    "html_to_markdown",
+    "roles",
+    "malformed",
+    "min_turns",
+    "blocked_words",
+    "error_replies",
+    "min_length",
+    "dedupe",
+    {"language": {"keep": ["en"]}},
+]
 
 
 def dump_path() -> Path:
@@ -49,8 +58,9 @@ def main() -> None:
     args = parser.parse_args()
     settings = Settings()
     steps = [*STEPS, {"split_long": {"max_tokens": args.max_tokens}}]
-    config = CleanConfig.model_validate({"inputs": [str(dump_path())], "steps": steps, "test_ratio": 0.01,
-                                         "tokenizer": settings.model})  # fmt: skip
+    config = CleanConfig.model_validate(
+        {"inputs": [str(dump_path())], "steps": steps, "test_ratio": 0.01, "tokenizer": settings.model}
+    )
     started: dict[str, float] = {}
 
     def progress(stage: str, done: int, total: int) -> None:

@@ -106,13 +106,37 @@ def start_fastchat(
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env, "cwd": logs}
     commands = [
         ["fastchat.serve.controller", "--host", "127.0.0.1", "--port", str(controller_port)],
-        ["fastchat.serve.model_worker", "--model-path", str(folder), "--model-names", name,
-         "--device", "cpu", "--dtype", dtype, "--conv-template", CONV_TEMPLATE, "--host", "127.0.0.1",
-         "--port", str(worker_port), "--worker-address", f"http://127.0.0.1:{worker_port}",
-         "--controller-address", controller],
-        ["fastchat.serve.openai_api_server", "--host", "127.0.0.1", "--port", str(port),
-         "--controller-address", controller],
-    ]  # fmt: skip
+        [
+            "fastchat.serve.model_worker",
+            "--model-path",
+            str(folder),
+            "--model-names",
+            name,
+            "--device",
+            "cpu",
+            "--dtype",
+            dtype,
+            "--conv-template",
+            CONV_TEMPLATE,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(worker_port),
+            "--worker-address",
+            f"http://127.0.0.1:{worker_port}",
+            "--controller-address",
+            controller,
+        ],
+        [
+            "fastchat.serve.openai_api_server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--controller-address",
+            controller,
+        ],
+    ]
     processes = []
     for command in commands:
         processes.append(subprocess.Popen([python, "-m", *command], **quiet))
@@ -132,8 +156,13 @@ def start_fastchat(
 
 
 async def stream_chat(client: httpx.AsyncClient, model: str, i: int, max_tokens: int) -> tuple[float, str]:
-    body = {"model": model, "messages": messages(i), "max_tokens": max_tokens, "temperature": 0,
-            "stream": True}  # fmt: skip
+    body = {
+        "model": model,
+        "messages": messages(i),
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
     start = time.perf_counter()
     ttft, text = None, ""
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -173,11 +202,17 @@ async def compare(args: argparse.Namespace, servers: dict[str, tuple[str, str]],
                     seen[name]["tokens"] += sum(len(tokenizer.encode(text)) for _, text in done)
             same = sum(a == b for a, b in zip(*(s["texts"] for s in seen.values()), strict=True))
             for name, s in seen.items():
-                rows.append({
-                    "server": name, "concurrency": c, "requests": len(s["texts"]), "tokens": s["tokens"],
-                    "tokens_per_s": s["tokens"] / s["wall"],
-                    "ttft_p50_ms": statistics.median(s["ttft"]) * 1000, "same_text": same,
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "server": name,
+                        "concurrency": c,
+                        "requests": len(s["texts"]),
+                        "tokens": s["tokens"],
+                        "tokens_per_s": s["tokens"] / s["wall"],
+                        "ttft_p50_ms": statistics.median(s["ttft"]) * 1000,
+                        "same_text": same,
+                    }
+                )
                 row = rows[-1]
                 print(
                     f"{name:>8}  c={c:<3} {row['tokens']:>5} tok  {row['tokens_per_s']:7.1f} tok/s  "
@@ -199,8 +234,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="model threads, both servers")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                        help="both servers; auto: what Corral picks on this CPU")  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="both servers; auto: what Corral picks on this CPU",
+    )
     parser.add_argument("--port", type=int, default=8077, help="Corral's port; FastChat uses the next three")
     parser.add_argument("--out", default="bench/results/fastchat.json")
     args = parser.parse_args()
@@ -211,24 +250,31 @@ def main() -> None:
 
     dtype = str(choose_dtype(args.dtype, "cpu")).removeprefix("torch.")
     settings = Settings().with_overrides(
-        port=args.port, threads=args.threads, dtype=dtype, max_batch=max(16, *args.concurrency),
+        port=args.port,
+        threads=args.threads,
+        dtype=dtype,
+        max_batch=max(16, *args.concurrency),
         kv_cache_tokens=32768,
-    )  # fmt: skip
+    )
     if not settings.redis_url:
         settings = settings.with_overrides(redis_url="redis://127.0.0.1:6379/0")
     model_path = Path(resolve_model_path(settings.model, settings.home))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     python = fastchat_python(settings.home)
     folder = fastchat_model_folder(model_path, settings.home)
-    print(f"model {settings.model} in {dtype}, {args.threads} thread(s), {args.max_tokens} tokens a request",
-          flush=True)  # fmt: skip
+    print(
+        f"model {settings.model} in {dtype}, {args.threads} thread(s), {args.max_tokens} tokens a request",
+        flush=True,
+    )
 
     processes = start_fastchat(python, folder, settings.model_name, args.threads, dtype, args.port + 1)
     try:
         corral, url = start_stack(settings, f"bench-{uuid.uuid4().hex[:8]}")
         processes += corral
-        servers = {"FastChat": (f"http://127.0.0.1:{args.port + 1}", settings.model_name),
-                   "Corral": (url, settings.model_name)}  # fmt: skip
+        servers = {
+            "FastChat": (f"http://127.0.0.1:{args.port + 1}", settings.model_name),
+            "Corral": (url, settings.model_name),
+        }
         rows = asyncio.run(compare(args, servers, tokenizer))
     finally:
         for p in processes:

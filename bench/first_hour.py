@@ -50,8 +50,9 @@ def main() -> int:
     api = f"http://127.0.0.1:{port}/v1"
     times: dict[str, float] = {}
     start = time.monotonic()
-    up = subprocess.Popen(["make", "up"], cwd=clone, env=env, stdout=subprocess.PIPE, text=True,
-                          start_new_session=True)  # fmt: skip
+    up = subprocess.Popen(
+        ["make", "up"], cwd=clone, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         for line in up.stdout:
             print(line, end="")
@@ -61,14 +62,20 @@ def main() -> int:
         else:
             raise SystemExit("make up ended before Corral was up")
         model = httpx.get(f"{api}/models", timeout=10).json()["data"][0]["id"]
-        answer = httpx.post(f"{api}/chat/completions", timeout=300, json={
-            "model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}],
-        })  # fmt: skip
+        answer = httpx.post(
+            f"{api}/chat/completions",
+            timeout=300,
+            json={
+                "model": model,
+                "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            },
+        )
         answer.raise_for_status()
         times["first chat answer"] = time.monotonic() - start
         battle = httpx.post(f"{api}/arena/battles", json={}, timeout=10).json()
-        with httpx.stream("POST", f"{api}/arena/battles/{battle['id']}/turns", json={"content": "Hi!"},
-                          timeout=300) as turn:  # fmt: skip
+        with httpx.stream(
+            "POST", f"{api}/arena/battles/{battle['id']}/turns", json={"content": "Hi!"}, timeout=300
+        ) as turn:
             turn.read()
         vote = httpx.post(f"{api}/arena/battles/{battle['id']}/vote", json={"vote": "tie"}, timeout=10)
         vote.raise_for_status()

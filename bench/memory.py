@@ -63,8 +63,13 @@ class PeakRSS:
 
 
 async def active_streams(url: str, model: str, streams: int, tokens: int) -> int:
-    body = {"model": model, "messages": [{"role": "user", "content": "Tell me a long story."}],
-            "max_tokens": tokens, "ignore_eos": True, "stream": True}  # fmt: skip
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": tokens,
+        "ignore_eos": True,
+        "stream": True,
+    }
     limits = httpx.Limits(max_connections=streams + 8)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
 
@@ -189,8 +194,10 @@ def main() -> None:
     print(f"  peak, {args.streams} active streams       {peak.peak / MIB:8.0f} MiB   ({chunks} chunks)")
     print("gateway")
     print(f"  at start                      {gateway_start / MIB:8.0f} MiB")
-    print(f"  {opened} idle SSE connections     {gateway_idle / MIB:8.0f} MiB   "
-          f"({(gateway_idle - gateway_start) / max(opened, 1) / 1024:.1f} KiB each)")  # fmt: skip
+    print(
+        f"  {opened} idle SSE connections     {gateway_idle / MIB:8.0f} MiB   "
+        f"({(gateway_idle - gateway_start) / max(opened, 1) / 1024:.1f} KiB each)"
+    )
 
 
 if __name__ == "__main__":

@@ -37,9 +37,13 @@ async def one_run(loaded, bound: int, args) -> dict:
     from workers.engine import SamplingParams
     from workers.hf_engine import TransformersEngine
 
-    engine = TransformersEngine(loaded, max_batch=args.streams + 1, kv_cache_tokens=args.kv_cache_tokens,
-                                max_batch_tokens=args.max_batch_tokens,
-                                prefill_tokens_while_decoding=bound)  # fmt: skip
+    engine = TransformersEngine(
+        loaded,
+        max_batch=args.streams + 1,
+        kv_cache_tokens=args.kv_cache_tokens,
+        max_batch_tokens=args.max_batch_tokens,
+        prefill_tokens_while_decoding=bound,
+    )
     engine.start()
     arrivals: dict[str, list[float]] = {f"s{i}": [] for i in range(args.streams)}
     pending: dict[str, float] = {}
@@ -47,8 +51,9 @@ async def one_run(loaded, bound: int, args) -> dict:
         tokenizer = loaded.tokenizer
         short = tokenizer.apply_chat_template(
             [{"role": "user", "content": "Count from one to one thousand in words."}],
-            add_generation_prompt=True, return_dict=False,
-        )  # fmt: skip
+            add_generation_prompt=True,
+            return_dict=False,
+        )
         greedy = SamplingParams(temperature=0, max_new_tokens=100_000, ignore_eos=True)
         for name in arrivals:
             engine.add(name, list(short), greedy)
@@ -83,10 +88,14 @@ async def one_run(loaded, bound: int, args) -> dict:
                 if any(start <= after and before <= end for start, end in windows):
                     gaps.append(after - before)
         return {
-            "bound": bound, "long_prompt_tokens": long_len, "gaps": len(gaps),
-            "gap_p50_ms": 1000 * statistics.median(gaps), "gap_p99_ms": 1000 * percentile(gaps, 0.99),
-            "gap_max_ms": 1000 * max(gaps), "long_ttft_s": [round(t, 2) for t in ttfts],
-        }  # fmt: skip
+            "bound": bound,
+            "long_prompt_tokens": long_len,
+            "gaps": len(gaps),
+            "gap_p50_ms": 1000 * statistics.median(gaps),
+            "gap_p99_ms": 1000 * percentile(gaps, 0.99),
+            "gap_max_ms": 1000 * max(gaps),
+            "long_ttft_s": [round(t, 2) for t in ttfts],
+        }
     finally:
         for name in [*arrivals, *pending]:
             engine.cancel(name)

@@ -73,12 +73,17 @@ async def measure(variant: str, args) -> dict:
     finally:
         engine.stop()
     return {
-        "variant": variant, "dtype": str(loaded.dtype).removeprefix("torch."),
+        "variant": variant,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
         "weights_mib": loaded.model.get_memory_footprint() / 2**20,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "single_tok_s": single, "batch_tok_s": batched, "batch": args.batch, "tokens": args.tokens,
-        "threads": torch.get_num_threads(), "device": loaded.device,
-    }  # fmt: skip
+        "single_tok_s": single,
+        "batch_tok_s": batched,
+        "batch": args.batch,
+        "tokens": args.tokens,
+        "threads": torch.get_num_threads(),
+        "device": loaded.device,
+    }
 
 
 def main() -> None:
@@ -109,9 +114,22 @@ def main() -> None:
 def run_all(args) -> list[dict]:
     rows = []
     for variant in args.variants:
-        command = [sys.executable, __file__, "--one", variant, "--model", args.model, "--device", args.device,
-                   "--threads", str(args.threads), "--tokens", str(args.tokens),
-                   "--batch", str(args.batch)]  # fmt: skip
+        command = [
+            sys.executable,
+            __file__,
+            "--one",
+            variant,
+            "--model",
+            args.model,
+            "--device",
+            args.device,
+            "--threads",
+            str(args.threads),
+            "--tokens",
+            str(args.tokens),
+            "--batch",
+            str(args.batch),
+        ]
         print(f"{variant}: running…", file=sys.stderr, flush=True)
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
@@ -122,17 +140,23 @@ def run_all(args) -> list[dict]:
 
 
 def report(rows: list[dict]) -> None:
-    print(f"{'variant':8} {'dtype':9} {'weights MiB':>11} {'peak RSS MiB':>12} {'1 stream tok/s':>14} "
-          f"{'batch tok/s':>12}")  # fmt: skip
+    print(
+        f"{'variant':8} {'dtype':9} {'weights MiB':>11} {'peak RSS MiB':>12} {'1 stream tok/s':>14} "
+        f"{'batch tok/s':>12}"
+    )
     for row in rows:
         if "error" in row:
             print(f"{row['variant']:8} error: {row['error']}")
             continue
-        print(f"{row['variant']:8} {row['dtype']:9} {row['weights_mib']:11.0f} {row['peak_rss_mib']:12.0f} "
-              f"{row['single_tok_s']:14.1f} {row['batch_tok_s']:12.1f}")  # fmt: skip
+        print(
+            f"{row['variant']:8} {row['dtype']:9} {row['weights_mib']:11.0f} {row['peak_rss_mib']:12.0f} "
+            f"{row['single_tok_s']:14.1f} {row['batch_tok_s']:12.1f}"
+        )
     if rows and "batch" in rows[0]:
-        print(f"({rows[0]['tokens']} tokens per stream; batch = {rows[0]['batch']} streams; "
-              f"{rows[0]['threads']} threads)")  # fmt: skip
+        print(
+            f"({rows[0]['tokens']} tokens per stream; batch = {rows[0]['batch']} streams; "
+            f"{rows[0]['threads']} threads)"
+        )
 
 
 def plot(rows: list[dict], path: Path) -> None:

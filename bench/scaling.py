@@ -68,9 +68,12 @@ async def load(client: httpx.AsyncClient, model: str, args: argparse.Namespace) 
 
 
 async def measure(
-    registry: WorkerRegistry, client: httpx.AsyncClient, settings: Settings, args: argparse.Namespace,
+    registry: WorkerRegistry,
+    client: httpx.AsyncClient,
+    settings: Settings,
+    args: argparse.Namespace,
     workers: dict[str, psutil.Process],
-) -> dict:  # fmt: skip
+) -> dict:
     """The load once; what each worker served and the CPU time it used meanwhile."""
 
     async def infos() -> dict[str, WorkerInfo]:
@@ -98,8 +101,11 @@ async def measure(
 
 def report(name: str, result: dict) -> None:
     projected = sum(w["tokens_per_cpu_s"] for w in result["workers"].values())
-    print(f"{name}: {result['tokens_per_s']:7.1f} tok/s measured, {projected:7.1f} tok/s projected "
-          f"(a core per worker)", flush=True)  # fmt: skip
+    print(
+        f"{name}: {result['tokens_per_s']:7.1f} tok/s measured, {projected:7.1f} tok/s projected "
+        f"(a core per worker)",
+        flush=True,
+    )
     for worker_id, w in result["workers"].items():
         print(
             f"    {worker_id:>10}: {w['requests']:>4} requests  {w['tokens']:>6} tokens  "
@@ -144,9 +150,12 @@ def main() -> None:
     args = parser.parse_args()
 
     settings = Settings().with_overrides(
-        port=args.port, threads=args.threads, max_batch=args.max_batch, kv_cache_tokens=32768,
+        port=args.port,
+        threads=args.threads,
+        max_batch=args.max_batch,
+        kv_cache_tokens=32768,
         worker_id="worker-1",
-    )  # fmt: skip
+    )
     if not settings.redis_url:
         settings = settings.with_overrides(redis_url="redis://127.0.0.1:6379/0")
     prefix = f"bench-{uuid.uuid4().hex[:8]}"

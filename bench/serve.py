@@ -115,8 +115,15 @@ class InProcess:
 
 
 async def gateway_generate(client: httpx.AsyncClient, model: str, messages: list[dict], max_tokens: int):
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     ttft, tokens = None, 0
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:

@@ -34,9 +34,16 @@ def sample() -> Path:
 
 
 def run(method: str, args, folder: Path) -> dict:
-    params = {"data": [str(sample())], "method": method, "max_steps": args.warmup + args.steps,
-              "max_length": args.max_length, "batch_size": args.batch_size,
-              "global_batch_size": args.batch_size, "save_steps": 10_000, "dtype": args.dtype}  # fmt: skip
+    params = {
+        "data": [str(sample())],
+        "method": method,
+        "max_steps": args.warmup + args.steps,
+        "max_length": args.max_length,
+        "batch_size": args.batch_size,
+        "global_batch_size": args.batch_size,
+        "save_steps": 10_000,
+        "dtype": args.dtype,
+    }
     seen: list[tuple[int, float]] = []
 
     def progress(stage, done, total, message=None, metrics=None):
@@ -51,10 +58,14 @@ def run(method: str, args, folder: Path) -> dict:
     result = train_job(params, folder, context, progress, threading.Event())
     timed_tokens = result["tokens_seen"] - warm_result["tokens_seen"]
     return {
-        "method": method, "steps": args.steps, "tokens": timed_tokens, "seconds": result["runtime_s"],
-        "tokens_per_s": timed_tokens / result["runtime_s"], "loss_first": seen[0][1] if seen else None,
+        "method": method,
+        "steps": args.steps,
+        "tokens": timed_tokens,
+        "seconds": result["runtime_s"],
+        "tokens_per_s": timed_tokens / result["runtime_s"],
+        "loss_first": seen[0][1] if seen else None,
         "loss_last": seen[-1][1] if seen else None,
-    }  # fmt: skip
+    }
 
 
 def main() -> None:

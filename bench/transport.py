@@ -75,8 +75,20 @@ wrk.body = [[%s]]
 def wrk(url: str, body: dict, connections: int, duration_s: int) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(WRK_SCRIPT % json.dumps(body))
-    command = ["wrk", "-t", "1", "-c", str(connections), "-d", f"{duration_s}s", "--timeout", "30s",
-               "-s", script.name, f"{url}/v1/chat/completions"]  # fmt: skip
+    command = [
+        "wrk",
+        "-t",
+        "1",
+        "-c",
+        str(connections),
+        "-d",
+        f"{duration_s}s",
+        "--timeout",
+        "30s",
+        "-s",
+        script.name,
+        f"{url}/v1/chat/completions",
+    ]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     os.unlink(script.name)
     requests_per_s = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
@@ -90,8 +102,21 @@ def profile(pids: dict[str, int], duration_s: int) -> list[subprocess.Popen]:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     spies = []
     for name, pid in pids.items():
-        command = [spy, "record", "-p", str(pid), "-d", str(duration_s), "-r", "50", "--nonblocking",
-                   "--format", "raw", "-o", f"/tmp/corral-transport-{name}.txt"]  # fmt: skip
+        command = [
+            spy,
+            "record",
+            "-p",
+            str(pid),
+            "-d",
+            str(duration_s),
+            "-r",
+            "50",
+            "--nonblocking",
+            "--format",
+            "raw",
+            "-o",
+            f"/tmp/corral-transport-{name}.txt",
+        ]
         spies.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     return spies
 
@@ -130,13 +155,19 @@ def main() -> None:
         sys.exit("needs wrk: apt-get install wrk")
 
     settings = Settings()
-    env = dict(os.environ, CORRAL_KEY_PREFIX=f"bench-{uuid.uuid4().hex[:8]}", CORRAL_PORT=str(args.port),
-               CORRAL_REDIS_URL=settings.redis_url or "redis://127.0.0.1:6379/0",
-               CORRAL_MAX_BATCH=str(args.connections * 2), CORRAL_MAX_BACKLOG="0",
-               CORRAL_SERVED_NAME="tap")  # fmt: skip
+    env = dict(
+        os.environ,
+        CORRAL_KEY_PREFIX=f"bench-{uuid.uuid4().hex[:8]}",
+        CORRAL_PORT=str(args.port),
+        CORRAL_REDIS_URL=settings.redis_url or "redis://127.0.0.1:6379/0",
+        CORRAL_MAX_BATCH=str(args.connections * 2),
+        CORRAL_MAX_BACKLOG="0",
+        CORRAL_SERVED_NAME="tap",
+    )
     gateway = subprocess.Popen([sys.executable, "-m", "gateway"], env=env)
-    worker = subprocess.Popen([sys.executable, __file__, "--worker", "--tokens-per-step",
-                               str(args.tokens_per_step)], env=env)  # fmt: skip
+    worker = subprocess.Popen(
+        [sys.executable, __file__, "--worker", "--tokens-per-step", str(args.tokens_per_step)], env=env
+    )
     url = f"http://127.0.0.1:{args.port}"
     try:
         while True:
@@ -148,9 +179,13 @@ def main() -> None:
             time.sleep(0.3)
         runs = {
             "short": {"model": "tap", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
-            "streamed": {"model": "tap", "messages": [{"role": "user", "content": "hi"}],
-                         "max_tokens": args.stream_tokens, "stream": True},
-        }  # fmt: skip
+            "streamed": {
+                "model": "tap",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": args.stream_tokens,
+                "stream": True,
+            },
+        }
         results = {}
         for name, body in runs.items():
             wrk(url, body, args.connections, 2)  # warm-up
@@ -162,8 +197,11 @@ def main() -> None:
             r = results[name]
             tokens_per_s = r["requests_per_s"] * args.stream_tokens
             extra = f"   {tokens_per_s:,.0f} tokens/s" if name == "streamed" else ""
-            print(f"{name:>9}: {r['requests_per_s']:8.0f} requests/s{extra}   latency avg {r['latency_avg']}"
-                  f"   non-2xx {r['non_2xx']}", flush=True)  # fmt: skip
+            print(
+                f"{name:>9}: {r['requests_per_s']:8.0f} requests/s{extra}   latency avg {r['latency_avg']}"
+                f"   non-2xx {r['non_2xx']}",
+                flush=True,
+            )
             if args.profile:
                 hottest("gateway")
                 hottest("worker")

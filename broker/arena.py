@@ -29,9 +29,14 @@ ChatVote = Literal["up", "down", "flag"]
 
 # Corral's vote names → FastChat's log `type`.
 LOG_TYPES = {
-    "left": "leftvote", "right": "rightvote", "tie": "tievote", "bothbad": "bothbad_vote",
-    "up": "upvote", "down": "downvote", "flag": "flag",
-}  # fmt: skip
+    "left": "leftvote",
+    "right": "rightvote",
+    "tie": "tievote",
+    "bothbad": "bothbad_vote",
+    "up": "upvote",
+    "down": "downvote",
+    "flag": "flag",
+}
 BATTLE_LOG_TYPES = ("leftvote", "rightvote", "tievote", "bothbad_vote")
 
 
@@ -78,9 +83,13 @@ class Battle(BaseModel):
     def public(self) -> BattlePublic:
         revealed = self.mode == "named" or self.vote is not None
         return BattlePublic(
-            id=self.id, mode=self.mode, models=self.models if revealed else None, turns=self.turns,
-            vote=self.vote, created_at=self.created_at,
-        )  # fmt: skip
+            id=self.id,
+            mode=self.mode,
+            models=self.models if revealed else None,
+            turns=self.turns,
+            vote=self.vote,
+            created_at=self.created_at,
+        )
 
     def messages(self, side: Side) -> list[dict[str, str]]:
         """The conversation one side has seen so far, as chat messages."""
@@ -110,14 +119,26 @@ class ArenaStore:
     async def create(self, mode: BattleMode, models: tuple[str, str], user: str) -> Battle:
         battle = Battle(id=uuid.uuid4().hex, mode=mode, models=models, user=user, created_at=time.time())
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.keys.battle(battle.id), mapping={
-                "mode": mode, "models": json.dumps(models), "user": user, "created_at": battle.created_at,
-            })  # fmt: skip
+            pipe.hset(
+                self.keys.battle(battle.id),
+                mapping={
+                    "mode": mode,
+                    "models": json.dumps(models),
+                    "user": user,
+                    "created_at": battle.created_at,
+                },
+            )
             pipe.expire(self.keys.battle(battle.id), self.battle_ttl_s)
-            pipe.xadd(self.keys.arena_log("battles"), {
-                "battle_id": battle.id, "mode": mode, "models": json.dumps(models), "user": user,
-                "tstamp": battle.created_at,
-            })  # fmt: skip
+            pipe.xadd(
+                self.keys.arena_log("battles"),
+                {
+                    "battle_id": battle.id,
+                    "mode": mode,
+                    "models": json.dumps(models),
+                    "user": user,
+                    "tstamp": battle.created_at,
+                },
+            )
             await pipe.execute()
         return battle
 

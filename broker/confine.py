@@ -60,9 +60,10 @@ def confine(value: str, settings: Settings, param: str) -> str:
     resolved = path.resolve()
     if not any(resolved.is_relative_to(root) for root in roots(settings)):
         raise NotAllowed(
-            param, "not an uploaded file id, nor a path inside CORRAL_HOME or a folder the admin allows "
-            "(CORRAL_ALLOWED_PATHS)"
-        )  # fmt: skip
+            param,
+            "not an uploaded file id, nor a path inside CORRAL_HOME or a folder the admin allows "
+            "(CORRAL_ALLOWED_PATHS)",
+        )
     return str(resolved)
 
 
@@ -77,15 +78,23 @@ def check_endpoint(endpoint: EndpointSpec, settings: Settings, param: str) -> No
         return
     url = urlsplit(endpoint.base_url)
     odd_path = any(part in (".", "..") for part in url.path.split("/")) or "%" in url.path
-    if (url.scheme not in ("http", "https") or url.query or url.fragment or url.username or url.password
-            or odd_path or "\\" in endpoint.base_url):  # fmt: skip
+    if (
+        url.scheme not in ("http", "https")
+        or url.query
+        or url.fragment
+        or url.username
+        or url.password
+        or odd_path
+        or "\\" in endpoint.base_url
+    ):
         raise NotAllowed(f"{param}.base_url", "must be a plain http(s) base URL")
     normal = endpoint.base_url.rstrip("/") + "/"
     if not any(normal.startswith(allowed.rstrip("/") + "/") for allowed in settings.allowed_endpoints):
         raise NotAllowed(
-            f"{param}.base_url", "not an allowed endpoint: leave it out to use this Corral's models, "
-            "or ask the admin to add it to CORRAL_ALLOWED_ENDPOINTS"
-        )  # fmt: skip
+            f"{param}.base_url",
+            "not an allowed endpoint: leave it out to use this Corral's models, "
+            "or ask the admin to add it to CORRAL_ALLOWED_ENDPOINTS",
+        )
 
 
 def _at_most(value: float | int | None, limit: float | int, param: str) -> None:
@@ -113,14 +122,16 @@ def check_job(kind: str, params: BaseModel, settings: Settings) -> BaseModel:
         _at_most(params.save_total_limit, 10, "params.save_total_limit")
         update["model"] = _model(params.model, settings, "params.model")
         update["data"] = [confine(v, settings, f"params.data.{i}") for i, v in enumerate(params.data)]
-        update["eval_data"] = [confine(v, settings, f"params.eval_data.{i}")
-                               for i, v in enumerate(params.eval_data)]  # fmt: skip
+        update["eval_data"] = [
+            confine(v, settings, f"params.eval_data.{i}") for i, v in enumerate(params.eval_data)
+        ]
         if params.chat_template and "{" not in params.chat_template:  # a file, not template text
             update["chat_template"] = confine(params.chat_template, settings, "params.chat_template")
     elif isinstance(params, AnswerParams | JudgmentParams):
         if params.output is not None:
-            raise NotAllowed("params.output", "jobs created over the API write to the server's own "
-                             "folders; leave it out")  # fmt: skip
+            raise NotAllowed(
+                "params.output", "jobs created over the API write to the server's own folders; leave it out"
+            )
         if params.questions not in ("mt_bench", "corral"):
             update["questions"] = confine(params.questions, settings, "params.questions")
         _at_most(len(params.models), settings.job_max_models, "params.models")

@@ -79,7 +79,7 @@ class CleanParams(BaseModel):
             if isinstance(item, str):
                 parsed.append({"name": item})
             elif isinstance(item, dict) and len(item) == 1 and "name" not in item:
-                (name, params), = item.items()  # fmt: skip
+                ((name, params),) = item.items()
                 parsed.append({"name": name, "params": params or {}})
             else:
                 parsed.append(item)
@@ -235,8 +235,14 @@ class JobPublic(BaseModel):
 
 
 _JSON_FIELDS = ("params", "result", "metrics")
-_NUMBERS = {"done": int, "total": int, "attempts": int, "created_at": float, "started_at": float,
-            "finished_at": float}  # fmt: skip
+_NUMBERS = {
+    "done": int,
+    "total": int,
+    "attempts": int,
+    "created_at": float,
+    "started_at": float,
+    "finished_at": float,
+}
 
 
 def _to_hash(fields: dict[str, Any]) -> dict[str, str]:
@@ -275,9 +281,15 @@ class JobStore:
         _, gpu = KINDS[kind]
         job_id = uuid.uuid4().hex[:16]
         job = JobPublic(
-            id=job_id, kind=kind, status="queued", queue=self.keys.jobs_queue(gpu), owner=owner,
-            params=params.model_dump(), created_at=time.time(), artifacts=f"{self.artifacts_root}/{job_id}",
-        )  # fmt: skip
+            id=job_id,
+            kind=kind,
+            status="queued",
+            queue=self.keys.jobs_queue(gpu),
+            owner=owner,
+            params=params.model_dump(),
+            created_at=time.time(),
+            artifacts=f"{self.artifacts_root}/{job_id}",
+        )
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.keys.job(job_id), mapping=_to_hash(job.model_dump()))
             pipe.zadd(self.keys.jobs_index, {job_id: int(job.created_at * 1000)})

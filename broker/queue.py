@@ -210,8 +210,9 @@ class RequestQueue:
             if len(claimed) >= count or not dead:
                 break
             stream = self.keys.requests(model, lane)
-            pending = await self.redis.xpending_range(stream, WORKER_GROUP, min="-", max="+",
-                                                      count=_RECLAIM_SCAN)  # fmt: skip
+            pending = await self.redis.xpending_range(
+                stream, WORKER_GROUP, min="-", max="+", count=_RECLAIM_SCAN
+            )
             orphans = [p["message_id"] for p in pending if p["consumer"] in dead][: count - len(claimed)]
             if orphans:
                 entries = await self.redis.xclaim(stream, WORKER_GROUP, consumer, min_idle_ms, orphans)

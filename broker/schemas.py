@@ -11,11 +11,15 @@ from pydantic import BaseModel, ConfigDict, Field
 FinishReason = Literal["stop", "length", "error"]
 # Why a request ended in an error (an error event's code); the gateway maps each to a status.
 ErrorCode = Literal[
-    "invalid_request", "context_length_exceeded", "no_chat_template",  # the client's: 400
+    "invalid_request",
+    "context_length_exceeded",
+    "no_chat_template",  # the client's: 400
     "deadline_exceeded",  # 504
     "upstream_error",  # an API-backed model's server failed or refused: 502
-    "engine_error", "worker_lost", "events_lost",  # 500
-]  # fmt: skip
+    "engine_error",
+    "worker_lost",
+    "events_lost",  # 500
+]
 CLIENT_ERRORS: frozenset[ErrorCode] = frozenset(
     {"invalid_request", "context_length_exceeded", "no_chat_template"}
 )

@@ -207,9 +207,13 @@ class Settings(BaseSettings):
     def model_metadata(self) -> dict:
         """The served model's metadata: its entry in `model_info_file`, then the flags."""
         info = self.model_info(self.model_name)
-        flags = {"display_name": self.display_name, "link": self.model_link,
-                 "organization": self.organization, "license": self.model_license,
-                 "description": self.model_description}  # fmt: skip
+        flags = {
+            "display_name": self.display_name,
+            "link": self.model_link,
+            "organization": self.organization,
+            "license": self.model_license,
+            "description": self.model_description,
+        }
         return {**info, **{k: v for k, v in flags.items() if v is not None}}
 
     def with_overrides(self, **overrides: object) -> Settings:

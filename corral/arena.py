@@ -18,8 +18,12 @@ def add_parser(commands) -> None:
     export = actions.add_parser("export", help="battles, turns and votes as FastChat-shaped JSONL")
     export.add_argument("--url", help="gateway URL (default http://HOST:PORT)")
     export.add_argument("-o", "--output", help="file to write (default: standard output)")
-    export.add_argument("--include", choices=["all", "votes"], default="all",
-                        help="votes only, or each battle turn's `chat` records as well")  # fmt: skip
+    export.add_argument(
+        "--include",
+        choices=["all", "votes"],
+        default="all",
+        help="votes only, or each battle turn's `chat` records as well",
+    )
     export.add_argument("--api-key", help="the gateway's API key, if it asks for one")
 
 
@@ -30,8 +34,9 @@ def run_cli(args, settings: Settings) -> int:
     out = Path(args.output).open("wb") if args.output else sys.stdout.buffer  # noqa: SIM115 (closed below)
     lines = 0
     try:
-        with httpx.stream("GET", f"{url}/v1/arena/export", params={"include": args.include},
-                          headers=headers, timeout=60) as response:  # fmt: skip
+        with httpx.stream(
+            "GET", f"{url}/v1/arena/export", params={"include": args.include}, headers=headers, timeout=60
+        ) as response:
             if response.status_code != 200:
                 console.print(f"[red]export failed: {response.status_code} {response.read().decode()}[/red]")
                 return 1

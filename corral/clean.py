@@ -25,8 +25,9 @@ def add_parser(commands) -> None:
     )
     clean.add_argument("inputs", nargs="*", help="input files (merged in order)")
     clean.add_argument("-o", "--output", help="output folder; a run there resumes (not with --queue)")
-    clean.add_argument("--queue", action="store_true",
-                       help="run it as a queued job (see `corral jobs`) instead of here")  # fmt: skip
+    clean.add_argument(
+        "--queue", action="store_true", help="run it as a queued job (see `corral jobs`) instead of here"
+    )
     clean.add_argument("--config", help="a pipeline YAML file (inputs, steps, format, test_ratio, ...)")
     clean.add_argument("--steps", help="comma-separated step names, run with default parameters")
     clean.add_argument("--format", choices=["sharegpt", "openai"], help="output format (default sharegpt)")
@@ -70,8 +71,9 @@ def run_clean(args: argparse.Namespace, settings: Settings) -> int:
     if not args.output:
         console.print("[red]--output is needed (or --queue)[/red]")
         return 2
-    with Progress(TextColumn("{task.description:<24}"), BarColumn(), Counts(), TimeElapsedColumn(),
-                  console=console) as bar:  # fmt: skip
+    with Progress(
+        TextColumn("{task.description:<24}"), BarColumn(), Counts(), TimeElapsedColumn(), console=console
+    ) as bar:
         tasks: dict[str, int] = {}
 
         def progress(stage: str, done: int, total: int) -> None:
@@ -82,8 +84,10 @@ def run_clean(args: argparse.Namespace, settings: Settings) -> int:
         run = Run(config, Path(args.output), {"tokenizer": tokenizer_for(settings.home)}, progress)
         done_before = len(run.completed())
         if done_before:
-            console.print(f"resuming in {args.output}: {done_before} of {len(run.stage_names)} stages were "
-                          "finished by an earlier run of this pipeline and are kept")  # fmt: skip
+            console.print(
+                f"resuming in {args.output}: {done_before} of {len(run.stage_names)} stages were "
+                "finished by an earlier run of this pipeline and are kept"
+            )
         try:
             reports = run.execute()
         except JobAborted:

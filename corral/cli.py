@@ -11,9 +11,14 @@ from broker.settings import Settings
 
 def _add_worker_flags(parser: argparse.ArgumentParser, several: bool = False) -> None:
     if several:
-        parser.add_argument("--model", action="append", dest="models", metavar="MODEL",
-                            help="built-in name, local folder, .gguf file or hub id; repeatable, one "
-                            "worker each (default: smollm2-135m-instruct)")  # fmt: skip
+        parser.add_argument(
+            "--model",
+            action="append",
+            dest="models",
+            metavar="MODEL",
+            help="built-in name, local folder, .gguf file or hub id; repeatable, one "
+            "worker each (default: smollm2-135m-instruct)",
+        )
     else:
         parser.add_argument("--model", help="built-in name, local folder, .gguf file or hub id")
     parser.add_argument("--served-name", help="the name clients ask for (default: --model)")
@@ -37,39 +42,66 @@ def _add_worker_flags(parser: argparse.ArgumentParser, several: bool = False) ->
         "zephyr, mistral-instruct, one-shot; each brings its stop strings), a Jinja file, or template text",
     )
     parser.add_argument(
-        "--lora", action="append", metavar="NAME=PATH",
+        "--lora",
+        action="append",
+        metavar="NAME=PATH",
         help="serve a LoRA adapter (peft folder) as model NAME on the base weights; repeatable",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--profile", action="append", dest="profiles", metavar="NAME=JSON|FILE",
+        "--profile",
+        action="append",
+        dest="profiles",
+        metavar="NAME=JSON|FILE",
         help="serve the model's weights under NAME too, with its own system prompt and sampling preset "
         "(JSON or a YAML file: system, temperature, top_p, top_k, min_p, max_tokens, penalties, "
         "display_name, description); repeatable",
-    )  # fmt: skip
+    )
     parser.add_argument("--worker-id")
-    parser.add_argument("--load-8bit", action="store_true", default=None,
-                        help="quantize the weights to 8 bits on load (bitsandbytes; CPU or GPU)")  # fmt: skip
+    parser.add_argument(
+        "--load-8bit",
+        action="store_true",
+        default=None,
+        help="quantize the weights to 8 bits on load (bitsandbytes; CPU or GPU)",
+    )
     parser.add_argument("--num-gpus", type=int, help="spread the weights over this many GPUs (device map)")
     parser.add_argument("--max-gpu-memory", help='per GPU when spread, e.g. "20GiB" (default: what is free)')
-    parser.add_argument("--cpu-offloading", action="store_true", default=None,
-                        help="put the layers that do not fit on the GPUs in CPU memory")  # fmt: skip
-    parser.add_argument("--engine", choices=["auto", "continuous", "generate"],
-                        help="batching, or one request at a time (auto: batching where it can)")  # fmt: skip
-    parser.add_argument("--upstream-url",
-                        help="serve the model by forwarding to this OpenAI-compatible /v1 base URL "
-                        "(its key: the CORRAL_UPSTREAM_API_KEY environment variable)")  # fmt: skip
+    parser.add_argument(
+        "--cpu-offloading",
+        action="store_true",
+        default=None,
+        help="put the layers that do not fit on the GPUs in CPU memory",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=["auto", "continuous", "generate"],
+        help="batching, or one request at a time (auto: batching where it can)",
+    )
+    parser.add_argument(
+        "--upstream-url",
+        help="serve the model by forwarding to this OpenAI-compatible /v1 base URL "
+        "(its key: the CORRAL_UPSTREAM_API_KEY environment variable)",
+    )
     parser.add_argument("--upstream-model", help="the upstream's model id (default: --served-name)")
-    parser.add_argument("--upstream-extra-body", type=json.loads,
-                        help="JSON merged into every upstream request body")  # fmt: skip
-    parser.add_argument("--load-4bit", action="store_true", default=None,
-                        help="quantize the weights to 4 bits (NF4) on load (bitsandbytes)")  # fmt: skip
+    parser.add_argument(
+        "--upstream-extra-body", type=json.loads, help="JSON merged into every upstream request body"
+    )
+    parser.add_argument(
+        "--load-4bit",
+        action="store_true",
+        default=None,
+        help="quantize the weights to 4 bits (NF4) on load (bitsandbytes)",
+    )
 
 
 def _add_gateway_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)
-    parser.add_argument("--insecure", action="store_true", default=None,
-                        help="serve a non-loopback host with no API keys (all callers users)")  # fmt: skip
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="serve a non-loopback host with no API keys (all callers users)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,9 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_gateway_flags(up)
     up.add_argument("--ui-port", type=int, help="the web UI's port (default 8501)")
-    up.add_argument("--no-profile", action="store_true",
-                    help="serve a lone model alone (by default a concise profile of it is served "
-                    "beside it, so the arena has two contestants)")  # fmt: skip
+    up.add_argument(
+        "--no-profile",
+        action="store_true",
+        help="serve a lone model alone (by default a concise profile of it is served "
+        "beside it, so the arena has two contestants)",
+    )
     _add_worker_flags(up, several=True)
 
     commands.add_parser("status", help="what `corral up` runs on this machine, on which ports")

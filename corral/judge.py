@@ -18,11 +18,13 @@ from broker.settings import Settings
 def add_parser(commands) -> None:
     judge = commands.add_parser("judge", help="evaluate models with an LLM judge (MT-bench style)")
     actions = judge.add_subparsers(dest="action", required=True)
-    run = actions.add_parser("run", help="queue the answer job and the judgment job",
-                             description="Answers of --models to the questions, then judgments by --judge; "
-                             "files in FastChat's model_answer/ and model_judgment/ layout plus results.json "
-                             "and results.png under CORRAL_HOME/judge/<questions> (or --output)."
-                             )  # fmt: skip
+    run = actions.add_parser(
+        "run",
+        help="queue the answer job and the judgment job",
+        description="Answers of --models to the questions, then judgments by --judge; "
+        "files in FastChat's model_answer/ and model_judgment/ layout plus results.json "
+        "and results.png under CORRAL_HOME/judge/<questions> (or --output).",
+    )
     run.add_argument("--models", required=True, help="comma-separated contestant model names")
     run.add_argument("--judge", required=True, help="the judge model's name at --judge-url")
     run.add_argument("--mode", choices=["single", "pairwise-baseline", "pairwise-all"], default="single")
@@ -48,8 +50,9 @@ def add_parser(commands) -> None:
     run.add_argument("--wait", action="store_true", help="follow both jobs with a progress bar")
     show = actions.add_parser("show", help="print results.json of an output folder")
     show.add_argument("folder")
-    agree = actions.add_parser("agreement", help="agreement of two pair-judgment files (or a judge and "
-                               "MT-bench human judgments)")  # fmt: skip
+    agree = actions.add_parser(
+        "agreement", help="agreement of two pair-judgment files (or a judge and MT-bench human judgments)"
+    )
     agree.add_argument("first")
     agree.add_argument("second")
 
@@ -89,9 +92,16 @@ async def _run(args: argparse.Namespace, settings: Settings, console: Console) -
     ids = [i.strip() for i in args.question_ids.split(",") if i.strip()] if args.question_ids else None
     ids = [int(i) if i.isdigit() else i for i in ids] if ids else None
     pick = {"first_n": args.first_n, "question_ids": ids}
-    answers = AnswerParams(questions=questions, models=everyone, endpoint=contestants, output=output,
-                           n=args.n, max_tokens=args.max_tokens, concurrency=args.concurrency,
-                           **pick)  # fmt: skip
+    answers = AnswerParams(
+        questions=questions,
+        models=everyone,
+        endpoint=contestants,
+        output=output,
+        n=args.n,
+        max_tokens=args.max_tokens,
+        concurrency=args.concurrency,
+        **pick,
+    )
     problem = _questions_problem(answers)
     if problem is not None:
         console.print(f"[red]{problem}[/red]\nnothing was queued")
@@ -99,11 +109,20 @@ async def _run(args: argparse.Namespace, settings: Settings, console: Console) -
     store = open_store(settings, await asyncio.to_thread(resolve_redis_url, settings))
     try:
         answer_job = await store.create("answer", answers)
-        judgments = JudgmentParams(questions=questions, models=models, judge=args.judge, mode=args.mode,
-                                   baseline=args.baseline, judge_endpoint=judge_endpoint, output=output,
-                                   concurrency=args.concurrency, wait_for=[answer_job.id],
-                                   max_tokens=args.judge_max_tokens,
-                                   parse_retries=args.parse_retries, **pick)  # fmt: skip
+        judgments = JudgmentParams(
+            questions=questions,
+            models=models,
+            judge=args.judge,
+            mode=args.mode,
+            baseline=args.baseline,
+            judge_endpoint=judge_endpoint,
+            output=output,
+            concurrency=args.concurrency,
+            wait_for=[answer_job.id],
+            max_tokens=args.judge_max_tokens,
+            parse_retries=args.parse_retries,
+            **pick,
+        )
         judgment_job = await store.create("judgment", judgments)
         console.print(f"queued answer job {answer_job.id} and judgment job {judgment_job.id}")
         if not args.wait:

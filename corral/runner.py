@@ -163,12 +163,17 @@ class Runner:
         waits = int(await store.redis.hget(store.keys.job(job_id), "waits") or 0)
         attempt = ctx["job_try"] - waits
         if attempt > self.settings.job_max_attempts:
-            await store.update(job_id, status="failed", finished_at=time.time(),
-                               error=f"its runner died {attempt - 1} times; giving up")  # fmt: skip
+            await store.update(
+                job_id,
+                status="failed",
+                finished_at=time.time(),
+                error=f"its runner died {attempt - 1} times; giving up",
+            )
             return
         resumed = " (resumed after its runner died)" if attempt > 1 else ""
-        await store.update(job_id, status="running", started_at=time.time(), attempts=attempt,
-                           message=f"started{resumed}")  # fmt: skip
+        await store.update(
+            job_id, status="running", started_at=time.time(), attempts=attempt, message=f"started{resumed}"
+        )
         log.info("job %s (%s) attempt %d", job_id, job.kind, attempt)
         stop = threading.Event()
         lease = asyncio.create_task(self._hold(job_id, stop))
@@ -176,11 +181,16 @@ class Runner:
             progress = _Progress(store, job_id)
             result = await self._run_in_child(job, progress, stop)
             await progress.flush()
-            await store.update(job_id, status="succeeded", finished_at=time.time(), result=result,
-                               message="done")  # fmt: skip
+            await store.update(
+                job_id, status="succeeded", finished_at=time.time(), result=result, message="done"
+            )
         except JobAborted:
-            await store.update(job_id, status="aborted", finished_at=time.time(),
-                               message="aborted; completed stages are kept")  # fmt: skip
+            await store.update(
+                job_id,
+                status="aborted",
+                finished_at=time.time(),
+                message="aborted; completed stages are kept",
+            )
         except JobError as e:  # a job's failure is its own, never the runner's
             await store.update(job_id, status="failed", finished_at=time.time(), error=str(e))
         finally:
@@ -194,9 +204,10 @@ class Runner:
         receiver, sender = spawn.Pipe(duplex=False)
         stop_child = spawn.Event()
         process = spawn.Process(
-            target=_child_main, name=f"corral-job-{job.id}",
+            target=_child_main,
+            name=f"corral-job-{job.id}",
             args=(job.kind, job.params, job.artifacts, self.settings, self.url, sender, stop_child),
-        )  # fmt: skip
+        )
         process.start()
         sender.close()
         stop_at = None
@@ -236,8 +247,12 @@ class Runner:
                 continue
             if other is None or other.status in ("failed", "aborted"):
                 why = "does not exist (or expired)" if other is None else f"ended {other.status}"
-                await self.store.update(job.id, status="failed", finished_at=time.time(),
-                                        error=f"job {other_id}, which this one waits for, {why}")  # fmt: skip
+                await self.store.update(
+                    job.id,
+                    status="failed",
+                    finished_at=time.time(),
+                    error=f"job {other_id}, which this one waits for, {why}",
+                )
                 raise _Failed()
             await self.store.update(job.id, message=f"waiting for job {other_id} ({other.status})")
             return False
@@ -284,8 +299,9 @@ def _child_main(kind: str, params: dict, folder: str, settings: Settings, url: s
     _logging()
     threading.Thread(target=_die_with, args=(os.getppid(),), daemon=True).start()
 
-    def progress(stage: str, done: int, total: int, message: str | None = None, metrics: dict | None = None
-                 ) -> None:  # fmt: skip
+    def progress(
+        stage: str, done: int, total: int, message: str | None = None, metrics: dict | None = None
+    ) -> None:
         sender.send(("progress", (stage, done, total, message, metrics)))
 
     try:

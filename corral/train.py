@@ -91,10 +91,12 @@ def params_from(args: argparse.Namespace) -> TrainParams:
 def run_train(args: argparse.Namespace, settings: Settings) -> int:
     console = Console()
     params = params_from(args)
-    params = params.model_copy(update={
-        "data": [str(Path(p).resolve()) for p in params.data],
-        "eval_data": [str(Path(p).resolve()) for p in params.eval_data],
-    })  # fmt: skip
+    params = params.model_copy(
+        update={
+            "data": [str(Path(p).resolve()) for p in params.data],
+            "eval_data": [str(Path(p).resolve()) for p in params.eval_data],
+        }
+    )
     if args.queue:
         return queue_job("train", params, settings, console)
     if not args.output:
@@ -105,8 +107,13 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
     from workers.loading import resolve_model_path
 
     stop = threading.Event()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console) as bar:  # fmt: skip
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as bar:
         task = bar.add_task("tokenizing", total=None)
 
         def progress(stage: str, done: int, total: int, message: str | None = None, metrics=None) -> None:

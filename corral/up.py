@@ -48,15 +48,33 @@ def ui_command(settings: Settings) -> list[str]:
 
     app = Path(ui.__file__).parent / "app.py"
     return [
-        sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(settings.ui_port),
-        "--server.address", settings.host, "--server.headless", "true", "--browser.gatherUsageStats", "false",
-        "--client.toolbarMode", "minimal",  # no "Deploy" button: this is a served app, not a dev session
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(app),
+        "--server.port",
+        str(settings.ui_port),
+        "--server.address",
+        settings.host,
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--client.toolbarMode",
+        "minimal",  # no "Deploy" button: this is a served app, not a dev session
+    ]
 
 
 # Server secrets the UI (a client of the gateway) has no business holding.
-_SERVER_ONLY = ("CORRAL_API_KEYS", "CORRAL_ADMIN_KEYS", "CORRAL_API_KEY_FILE", "CORRAL_INTERNAL_KEY",
-                "CORRAL_UPSTREAM_API_KEY", "CORRAL_REDIS_URL")  # fmt: skip
+_SERVER_ONLY = (
+    "CORRAL_API_KEYS",
+    "CORRAL_ADMIN_KEYS",
+    "CORRAL_API_KEY_FILE",
+    "CORRAL_INTERNAL_KEY",
+    "CORRAL_UPSTREAM_API_KEY",
+    "CORRAL_REDIS_URL",
+)
 
 
 def ui_env(settings: Settings) -> dict[str, str]:
@@ -128,8 +146,18 @@ def _may_restart(restarts: list[float]) -> bool:
 
 
 # Flags that describe one model: with several --model, each is described in --model-info-file.
-_ONE_MODEL_ONLY = ("served_name", "display_name", "model_link", "organization", "model_license",
-                   "model_description", "lora", "profiles", "upstream_url", "upstream_model")  # fmt: skip
+_ONE_MODEL_ONLY = (
+    "served_name",
+    "display_name",
+    "model_link",
+    "organization",
+    "model_license",
+    "model_description",
+    "lora",
+    "profiles",
+    "upstream_url",
+    "upstream_model",
+)
 
 
 def worker_settings(settings: Settings, models: list[str], default_profile: bool) -> list[Settings]:
@@ -175,8 +203,10 @@ def up(settings: Settings, models: list[str] | None = None, default_profile: boo
             settings = settings.with_overrides(redis_url=valkey.ensure())
         port = urlsplit(settings.redis_url).port
         print(f"Redis: embedded Valkey on 127.0.0.1:{port}, data in {valkey.data_dir}", flush=True)
-        print(f"  look inside: redis-cli -p {port} --user corral --pass \"$(cat {valkey.password_path})\"",
-              flush=True)  # fmt: skip
+        print(
+            f'  look inside: redis-cli -p {port} --user corral --pass "$(cat {valkey.password_path})"',
+            flush=True,
+        )
     if keys_on(settings) and settings.internal_key is None:
         # The key of Corral's own calls: the readiness probe below, the UI, the judge's requests.
         settings = settings.with_overrides(internal_key=secrets.token_urlsafe(32))
@@ -253,8 +283,15 @@ def state_path(settings: Settings) -> Path:
     return settings.home / "up.json"
 
 
-def write_state(settings: Settings, url: str, ui_url: str, names: list[str], gateway: subprocess.Popen,
-                workers: list[subprocess.Popen], others: list[subprocess.Popen]) -> None:  # fmt: skip
+def write_state(
+    settings: Settings,
+    url: str,
+    ui_url: str,
+    names: list[str],
+    gateway: subprocess.Popen,
+    workers: list[subprocess.Popen],
+    others: list[subprocess.Popen],
+) -> None:
     """What `corral status` and `corral stop` read: this process, its children, where they serve."""
     state = {
         "pid": os.getpid(),
@@ -319,8 +356,12 @@ def status(settings: Settings) -> int:
     except (httpx.HTTPError, KeyError, ValueError, TypeError):
         print(f"  models      {', '.join(state['models'])} (the gateway did not answer just now)")
     processes = state["processes"]
-    pids = [("gateway", processes["gateway"]), *(("worker", pid) for pid in processes["workers"]),
-            ("job runner", processes["jobs"]), ("web UI", processes["ui"])]  # fmt: skip
+    pids = [
+        ("gateway", processes["gateway"]),
+        *(("worker", pid) for pid in processes["workers"]),
+        ("job runner", processes["jobs"]),
+        ("web UI", processes["ui"]),
+    ]
     listed = ", ".join(f"{name} {pid}{'' if _alive(pid) else ' (gone)'}" for name, pid in pids)
     print(f"  processes   {listed}")
     print(f"Stop it: {_corral()} stop (or make stop, or Ctrl-C where it runs)")

@@ -153,8 +153,9 @@ async def create_battle(body: BattleCreate, gateway: GatewayDep, who: Limited) -
         models = body.models
     else:
         if body.models is not None:
-            raise InvalidRequest("an anonymous battle draws its own models; leave `models` out",
-                                 param="models")  # fmt: skip
+            raise InvalidRequest(
+                "an anonymous battle draws its own models; leave `models` out", param="models"
+            )
         models = await _draw_pair(gateway)
     battle = await gateway.arena.create(body.mode, models, who.id)
     return await _shown(gateway, battle)
@@ -232,10 +233,13 @@ async def play_turn(
             messages = [ChatMessage(**m) for m in battle.messages(side)]
             messages.append(ChatMessage(role="user", content=body.content))
             request = new_request(
-                gateway, model=model, messages=messages,
+                gateway,
+                model=model,
+                messages=messages,
                 sampling=Sampling(temperature=body.temperature, top_p=body.top_p),
-                max_new_tokens=body.max_tokens, defaulted=body.defaulted(),
-            )  # fmt: skip
+                max_new_tokens=body.max_tokens,
+                defaulted=body.defaulted(),
+            )
             call = Call(gateway, request, "arena", who.id)
             calls.append(call)
             await gateway.queue.enqueue(request, gateway.settings.max_backlog)
@@ -284,8 +288,11 @@ async def _stream_turn(
             if item is None:
                 running -= 1
             elif isinstance(item, APIError) or item.type == "error":
-                code, message = (item.code, item.message) if isinstance(item, APIError) else (
-                    item.error.code, item.error.message)  # fmt: skip
+                code, message = (
+                    (item.code, item.message)
+                    if isinstance(item, APIError)
+                    else (item.error.code, item.error.message)
+                )
                 failed = True
                 yield sse({"side": side, "error": {"code": code, "message": message}})
             else:
@@ -298,12 +305,18 @@ async def _stream_turn(
                     yield sse({"side": side, "finish_reason": finish[side]})
         if not failed:
             turn = Turn(
-                prompt=body.content, left="".join(texts["left"]), right="".join(texts["right"]),
+                prompt=body.content,
+                left="".join(texts["left"]),
+                right="".join(texts["right"]),
                 finish=(finish.get("left", "stop"), finish.get("right", "stop")),
-                gen_params={"temperature": body.temperature, "top_p": body.top_p,
-                            "max_new_tokens": body.max_tokens},
-                start=start, finish_at=time.time(),
-            )  # fmt: skip
+                gen_params={
+                    "temperature": body.temperature,
+                    "top_p": body.top_p,
+                    "max_new_tokens": body.max_tokens,
+                },
+                start=start,
+                finish_at=time.time(),
+            )
             played = await arena.add_turn(battle, turn)
             yield sse({"turn": len(played.turns), "done": True})
         yield b"data: [DONE]\n\n"
@@ -333,8 +346,9 @@ async def vote(battle_id: str, body: VoteCreate, gateway: GatewayDep, who: Calle
     if not battle.turns:
         raise InvalidRequest("Nothing to vote on yet: play a turn first.", code="no_turns")
     if await gateway.arena.turn_running(battle_id):
-        raise Conflict("A turn of this battle is still being generated; vote when it ends.",
-                       code="battle_busy")  # fmt: skip
+        raise Conflict(
+            "A turn of this battle is still being generated; vote when it ends.", code="battle_busy"
+        )
     await _count_vote(gateway, who.id)
     try:
         voted = await gateway.arena.vote(battle, body.vote, who.id)
@@ -351,8 +365,11 @@ async def feedback(body: FeedbackCreate, gateway: GatewayDep, who: Limited) -> d
     if body.model not in await gateway.models.get() and not await gateway.queue.known(body.model):
         raise ModelNotFound(body.model)
     if sum(len(m.content) for m in body.messages) > _FEEDBACK_MAX_CHARS:
-        raise InvalidRequest(f"The conversation is over {_FEEDBACK_MAX_CHARS} characters.",
-                             param="messages", code="input_too_long")  # fmt: skip
+        raise InvalidRequest(
+            f"The conversation is over {_FEEDBACK_MAX_CHARS} characters.",
+            param="messages",
+            code="input_too_long",
+        )
     await _count_vote(gateway, who.id)
     chat_id = body.chat_id or uuid.uuid4().hex
     messages = [m.model_dump() for m in body.messages]
@@ -397,8 +414,17 @@ async def get_leaderboard(gateway: GatewayDep) -> JSONResponse:
     last computed it; an empty one before the first."""
     stored = await gateway.redis.get(gateway.keys.leaderboard)
     if stored is None:
-        return JSONResponse({"object": "leaderboard", "computed_at": None, "data": [], "models": [],
-                             "win_fraction": [], "battle_count": [], "battles": 0})  # fmt: skip
+        return JSONResponse(
+            {
+                "object": "leaderboard",
+                "computed_at": None,
+                "data": [],
+                "models": [],
+                "win_fraction": [],
+                "battle_count": [],
+                "battles": 0,
+            }
+        )
     board = orjson.loads(stored)
     served = await gateway.models.get()
     for row in board["data"]:  # what people know the models by, from their live workers

@@ -191,8 +191,9 @@ async def admin(who: Annotated[Principal, Depends(caller)]) -> Principal:
     return who
 
 
-async def limited(who: Annotated[Principal, Depends(caller)], limits: Annotated[Limits, Depends(get_limits)]
-                  ) -> Principal:  # fmt: skip
+async def limited(
+    who: Annotated[Principal, Depends(caller)], limits: Annotated[Limits, Depends(get_limits)]
+) -> Principal:
     """The caller, counted against its request limit (routes that spend compute or storage)."""
     await limits.admit(who.id)
     return who

@@ -43,8 +43,14 @@ def _safe_name(filename: str | None) -> str:
 
 def _file_object(path: Path) -> dict:
     stat = path.stat()
-    return {"id": path.parent.name, "object": "file", "bytes": stat.st_size, "created_at": int(stat.st_mtime),
-            "filename": path.name, "purpose": "corral-job"}  # fmt: skip
+    return {
+        "id": path.parent.name,
+        "object": "file",
+        "bytes": stat.st_size,
+        "created_at": int(stat.st_mtime),
+        "filename": path.name,
+        "purpose": "corral-job",
+    }
 
 
 def _store(upload: UploadFile, target: Path, limit: int) -> int:
@@ -56,8 +62,9 @@ def _store(upload: UploadFile, target: Path, limit: int) -> int:
             if written > limit:
                 out.close()
                 shutil.rmtree(target.parent, ignore_errors=True)
-                raise TooLarge(f"The file is larger than this server's limit of {limit} bytes.",
-                               code="file_too_large")  # fmt: skip
+                raise TooLarge(
+                    f"The file is larger than this server's limit of {limit} bytes.", code="file_too_large"
+                )
             out.write(chunk)
     return written
 

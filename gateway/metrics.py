@@ -39,13 +39,17 @@ class Metrics:
         # From the live workers' heartbeats: requests dropped because their client left (or their
         # deadline passed), and the tokens generated for them before they were dropped.
         self.worker_cancelled = Gauge(
-            "corral_worker_cancelled_requests", "Requests live workers dropped unfinished", ["model"],
+            "corral_worker_cancelled_requests",
+            "Requests live workers dropped unfinished",
+            ["model"],
             registry=self.registry,
-        )  # fmt: skip
+        )
         self.worker_tokens_wasted = Gauge(
-            "corral_worker_tokens_wasted", "Tokens live workers generated for dropped requests", ["model"],
+            "corral_worker_tokens_wasted",
+            "Tokens live workers generated for dropped requests",
+            ["model"],
             registry=self.registry,
-        )  # fmt: skip
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

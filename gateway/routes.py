@@ -118,8 +118,9 @@ def check_input_size(gateway: Gateway, chars: int, param: str) -> None:
     if chars > limit:
         raise InvalidRequest(
             f"The input has {chars} characters; this server takes at most {limit}.",
-            param=param, code="input_too_long",
-        )  # fmt: skip
+            param=param,
+            code="input_too_long",
+        )
 
 
 async def _ask(gateway: Gateway, model: str, kind: str, expected: type[R], **fields) -> R:

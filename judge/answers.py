@@ -58,8 +58,13 @@ async def _answer(
             messages.append({"role": "assistant", "content": text})
             turns.append(text)
         choices.append({"index": index, "turns": turns})
-    return {"question_id": question.question_id, "answer_id": uuid.uuid4().hex, "model_id": model,
-            "choices": choices, "tstamp": time.time()}  # fmt: skip
+    return {
+        "question_id": question.question_id,
+        "answer_id": uuid.uuid4().hex,
+        "model_id": model,
+        "choices": choices,
+        "tstamp": time.time(),
+    }
 
 
 async def generate(params: AnswerParams, output: Path, progress: Progress, stop: threading.Event) -> dict:

@@ -38,14 +38,23 @@ class ChatClient:
         self.base_url, key = resolve(endpoint, settings)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.http = httpx.AsyncClient(
-            base_url=self.base_url, headers=headers, timeout=httpx.Timeout(endpoint.timeout_s, connect=5),
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(endpoint.timeout_s, connect=5),
             follow_redirects=False,
-        )  # fmt: skip
+        )
 
-    async def chat(self, model: str, messages: list[dict], temperature: float, max_tokens: int, n: int = 1
-                   ) -> list[str]:  # fmt: skip
-        body = {**self.endpoint.extra_body, "model": model, "messages": messages, "temperature": temperature,
-                "max_tokens": max_tokens, "n": n}  # fmt: skip
+    async def chat(
+        self, model: str, messages: list[dict], temperature: float, max_tokens: int, n: int = 1
+    ) -> list[str]:
+        body = {
+            **self.endpoint.extra_body,
+            "model": model,
+            "messages": messages,
+            "temperature": temperature,
+            "max_tokens": max_tokens,
+            "n": n,
+        }
         try:
             response = await self.http.post("/chat/completions", json=body)
         except httpx.TransportError as e:

@@ -82,9 +82,11 @@ async def judge(params: JudgmentParams, output: Path, progress: Progress, stop: 
     units = [(m,) for m in params.models] if single else pairs(params)
     todo = [
         (unit, q, turn)
-        for unit in units for q in questions for turn in range(1, len(q.turns) + 1)
+        for unit in units
+        for q in questions
+        for turn in range(1, len(q.turns) + 1)
         if all(q.question_id in answers[m] for m in unit) and _unit_key(unit, q.question_id, turn) not in done
-    ]  # fmt: skip
+    ]
     total, finished = len(todo) + len(done), len(done)
     progress("judge", finished, total)
     client = ChatClient(params.judge_endpoint)
@@ -130,11 +132,17 @@ async def _single(asker: _Judge, model: str, question, turn: int, answers: dict)
     user = prompts.render(prompt, question.turns[:turn], {"": answer}, question.reference)
     score, text, failure, attempts = await asker.ask(prompt, user, verdicts.rating)
     return {
-        "question_id": question.question_id, "model": model,
+        "question_id": question.question_id,
+        "model": model,
         "judge": [asker.params.judge, prompt.versioned_name],
-        "user_prompt": user, "judgment": text, "score": score, "turn": turn, "tstamp": time.time(),
-        "parse_failure": failure, "attempts": attempts,
-    }  # fmt: skip
+        "user_prompt": user,
+        "judgment": text,
+        "score": score,
+        "turn": turn,
+        "tstamp": time.time(),
+        "parse_failure": failure,
+        "attempts": attempts,
+    }
 
 
 async def _pair(asker: _Judge, unit: tuple, question, turn: int, answers: dict) -> dict:
@@ -152,9 +160,19 @@ async def _pair(asker: _Judge, unit: tuple, question, turn: int, answers: dict) 
     g2 = as_models[{"A": "B", "B": "A", "tie": "tie"}[v2]] if v2 else None
     winner = as_models[verdicts.combine(v1, v2)] if v1 and v2 else None
     return {
-        "question_id": question.question_id, "model_1": model_1, "model_2": model_2,
-        "g1_winner": g1, "g2_winner": g2, "winner": winner,
-        "judge": [asker.params.judge, prompt.versioned_name], "g1_user_prompt": u1, "g1_judgment": t1,
-        "g2_user_prompt": u2, "g2_judgment": t2, "turn": turn, "tstamp": time.time(),
-        "parse_failure": f1 or f2, "attempts": n1 + n2,
-    }  # fmt: skip
+        "question_id": question.question_id,
+        "model_1": model_1,
+        "model_2": model_2,
+        "g1_winner": g1,
+        "g2_winner": g2,
+        "winner": winner,
+        "judge": [asker.params.judge, prompt.versioned_name],
+        "g1_user_prompt": u1,
+        "g1_judgment": t1,
+        "g2_user_prompt": u2,
+        "g2_judgment": t2,
+        "turn": turn,
+        "tstamp": time.time(),
+        "parse_failure": f1 or f2,
+        "attempts": n1 + n2,
+    }

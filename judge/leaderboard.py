@@ -40,17 +40,30 @@ def leaderboard_document(records: list[dict], rounds: int, seed: int) -> dict:
     win-fraction and battle-count matrices in the order of `models`."""
     battles = anonymous(battles_from_log(records))
     document = {
-        "object": "leaderboard", "computed_at": time.time(), "votes": len(records), "battles": len(battles),
-        "bootstrap_rounds": rounds, "data": [], "models": [], "win_fraction": [], "battle_count": [],
-    }  # fmt: skip
+        "object": "leaderboard",
+        "computed_at": time.time(),
+        "votes": len(records),
+        "battles": len(battles),
+        "bootstrap_rounds": rounds,
+        "data": [],
+        "models": [],
+        "win_fraction": [],
+        "battle_count": [],
+    }
     if not battles:
         return document
     board = leaderboard(battles, rounds=rounds, seed=seed)
     document["data"] = [
-        {"rank": r["rank"], "model": r["model"], "score": r["rating"], "ci": [r["ci_lower"], r["ci_upper"]],
-         "votes": r["battles"], "elo": r["elo"]}
+        {
+            "rank": r["rank"],
+            "model": r["model"],
+            "score": r["rating"],
+            "ci": [r["ci_lower"], r["ci_upper"]],
+            "votes": r["battles"],
+            "elo": r["elo"],
+        }
         for r in board.rows()
-    ]  # fmt: skip
+    ]
     document["models"] = board.models
     document["win_fraction"] = [[_finite(v) for v in row] for row in board.win_fraction]
     document["battle_count"] = [[int(v) for v in row] for row in board.battles]

@@ -66,20 +66,26 @@ PROMPTS = {
     for p in [
         Prompt("single", _SINGLE_SYSTEM, _Q1 + "[Assistant's answer]\n{answer_1}", "single"),
         Prompt("single-ref", _SINGLE_REF_SYSTEM, _Q1 + _REF1 + "[Assistant's answer]\n{answer_1}", "single"),
-        Prompt("single-multi", _SINGLE_SYSTEM + _SECOND,
-               _MULTI + "[Assistant]\n{answer_1}" + _SINGLE_2, "single"),
-        Prompt("single-multi-ref", _SINGLE_REF_SYSTEM + _SECOND,
-               _MULTI + _REF1 + "[Assistant]\n{answer_1}" + _SINGLE_2, "single"),
+        Prompt(
+            "single-multi", _SINGLE_SYSTEM + _SECOND, _MULTI + "[Assistant]\n{answer_1}" + _SINGLE_2, "single"
+        ),
+        Prompt(
+            "single-multi-ref",
+            _SINGLE_REF_SYSTEM + _SECOND,
+            _MULTI + _REF1 + "[Assistant]\n{answer_1}" + _SINGLE_2,
+            "single",
+        ),
         Prompt("pair", _PAIR_SYSTEM, _Q1 + _PAIR_1, "pair"),
         Prompt("pair-ref", _PAIR_REF_SYSTEM, _Q1 + _REF1 + _PAIR_1, "pair"),
         Prompt("pair-multi", _PAIR_SYSTEM + _SECOND_PAIR, _MULTI + _PAIR_1 + _PAIR_2, "pair"),
         Prompt("pair-multi-ref", _PAIR_REF_SYSTEM + _SECOND_PAIR, _MULTI + _REF1 + _PAIR_1 + _PAIR_2, "pair"),
     ]
-}  # fmt: skip
+}
 
 
-def render(prompt: Prompt, questions: list[str], answers: dict[str, list[str]], reference: list[str] | None
-           ) -> str:  # fmt: skip
+def render(
+    prompt: Prompt, questions: list[str], answers: dict[str, list[str]], reference: list[str] | None
+) -> str:
     """The user message: `answers` maps "" (single) or "a" and "b" (pair) to each turn's answer."""
     fields = {f"question_{i + 1}": q for i, q in enumerate(questions)}
     for side, turns in answers.items():

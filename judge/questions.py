@@ -21,9 +21,15 @@ NEEDS_REFERENCE = frozenset({"math", "reasoning", "coding"})
 # Sampling temperature per category when answering (MT-bench's): deterministic where there is
 # one right answer, some freedom for writing.
 TEMPERATURES = {
-    "writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0,
-    "stem": 0.1, "humanities": 0.1,
-}  # fmt: skip
+    "writing": 0.7,
+    "roleplay": 0.7,
+    "extraction": 0.0,
+    "math": 0.0,
+    "coding": 0.0,
+    "reasoning": 0.0,
+    "stem": 0.1,
+    "humanities": 0.1,
+}
 DEFAULT_TEMPERATURE = 0.7
 OWN = Path(__file__).parent / "data" / "corral_questions.jsonl"
 

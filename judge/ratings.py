@@ -35,8 +35,11 @@ class Battle:
 
 
 _LOG_WINNERS = {
-    "leftvote": "model_a", "rightvote": "model_b", "tievote": "tie", "bothbad_vote": "tie (bothbad)",
-}  # fmt: skip
+    "leftvote": "model_a",
+    "rightvote": "model_b",
+    "tievote": "tie",
+    "bothbad_vote": "tie (bothbad)",
+}
 
 
 def battles_from_log(records: Iterable[dict]) -> list[dict]:
@@ -56,8 +59,16 @@ def battles_from_log(records: Iterable[dict]) -> list[dict]:
         models = hidden if anony else public
         if None in models:
             continue
-        battles.append({"model_a": models[0], "model_b": models[1], "winner": winner, "anony": anony,
-                        "tstamp": record["tstamp"], "judge": record.get("ip", "")})  # fmt: skip
+        battles.append(
+            {
+                "model_a": models[0],
+                "model_b": models[1],
+                "winner": winner,
+                "anony": anony,
+                "tstamp": record["tstamp"],
+                "judge": record.get("ip", ""),
+            }
+        )
     return battles
 
 
@@ -129,11 +140,17 @@ class Leaderboard:
         rows = []
         for i in order:
             rank = 1 + int((self.lower > self.upper[i]).sum())
-            rows.append({
-                "rank": rank, "model": self.models[i], "rating": round(float(self.ratings[i]), 1),
-                "ci_lower": round(float(self.lower[i]), 1), "ci_upper": round(float(self.upper[i]), 1),
-                "battles": int(self.battles[i].sum()), "elo": round(self.elo[self.models[i]], 1),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "rank": rank,
+                    "model": self.models[i],
+                    "rating": round(float(self.ratings[i]), 1),
+                    "ci_lower": round(float(self.lower[i]), 1),
+                    "ci_upper": round(float(self.upper[i]), 1),
+                    "battles": int(self.battles[i].sum()),
+                    "elo": round(self.elo[self.models[i]], 1),
+                }
+            )
         return rows
 
 

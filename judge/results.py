@@ -101,8 +101,12 @@ def agreement(first: list[dict], second: list[dict]) -> dict:
     def rate(keys: list) -> float | None:
         return round(sum(a[k] == b[k] for k in keys) / len(keys), 4) if keys else None
 
-    return {"with_ties": rate(shared), "shared": len(shared), "without_ties": rate(decisive),
-            "decisive": len(decisive)}  # fmt: skip
+    return {
+        "with_ties": rate(shared),
+        "shared": len(shared),
+        "without_ties": rate(decisive),
+        "decisive": len(decisive),
+    }
 
 
 def summarize(output: Path, judgment_path: Path, mode: str, questions: list) -> dict:
@@ -111,8 +115,13 @@ def summarize(output: Path, judgment_path: Path, mode: str, questions: list) -> 
     categories = {q.question_id: q.category for q in questions}
     rows = single(records, categories) if mode == "single" else pairwise(records)
     failures = sum(bool(r.get("parse_failure")) for r in records)
-    summary = {"mode": mode, "judgments": len(records), "parse_failures": failures, "models": rows,
-               "file": str(judgment_path)}  # fmt: skip
+    summary = {
+        "mode": mode,
+        "judgments": len(records),
+        "parse_failures": failures,
+        "models": rows,
+        "file": str(judgment_path),
+    }
     warning = parse_warning(len(records), failures)
     if warning:
         summary["warning"] = warning
@@ -130,9 +139,11 @@ def parse_warning(judgments: int, failures: int) -> str | None:
     if not judgments or failures * 2 < judgments:
         return None
     what = "All" if failures == judgments else f"{failures} of"
-    return (f"{what} {judgments} judgments failed to parse: the judge did not write its verdict in the "
-            f"asked format, so there is little or nothing to score. Small models rarely can; use a "
-            f"stronger judge, such as {STRONG_JUDGES}.")  # fmt: skip
+    return (
+        f"{what} {judgments} judgments failed to parse: the judge did not write its verdict in the "
+        f"asked format, so there is little or nothing to score. Small models rarely can; use a "
+        f"stronger judge, such as {STRONG_JUDGES}."
+    )
 
 
 def plot(rows: list[dict], mode: str, path: Path) -> None:
@@ -149,8 +160,14 @@ def plot(rows: list[dict], mode: str, path: Path) -> None:
     )
     if not scored:
         axes.axis("off")
-        axes.text(0.5, 0.5, "no judgment could be parsed: nothing to plot\n(see results.json's warning)",
-                  ha="center", va="center", fontsize=12)  # fmt: skip
+        axes.text(
+            0.5,
+            0.5,
+            "no judgment could be parsed: nothing to plot\n(see results.json's warning)",
+            ha="center",
+            va="center",
+            fontsize=12,
+        )
     elif mode == "single":
         categories = sorted({c for r in rows for c in r.get("categories", {})})
         width = 0.8 / max(len(rows), 1)

@@ -58,9 +58,14 @@ def answer_job(params: dict, folder: Path, home: Path, progress: Progress, stop:
 
 
 def judgment_job(
-    params: dict, folder: Path, home: Path, client: redis.Redis, keys: Keys, progress: Progress,
+    params: dict,
+    folder: Path,
+    home: Path,
+    client: redis.Redis,
+    keys: Keys,
+    progress: Progress,
     stop: threading.Event,
-) -> dict:  # fmt: skip
+) -> dict:
     config = JudgmentParams.model_validate(params)
     output = _prepare(config, folder, home)
     counts = asyncio.run(judge(config, output, progress, stop))
@@ -68,8 +73,9 @@ def judgment_job(
     summary = summarize(
         output, Path(counts["file"]), "single" if config.mode == "single" else "pair", questions
     )
-    summary.update(name=run_name(config), judge=config.judge, questions=config.questions,
-                   computed_at=time.time())  # fmt: skip
+    summary.update(
+        name=run_name(config), judge=config.judge, questions=config.questions, computed_at=time.time()
+    )
     publish(client, keys, summary, _browse(config, output, questions))
     ended = {**counts, "results": str(output / "results.json"), "name": summary["name"]}
     return {**ended, "warning": summary["warning"]} if "warning" in summary else ended
@@ -90,12 +96,18 @@ def _browse(config: JudgmentParams, output: Path, questions: list) -> list[dict]
             record.pop(field, None)
         by_question.setdefault(record["question_id"], []).append(record)
     return [
-        {"question_id": q.question_id, "category": q.category, "turns": q.turns, "reference": q.reference,
-         "answers": {m: a[q.question_id]["choices"][0]["turns"]
-                     for m, a in answers.items() if q.question_id in a},
-         "judgments": by_question.get(q.question_id, [])}
+        {
+            "question_id": q.question_id,
+            "category": q.category,
+            "turns": q.turns,
+            "reference": q.reference,
+            "answers": {
+                m: a[q.question_id]["choices"][0]["turns"] for m, a in answers.items() if q.question_id in a
+            },
+            "judgments": by_question.get(q.question_id, []),
+        }
         for q in questions
-    ]  # fmt: skip
+    ]
 
 
 def publish(client: redis.Redis, keys: Keys, summary: dict, browse: list[dict]) -> None:

@@ -170,8 +170,11 @@ class Run:
                 try:
                     kept = step.apply(record)
                 except Drop as drop:
-                    rejected.add(records.Rejected(drop.reason, f"{source.name}:line {number}",
-                                                  drop.record or record, drop.detail))  # fmt: skip
+                    rejected.add(
+                        records.Rejected(
+                            drop.reason, f"{source.name}:line {number}", drop.record or record, drop.detail
+                        )
+                    )
                     continue
                 report.kept += bool(kept)
                 yield from kept

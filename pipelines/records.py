@@ -18,8 +18,16 @@ from typing import Any
 
 # ShareGPT's speaker names, and OpenAI's roles for them.
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
-_SPEAKERS = {"user": "human", "assistant": "gpt", "system": "system", "human": "human", "gpt": "gpt",
-             "bard": "gpt", "bing": "gpt", "chatgpt": "gpt"}  # fmt: skip
+_SPEAKERS = {
+    "user": "human",
+    "assistant": "gpt",
+    "system": "system",
+    "human": "human",
+    "gpt": "gpt",
+    "bard": "gpt",
+    "bing": "gpt",
+    "chatgpt": "gpt",
+}
 _CHUNK_BYTES = 1 << 20
 
 
@@ -90,8 +98,12 @@ def _read_array(path: Path) -> Iterator[tuple[str, Any] | Rejected]:
                         "truncated", where, None, f"the file ends inside this record ({left} chars)"
                     )
                 else:
-                    yield Rejected("invalid_json", where, buffer[at : at + 200],
-                                   f"{e.msg}; the rest of the file ({left} chars) is unread")  # fmt: skip
+                    yield Rejected(
+                        "invalid_json",
+                        where,
+                        buffer[at : at + 200],
+                        f"{e.msg}; the rest of the file ({left} chars) is unread",
+                    )
                 return
             yield where, record
             index += 1

@@ -41,8 +41,9 @@ class Skipped(Exception):
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
-                                             tokenize=False)  # fmt: skip
+        return tokenizer.apply_chat_template(
+            messages, add_generation_prompt=generation_prompt, tokenize=False
+        )
     except Exception as e:  # the template's own refusal: an empty conversation, a role it rejects
         raise Skipped("unrenderable", f"{type(e).__name__}: {e}") from None
 

@@ -13,9 +13,15 @@ def _summary(values: list[int]) -> dict:
         return {"count": 0}
     array = np.asarray(values)
     percentiles = np.percentile(array, [50, 90, 99]).tolist()
-    return {"count": len(values), "mean": float(array.mean()), "min": int(array.min()),
-            "p50": percentiles[0], "p90": percentiles[1], "p99": percentiles[2],
-            "max": int(array.max())}  # fmt: skip
+    return {
+        "count": len(values),
+        "mean": float(array.mean()),
+        "min": int(array.min()),
+        "p50": percentiles[0],
+        "p90": percentiles[1],
+        "p99": percentiles[2],
+        "max": int(array.max()),
+    }
 
 
 def write_stats(folder: Path, tokenizer=None) -> dict:

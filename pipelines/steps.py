@@ -40,8 +40,9 @@ def user_pattern(pattern: str, ignore_case: bool = False, multiline: bool = Fals
     try:
         return re2.compile(f"(?{flags}){pattern}" if flags else pattern)
     except re2.error as e:
-        raise ValueError(f"not a supported pattern (RE2 syntax: no backreferences or lookaround): {e}"
-                         ) from None  # fmt: skip
+        raise ValueError(
+            f"not a supported pattern (RE2 syntax: no backreferences or lookaround): {e}"
+        ) from None
 
 
 class Step(ABC):
@@ -445,8 +446,16 @@ class IdentityParams(Params):
     seed: int = 0
 
 
-_ASK = ["Who are you?", "What is your name?", "Tell me about yourself.", "Which model are you?",
-        "Who made you?", "Are you ChatGPT?", "What should I call you?", "Who trained you?"]  # fmt: skip
+_ASK = [
+    "Who are you?",
+    "What is your name?",
+    "Tell me about yourself.",
+    "Which model are you?",
+    "Who made you?",
+    "Are you ChatGPT?",
+    "What should I call you?",
+    "Who trained you?",
+]
 _TELL = [
     "I'm {name}, an AI assistant built by {org}. How can I help?",
     "My name is {name}. I was trained by {org} to answer questions and help with tasks.",

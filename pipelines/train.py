@@ -133,9 +133,12 @@ def _load_model(config: TrainParams, model_path: str):
             model, use_gradient_checkpointing=config.gradient_checkpointing
         )
     lora = LoraConfig(
-        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=config.lora_target_modules or "all-linear", task_type="CAUSAL_LM",
-    )  # fmt: skip
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_target_modules or "all-linear",
+        task_type="CAUSAL_LM",
+    )
     with warnings.catch_warnings():
         # peft (0.21) reads the attribute transformers 5 renamed; the warning is theirs to fix.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -174,8 +177,11 @@ def train_job(params: dict, folder: Path, context: dict, progress: Progress, sto
     if not train_set.examples:
         raise ValueError(f"no trainable conversation in {config.data}: {train_set.summary()}")
     progress("tokenize", len(data), len(data))
-    (folder / "data.json").write_text(json.dumps({"train": train_set.summary(), "eval": eval_set.summary(),
-                                                  "not_conversations": bad}, indent=2))  # fmt: skip
+    (folder / "data.json").write_text(
+        json.dumps(
+            {"train": train_set.summary(), "eval": eval_set.summary(), "not_conversations": bad}, indent=2
+        )
+    )
 
     trainer = _trainer(config, folder, model_path, tokenizer, train_set, eval_set, progress, stop)
     resume = latest_checkpoint(folder)
@@ -186,14 +192,17 @@ def train_job(params: dict, folder: Path, context: dict, progress: Progress, sto
     metrics = trainer.evaluate() if eval_set.examples else {}
     output = _save(config, folder, trainer, tokenizer, model_path)
     summary = {
-        "output": str(output), "steps": trainer.state.global_step,
+        "output": str(output),
+        "steps": trainer.state.global_step,
         "train_loss": round(result.training_loss, 4),
-        "final_loss": _last_loss(trainer), "eval_loss": metrics.get("eval_loss"),
+        "final_loss": _last_loss(trainer),
+        "eval_loss": metrics.get("eval_loss"),
         "resumed_from_step": int(resume.name.split("-")[1]) if resume else 0,
         "tokens_seen": trainer.state.num_input_tokens_seen,
         "runtime_s": round(result.metrics["train_runtime"], 2),
-        "train": train_set.summary(), "eval": eval_set.summary(),
-    }  # fmt: skip
+        "train": train_set.summary(),
+        "eval": eval_set.summary(),
+    }
     if trainer.is_world_process_zero():
         _model_card(output, config, summary)
     return summary
@@ -210,27 +219,42 @@ def _trainer(
     on_gpu = torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=str(folder / "checkpoints"),
-        per_device_train_batch_size=per_device, per_device_eval_batch_size=per_device,
+        per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=per_device,
         gradient_accumulation_steps=accumulation,
-        num_train_epochs=config.epochs, max_steps=config.max_steps,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
         learning_rate=config.learning_rate or (2e-5 if config.method == "full" else 2e-4),
-        lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_ratio,  # < 1: a ratio
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,  # < 1: a ratio
         weight_decay=config.weight_decay,
-        bf16=on_gpu and dtype == torch.bfloat16, fp16=on_gpu and dtype == torch.float16,
+        bf16=on_gpu and dtype == torch.bfloat16,
+        fp16=on_gpu and dtype == torch.float16,
         activation_checkpointing=config.gradient_checkpointing,
-        logging_steps=1, save_strategy="steps", save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit, eval_strategy="no",
-        report_to="none", use_cpu=not on_gpu, seed=config.seed, data_seed=config.seed,
-        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        eval_strategy="no",
+        report_to="none",
+        use_cpu=not on_gpu,
+        seed=config.seed,
+        data_seed=config.seed,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
-    )  # fmt: skip
+    )
     model = _load_model(config, model_path)
     trainer = Trainer(
-        model=model, args=args, train_dataset=_Dataset(train_set.examples),
+        model=model,
+        args=args,
+        train_dataset=_Dataset(train_set.examples),
         eval_dataset=_Dataset(eval_set.examples) if eval_set.examples else None,
-        data_collator=_collator(tokenizer.pad_token_id, config.packing), processing_class=tokenizer,
+        data_collator=_collator(tokenizer.pad_token_id, config.packing),
+        processing_class=tokenizer,
         callbacks=[_ProgressCallback(progress, stop)],
-    )  # fmt: skip
+    )
     trainer.remove_callback(PrinterCallback)  # progress goes to the job, not stdout
     return trainer
 
@@ -278,10 +302,16 @@ class _ProgressCallback(TrainerCallback):
         # Tokens the model read (padding left out) since this run (or resume) began.
         rate = (state.num_input_tokens_seen - self.first_tokens) / elapsed if elapsed else 0.0
         eta = (state.max_steps - state.global_step) * elapsed / steps if steps else 0
-        metrics = {"loss": round(logs["loss"], 4), "learning_rate": logs.get("learning_rate"),
-                   "tokens_per_s": round(rate, 1), "eta_s": round(eta)}  # fmt: skip
-        message = (f"step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
-                   f"lr {logs.get('learning_rate', 0):.2e} {rate:.0f} tok/s ETA {eta:.0f}s")  # fmt: skip
+        metrics = {
+            "loss": round(logs["loss"], 4),
+            "learning_rate": logs.get("learning_rate"),
+            "tokens_per_s": round(rate, 1),
+            "eta_s": round(eta),
+        }
+        message = (
+            f"step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
+            f"lr {logs.get('learning_rate', 0):.2e} {rate:.0f} tok/s ETA {eta:.0f}s"
+        )
         self.progress("train", state.global_step, state.max_steps, message=message, metrics=metrics)
 
 
@@ -315,13 +345,16 @@ def _save(config: TrainParams, folder: Path, trainer, tokenizer, model_path: str
 
 def _model_card(output: Path, config: TrainParams, summary: dict) -> None:
     lines = [
-        f"# {output.parent.name}", "",
+        f"# {output.parent.name}",
+        "",
         f"Fine-tuned by Corral from `{config.model}` ({config.method}"
-        + (", merged" if config.method != "full" and config.merge_lora else "") + ").", "",
+        + (", merged" if config.method != "full" and config.merge_lora else "")
+        + ").",
+        "",
         f"- data: {', '.join(config.data)} ({summary['train']['examples']} conversations, "
         f"{summary['train']['trained_tokens']} assistant tokens trained)",
         f"- steps: {summary['steps']}, final training loss: {summary['final_loss']}",
         f"- eval loss: {summary['eval_loss']}" if summary["eval_loss"] is not None else "- eval: none",
         f"- serve it: `corral worker --model {output}`",
-    ]  # fmt: skip
+    ]
     (output / "README.md").write_text("\n".join(lines) + "\n")

@@ -196,8 +196,12 @@ def stack(redis_url: str, model_path: str) -> Iterator[Stack]:
 
 
 TWIN = "smollm2-twin"
-MODEL_INFO = {"display_name": "SmolLM2 135M Instruct", "organization": "HuggingFace (SmolLM2)",
-              "license": "Apache-2.0", "link": "https://huggingface.co/HuggingFaceTB"}  # fmt: skip
+MODEL_INFO = {
+    "display_name": "SmolLM2 135M Instruct",
+    "organization": "HuggingFace (SmolLM2)",
+    "license": "Apache-2.0",
+    "link": "https://huggingface.co/HuggingFaceTB",
+}
 TWIN_FLAGS = {"display_name": "SmolLM2 Twin", "organization": "Corral tests", "model_license": "Apache-2.0"}
 TWIN_INFO = {"display_name": "SmolLM2 Twin", "organization": "Corral tests", "license": "Apache-2.0"}
 
@@ -237,10 +241,25 @@ def arena_stack(redis_url: str, model_path: str, tmp_path_factory) -> Iterator[S
 # leaves them out): by the fixtures they use, and by module for those that start their own.
 _SLOW_FIXTURES = {"stack", "arena_stack", "jobs_stack", "greedy"}
 _SLOW_MODULES = {
-    "test_cli", "test_ui", "test_reliability", "test_worker_health", "test_security", "test_train",
-    "test_lora", "test_gptq", "test_quantized", "test_fallback", "test_gpu_placement", "test_schemathesis",
-    "test_upstream", "test_serving", "test_openai_api", "test_api_contract", "test_arena", "test_jobs",
-}  # fmt: skip
+    "test_cli",
+    "test_ui",
+    "test_reliability",
+    "test_worker_health",
+    "test_security",
+    "test_train",
+    "test_lora",
+    "test_gptq",
+    "test_quantized",
+    "test_fallback",
+    "test_gpu_placement",
+    "test_schemathesis",
+    "test_upstream",
+    "test_serving",
+    "test_openai_api",
+    "test_api_contract",
+    "test_arena",
+    "test_jobs",
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:

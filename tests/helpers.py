@@ -35,8 +35,14 @@ async def stream_text(
     client: httpx.AsyncClient, prompt: str, max_tokens: int = 40, model: str = MODEL, **fields
 ) -> tuple[str, int]:
     """A greedy chat answer streamed through a gateway: its text and how many chunks it came in."""
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
-            "max_tokens": max_tokens, "stream": True, **fields}  # fmt: skip
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "stream": True,
+        **fields,
+    }
     text, chunks = "", 0
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
         async for line in response.aiter_lines():
@@ -53,15 +59,26 @@ def train_a_few_steps(folder: Path, data: Path, method: str, steps: int = 6, **e
     from pipelines.train import train_job
     from workers.loading import resolve_model_path
 
-    params = {"data": [str(data)], "method": method, "max_steps": steps, "max_length": 256,
-              "batch_size": 2, "global_batch_size": 4,
-              "learning_rate": 1e-4 if method == "full" else 1e-3, **extra}  # fmt: skip
+    params = {
+        "data": [str(data)],
+        "method": method,
+        "max_steps": steps,
+        "max_length": 256,
+        "batch_size": 2,
+        "global_batch_size": 4,
+        "learning_rate": 1e-4 if method == "full" else 1e-3,
+        **extra,
+    }
     context = {"model_path": lambda name: resolve_model_path(name, HOME)}
     return train_job(params, folder, context, lambda *a, **k: None, threading.Event())
 
 
-async def until(condition: Callable[[], object | Awaitable[object]], what: str, timeout_s: float = 120,
-                every_s: float = 0.05) -> None:  # fmt: skip
+async def until(
+    condition: Callable[[], object | Awaitable[object]],
+    what: str,
+    timeout_s: float = 120,
+    every_s: float = 0.05,
+) -> None:
     """Polls `condition` (plain or async) until it is true; past `timeout_s`, fails naming `what`
     instead of waiting for ever."""
     deadline = time.monotonic() + timeout_s

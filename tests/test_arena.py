@@ -66,8 +66,11 @@ def test_anonymous_battle_streams_both_sides_and_reveals_models_only_after_the_v
     assert first[-1] == {"turn": 1, "done": True}
 
     second = play(url, battle["id"], "And of grass?")
-    history = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": expected},
-               {"role": "user", "content": "And of grass?"}]  # fmt: skip
+    history = [
+        {"role": "user", "content": PROMPT},
+        {"role": "assistant", "content": expected},
+        {"role": "user", "content": "And of grass?"},
+    ]
     assert side_texts(second)["left"] == greedy(history, 12)[0]  # turn 2 sees turn 1
 
     hidden = httpx.get(f"{url}/v1/arena/battles/{battle['id']}", timeout=10).json()
@@ -110,8 +113,10 @@ def test_anonymous_pairs_are_two_distinct_models_in_random_order(arena_stack):
     assert all(b["models"] is None for b in battles)
     # Until a vote the order shows only in the battles' hashes.
     client = redis.Redis.from_url(arena_stack.redis_url, decode_responses=True)
-    pairs = [tuple(json.loads(client.hget(f"{arena_stack.key_prefix}:arena:battle:{b['id']}", "models")))
-             for b in battles]  # fmt: skip
+    pairs = [
+        tuple(json.loads(client.hget(f"{arena_stack.key_prefix}:arena:battle:{b['id']}", "models")))
+        for b in battles
+    ]
     orders = Counter(pairs)
     assert set(orders) == {(MODEL, TWIN), (TWIN, MODEL)}, orders
 
@@ -174,8 +179,10 @@ def test_export_is_fastchat_shaped_and_round_trips_to_the_same_battles(arena_sta
     out = tmp_path / "arena.jsonl"
     cli = subprocess.run(
         [sys.executable, "-m", "corral", "arena", "export", "--url", url, "-o", str(out)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert cli.returncode == 0, cli.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     by_battle = {r["battle_id"]: r for r in records if r["type"] in ("leftvote", "rightvote", "tievote")}
@@ -193,8 +200,11 @@ def test_export_is_fastchat_shaped_and_round_trips_to_the_same_battles(arena_sta
     battles = battles_from_log(records)
     mine = [b for b in battles if b["tstamp"] >= cast[0]["created_at"]]
     assert [(b["winner"], b["anony"]) for b in mine] == [
-        ("model_a", True), ("model_b", True), ("tie", True), ("model_b", False),
-    ]  # fmt: skip
+        ("model_a", True),
+        ("model_b", True),
+        ("tie", True),
+        ("model_b", False),
+    ]
     assert [(b["model_a"], b["model_b"]) for b in mine[:3]] == [tuple(v["models"]) for v in cast]
 
 

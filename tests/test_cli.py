@@ -28,10 +28,15 @@ def test_corral_up_with_keys_starts_valkey_gateway_worker_and_ui_and_prints_the_
     port, ui_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
     env.update(
-        CORRAL_HOME=str(home), CORRAL_PORT=str(port), CORRAL_THREADS="1", CORRAL_KV_CACHE_TOKENS="4096",
-        CORRAL_UI_PORT=str(ui_port), CORRAL_API_KEYS="user-key", CORRAL_ADMIN_KEYS="admin-key",
+        CORRAL_HOME=str(home),
+        CORRAL_PORT=str(port),
+        CORRAL_THREADS="1",
+        CORRAL_KV_CACHE_TOKENS="4096",
+        CORRAL_UI_PORT=str(ui_port),
+        CORRAL_API_KEYS="user-key",
+        CORRAL_ADMIN_KEYS="admin-key",
         CORRAL_FAULT_INJECTION="true",
-    )  # fmt: skip
+    )
     user = {"Authorization": "Bearer user-key"}
     up = subprocess.Popen([sys.executable, "-m", "corral", "up"], env=env, stdout=subprocess.PIPE, text=True)
     try:
@@ -152,8 +157,20 @@ def test_ctrl_c_in_corral_chat_stops_the_answer_and_returns_to_the_prompt(stack:
     the request and returns to the prompt, the next question works, Ctrl-C at the prompt exits."""
     import pty
 
-    command = [sys.executable, "-m", "corral", "chat", "--url", stack.url, "--model", MODEL,
-               "--temperature", "0", "--max-tokens", "200"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "corral",
+        "chat",
+        "--url",
+        stack.url,
+        "--model",
+        MODEL,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "200",
+    ]
     abandoned_before = _abandoned(stack)
     pid, fd = pty.fork()
     if pid == 0:  # the child: the pty is its controlling terminal, so Ctrl-C is a SIGINT to it

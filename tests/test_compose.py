@@ -43,8 +43,11 @@ def test_docker_compose_accepts_the_file_with_every_profile(tmp_path) -> None:
         pytest.fail("the compose test needs docker-compose (apt-get install docker-compose; .ci/run does)")
     result = subprocess.run(
         ["docker-compose", "-f", str(COMPOSE), "--profile", "gpu", "--profile", "api", "config"],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load(result.stdout)["services"]
     assert {"redis", "gateway", "worker-cpu", "jobs", "ui", "worker-gpu", "worker-api"} <= set(resolved)

@@ -38,8 +38,12 @@ async def test_greedy_answers_are_generate_s_even_when_requests_queue(
     async with httpx.AsyncClient(base_url=stack.url, timeout=180) as client:
 
         async def ask(question: str) -> str:
-            body = {"model": one_at_a_time, "messages": [{"role": "user", "content": question}],
-                    "max_tokens": 20, "temperature": 0}  # fmt: skip
+            body = {
+                "model": one_at_a_time,
+                "messages": [{"role": "user", "content": question}],
+                "max_tokens": 20,
+                "temperature": 0,
+            }
             response = await client.post("/v1/chat/completions", json=body)
             assert response.status_code == 200, response.text
             return response.json()["choices"][0]["message"]["content"]

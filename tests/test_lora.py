@@ -128,8 +128,14 @@ def test_adapters_are_served_under_their_names_with_their_own_logits(
     assert cards["tuned"]["metadata"]["description"] == "LoRA adapter tuned on lora-base"
 
     def first_logprobs(model: str) -> dict[str, float]:
-        body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 1,
-                "temperature": 0, "logprobs": True, "top_logprobs": 5}  # fmt: skip
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": PROMPTS[0]}],
+            "max_tokens": 1,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 5,
+        }
         response = httpx.post(f"{stack.url}/v1/chat/completions", json=body, timeout=120)
         assert response.status_code == 200, response.text
         top = response.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]

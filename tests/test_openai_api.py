@@ -99,8 +99,11 @@ def test_a_known_model_without_a_live_worker_is_a_503_with_retry_after(stack: St
 
 def test_two_gateways_share_one_request_limit_per_key_and_never_store_the_key(stack: Stack) -> None:
     # A window of a day: the burst below never straddles two.
-    env = {"CORRAL_API_KEYS": "sk-alpha-secret,sk-beta-secret", "CORRAL_RATE_LIMIT_REQUESTS_PER_MIN": "3",
-           "CORRAL_RATE_LIMIT_WINDOW_S": str(DAY_S)}  # fmt: skip
+    env = {
+        "CORRAL_API_KEYS": "sk-alpha-secret,sk-beta-secret",
+        "CORRAL_RATE_LIMIT_REQUESTS_PER_MIN": "3",
+        "CORRAL_RATE_LIMIT_WINDOW_S": str(DAY_S),
+    }
     urls = [stack.start_gateway(**env), stack.start_gateway(**env)]
     alpha = {"Authorization": "Bearer sk-alpha-secret"}
     assert post_chat(urls[0], {"model": "nobody"}).status_code == 401

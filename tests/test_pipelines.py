@@ -17,9 +17,17 @@ from pipelines.pipeline import CleanConfig, Run
 from tests.helpers import packaged
 
 EVERY_STEP = [
-    "html_to_markdown", "roles", "malformed", "min_turns", "blocked_words", "error_replies",
-    "min_length", "dedupe", {"language": {"keep": ["en"]}}, {"split_long": {"max_tokens": 512}},
-]  # fmt: skip
+    "html_to_markdown",
+    "roles",
+    "malformed",
+    "min_turns",
+    "blocked_words",
+    "error_replies",
+    "min_length",
+    "dedupe",
+    {"language": {"keep": ["en"]}},
+    {"split_long": {"max_tokens": 512}},
+]
 
 
 @pytest.fixture(scope="module")
@@ -90,34 +98,71 @@ def test_a_truncated_sharegpt_file_yields_every_complete_conversation_and_report
 
 BAD = {
     "not_a_conversation": {"id": "x1", "conversations": "hello"},
-    "wrong_role_order": {"id": "x2", "conversations": [
-        {"from": "gpt", "value": "Hi, how can I help?"}, {"from": "human", "value": "Tell me a joke."},
-        {"from": "gpt", "value": "Why did the chicken cross the road?"}]},
-    "malformed_format": {"id": "x3", "conversations": [
-        {"from": "human", "value": "Show me code for a loop."},
-        {"from": "gpt", "value": "Here it is:\n```python\nfor i in range(3):\n    print(i)\n"}]},
+    "wrong_role_order": {
+        "id": "x2",
+        "conversations": [
+            {"from": "gpt", "value": "Hi, how can I help?"},
+            {"from": "human", "value": "Tell me a joke."},
+            {"from": "gpt", "value": "Why did the chicken cross the road?"},
+        ],
+    },
+    "malformed_format": {
+        "id": "x3",
+        "conversations": [
+            {"from": "human", "value": "Show me code for a loop."},
+            {"from": "gpt", "value": "Here it is:\n```python\nfor i in range(3):\n    print(i)\n"},
+        ],
+    },
     "too_few_turns": {"id": "x4", "conversations": [{"from": "human", "value": "Anyone there at all?"}]},
-    "blocked_word": {"id": "x5", "conversations": [
-        {"from": "human", "value": "Who are you really?"},
-        {"from": "gpt", "value": "I am ChatGPT, a large language model."}]},
-    "error_reply": {"id": "x6", "conversations": [
-        {"from": "human", "value": "Summarise this article for me."},
-        {"from": "gpt", "value": "Too many requests in 1 hour. Try again later."}]},
-    "too_short": {"id": "x7", "conversations": [
-        {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]},
-    "language": {"id": "x8", "conversations": [
-        {"from": "human", "value": "Quelle est la capitale de la France et pourquoi est-elle célèbre ?"},
-        {"from": "gpt", "value": "La capitale de la France est Paris, célèbre pour la tour Eiffel."}]},
-    "too_long": {"id": "x9", "conversations": [
-        {"from": "human", "value": "Read this story. " + "The old man walked to the market each day. " * 150},
-        {"from": "gpt", "value": "It is a story about an old man and his walks to the market."}]},
-}  # fmt: skip
-GOOD = {"id": "ok", "conversations": [
-    {"from": "human", "value": "<p>How do I print in <strong>Python</strong>?</p>"},
-    {"from": "gpt", "value": '<div><p>Use print:</p><pre><code class="language-python">'
-                             'print("hi")\n</code></pre></div>'},
-    {"from": "human", "value": "Thanks, and in Rust?"},
-    {"from": "gpt", "value": "Use the println! macro with a format string: println!(\"hi\")."}]}  # fmt: skip
+    "blocked_word": {
+        "id": "x5",
+        "conversations": [
+            {"from": "human", "value": "Who are you really?"},
+            {"from": "gpt", "value": "I am ChatGPT, a large language model."},
+        ],
+    },
+    "error_reply": {
+        "id": "x6",
+        "conversations": [
+            {"from": "human", "value": "Summarise this article for me."},
+            {"from": "gpt", "value": "Too many requests in 1 hour. Try again later."},
+        ],
+    },
+    "too_short": {
+        "id": "x7",
+        "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}],
+    },
+    "language": {
+        "id": "x8",
+        "conversations": [
+            {"from": "human", "value": "Quelle est la capitale de la France et pourquoi est-elle célèbre ?"},
+            {"from": "gpt", "value": "La capitale de la France est Paris, célèbre pour la tour Eiffel."},
+        ],
+    },
+    "too_long": {
+        "id": "x9",
+        "conversations": [
+            {
+                "from": "human",
+                "value": "Read this story. " + "The old man walked to the market each day. " * 150,
+            },
+            {"from": "gpt", "value": "It is a story about an old man and his walks to the market."},
+        ],
+    },
+}
+GOOD = {
+    "id": "ok",
+    "conversations": [
+        {"from": "human", "value": "<p>How do I print in <strong>Python</strong>?</p>"},
+        {
+            "from": "gpt",
+            "value": '<div><p>Use print:</p><pre><code class="language-python">'
+            'print("hi")\n</code></pre></div>',
+        },
+        {"from": "human", "value": "Thanks, and in Rust?"},
+        {"from": "gpt", "value": 'Use the println! macro with a format string: println!("hi").'},
+    ],
+}
 
 
 def test_each_drop_reason_takes_exactly_its_bad_record(tmp_path, tokenizer_context) -> None:
@@ -170,8 +215,12 @@ def test_split_long_keeps_every_token_of_every_kept_round_within_the_budget(
             ]
             assert len(tokenizer.apply_chat_template(messages, return_dict=False)) <= 1024
         kept = [t for piece in pieces for t in piece["conversations"]]
-        fitting = [t for round_ in rounds if round_ in [kept[i : i + 2] for i in range(0, len(kept), 2)]
-                   for t in round_]  # fmt: skip
+        fitting = [
+            t
+            for round_ in rounds
+            if round_ in [kept[i : i + 2] for i in range(0, len(kept), 2)]
+            for t in round_
+        ]
         assert kept == fitting  # whole rounds, in order, text unchanged
     assert split >= 5
 
@@ -206,7 +255,9 @@ def test_converters_round_trip_between_sharegpt_openai_and_alpaca() -> None:
     alpaca = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
     record = records.normalize(alpaca, "a1")
     assert record["conversations"] == [
-        {"from": "human", "value": "Add the numbers.\n\n2 and 3"}, {"from": "gpt", "value": "5"}]  # fmt: skip
+        {"from": "human", "value": "Add the numbers.\n\n2 and 3"},
+        {"from": "gpt", "value": "5"},
+    ]
     openai = records.to_openai(record)
     assert openai["messages"][1] == {"role": "assistant", "content": "5"}
     assert records.normalize(openai, "b") == record
@@ -228,10 +279,25 @@ def test_a_pipeline_names_an_unknown_step_and_reads_yaml_steps(tmp_path) -> None
 def test_corral_clean_runs_in_the_foreground_and_prints_its_accounting(tmp_path, sample, model_path) -> None:
     out = tmp_path / "cleaned"
     result = subprocess.run(
-        [sys.executable, "-m", "corral", "clean", str(sample), "-o", str(out), "--steps",
-         "roles,dedupe,blocked_words,split_long", "--format", "openai", "--tokenizer", model_path],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "corral",
+            "clean",
+            str(sample),
+            "-o",
+            str(out),
+            "--steps",
+            "roles,dedupe,blocked_words,split_long",
+            "--format",
+            "openai",
+            "--tokenizer",
+            model_path,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "blocked_word 60" in result.stdout
     first = jsonl(out / "train.jsonl")[0]
@@ -257,10 +323,15 @@ SPLITS = [(44, 0.2, 9), (25, 0.02, 1), (2, 0.5, 1), (1, 0.5, 0), (10, 0.99, 9), 
 @pytest.mark.parametrize(("records_in", "ratio", "test"), SPLITS)
 def test_the_test_split_has_exactly_its_share_of_the_records(tmp_path, records_in, ratio, test) -> None:
     conversations = [
-        {"id": f"c{i}", "conversations": [{"from": "human", "value": f"question {i}"},
-                                           {"from": "gpt", "value": f"answer {i}"}]}
+        {
+            "id": f"c{i}",
+            "conversations": [
+                {"from": "human", "value": f"question {i}"},
+                {"from": "gpt", "value": f"answer {i}"},
+            ],
+        }
         for i in range(records_in)
-    ]  # fmt: skip
+    ]
     data = tmp_path / "data.json"
     data.write_text(json.dumps(conversations))
     reports = run(tmp_path, {}, [data], [], test_ratio=ratio, seed=3).execute()
@@ -274,8 +345,19 @@ def test_the_test_split_has_exactly_its_share_of_the_records(tmp_path, records_i
 
 def test_corral_clean_says_when_it_resumes_and_how_many_records_each_split_got(tmp_path, sample) -> None:
     out = tmp_path / "cleaned"
-    command = [sys.executable, "-m", "corral", "clean", str(sample), "-o", str(out),
-               "--steps", "roles,dedupe", "--test-ratio", "0.05"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "corral",
+        "clean",
+        str(sample),
+        "-o",
+        str(out),
+        "--steps",
+        "roles,dedupe",
+        "--test-ratio",
+        "0.05",
+    ]
     first = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     assert "resuming" not in first.stdout

@@ -13,8 +13,9 @@ from workers.profiles import Profile, ProfileError, default_profile, parse_profi
 
 def request(defaulted: list[str], messages: list[ChatMessage] | None = None, **fields) -> GenerationRequest:
     chat = messages if messages is not None else [ChatMessage(role="user", content="Hi")]
-    return GenerationRequest(request_id="g.1", model="p", messages=chat, deadline_ms=1, defaulted=defaulted,
-                             **fields)  # fmt: skip
+    return GenerationRequest(
+        request_id="g.1", model="p", messages=chat, deadline_ms=1, defaulted=defaulted, **fields
+    )
 
 
 def test_profiles_parse_from_json_and_yaml_files_and_name_what_is_wrong(tmp_path) -> None:

@@ -18,9 +18,15 @@ def test_an_8bit_worker_answers_through_the_gateway(redis_url, model_path, key_p
         stack.start("gateway")
         stack.wait_for_gateway()
         worker = stack.start_worker(served_name="smollm2-8bit", CORRAL_LOAD_8BIT="true")
-        bodies = [{"model": "smollm2-8bit", "messages": [{"role": "user", "content": question}],
-                   "max_tokens": 16, "temperature": 0}
-                  for question in ("What is the capital of France?", "Name a colour.")]  # fmt: skip
+        bodies = [
+            {
+                "model": "smollm2-8bit",
+                "messages": [{"role": "user", "content": question}],
+                "max_tokens": 16,
+                "temperature": 0,
+            }
+            for question in ("What is the capital of France?", "Name a colour.")
+        ]
         replies = [httpx.post(f"{stack.url}/v1/chat/completions", json=b, timeout=120).json() for b in bodies]
         assert "Paris" in replies[0]["choices"][0]["message"]["content"]
         assert all(r["usage"]["completion_tokens"] >= 1 for r in replies)

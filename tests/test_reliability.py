@@ -67,8 +67,10 @@ async def test_a_seeded_penalised_request_taken_over_mid_stream_is_what_one_run_
             asyncio.create_task(stream_text(client, PROMPTS[0], model="takeover", seed=seed, **sampled))
             for seed in seeds
         ]
-        await until(lambda: int(stack.worker_info(doomed.worker_id).get("in_flight", 0)) >= len(seeds),
-                    "the doomed worker runs every request")  # fmt: skip
+        await until(
+            lambda: int(stack.worker_info(doomed.worker_id).get("in_flight", 0)) >= len(seeds),
+            "the doomed worker runs every request",
+        )
         survivor = stack.start_worker(served_name="takeover")  # loads while the first generates
         assert int(stack.worker_info(doomed.worker_id)["in_flight"]) == len(seeds)  # still going
         doomed.kill()
@@ -154,8 +156,13 @@ async def test_batch_lane_waits_while_interactive_work_waits(stack: Stack) -> No
     finished: list[str] = []
 
     async def ask(client: httpx.AsyncClient, name: str, lane: str, tokens: int) -> None:
-        body = {"model": "one-slot", "messages": [{"role": "user", "content": "Tell me a story."}],
-                "max_tokens": tokens, "ignore_eos": True, "lane": lane}  # fmt: skip
+        body = {
+            "model": "one-slot",
+            "messages": [{"role": "user", "content": "Tell me a story."}],
+            "max_tokens": tokens,
+            "ignore_eos": True,
+            "lane": lane,
+        }
         response = await client.post("/v1/chat/completions", json=body)
         assert response.status_code == 200, response.text
         finished.append(name)
@@ -185,8 +192,10 @@ async def _sigterm_a_busy_peer(stack: Stack, drain_timeout_s: str, max_tokens: i
         # More than the main worker's 8 slots, so the second worker holds at least 4.
         tasks = [asyncio.create_task(stream_text(client, p, max_tokens)) for p in DRAIN_PROMPTS]
         workers = (main_id, peer.worker_id)
-        await until(lambda: sum(int(stack.worker_info(w).get("in_flight", 0)) for w in workers) >= 12,
-                    "both workers run the 12 requests")  # fmt: skip
+        await until(
+            lambda: sum(int(stack.worker_info(w).get("in_flight", 0)) for w in workers) >= 12,
+            "both workers run the 12 requests",
+        )
         await asyncio.sleep(0.5)  # it has streamed tokens
         peer.terminate()
         replies = await asyncio.gather(*tasks)
@@ -226,8 +235,12 @@ async def test_a_flood_past_the_backlog_gets_fast_429s_and_every_admitted_reques
     outcomes: list[tuple[float, int, dict]] = []
 
     async def ask(client: httpx.AsyncClient) -> None:
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}],
-                "max_tokens": 16, "ignore_eos": True}  # fmt: skip
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Tell me a story."}],
+            "max_tokens": 16,
+            "ignore_eos": True,
+        }
         response = await client.post("/v1/chat/completions", json=body)
         outcomes.append((time.monotonic(), response.status_code, response.json()))
 
@@ -235,8 +248,11 @@ async def test_a_flood_past_the_backlog_gets_fast_429s_and_every_admitted_reques
     stream = f"{stack.key_prefix}:q:{{{MODEL}}}"
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
         tasks = [asyncio.create_task(ask(client)) for _ in range(30)]
-        await until(lambda: any(status == 429 for _, status, _ in outcomes), "a request is refused with 429",
-                    every_s=0.01)  # fmt: skip
+        await until(
+            lambda: any(status == 429 for _, status, _ in outcomes),
+            "a request is refused with 429",
+            every_s=0.01,
+        )
         longest = r.xlen(stream)
         await asyncio.gather(*tasks)
 
@@ -281,8 +297,12 @@ async def test_a_redis_restart_loses_neither_queued_requests_nor_streamed_text(
         worker = stack.start_worker(CORRAL_MAX_BATCH="1")
 
         async def ask(client: httpx.AsyncClient, tokens: int) -> httpx.Response:
-            body = {"model": MODEL, "messages": [{"role": "user", "content": story}],
-                    "max_tokens": tokens, "ignore_eos": True}  # fmt: skip
+            body = {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": story}],
+                "max_tokens": tokens,
+                "ignore_eos": True,
+            }
             return await client.post("/v1/chat/completions", json=body)
 
         async with httpx.AsyncClient(base_url=stack.url, timeout=120) as client:

@@ -61,8 +61,13 @@ def status_of(url: str, job_id: str) -> str:
 
 
 def keyed_env(home: Path, **extra: str) -> dict[str, str]:
-    return dict(CORRAL_HOME=str(home), CORRAL_API_KEYS=f"{A},{B}", CORRAL_ADMIN_KEYS=f"{ADMIN},admin-2",
-                CORRAL_ALLOWED_PATHS="[]", **extra)  # fmt: skip
+    return dict(
+        CORRAL_HOME=str(home),
+        CORRAL_API_KEYS=f"{A},{B}",
+        CORRAL_ADMIN_KEYS=f"{ADMIN},admin-2",
+        CORRAL_ALLOWED_PATHS="[]",
+        **extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +141,9 @@ def test_data_reaches_jobs_by_upload_id_and_only_admins_upload(jobs) -> None:
     refused = httpx.post(f"{jobs.url}/v1/files", files=files, headers=auth(A), timeout=30)
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "admin_only"
 
-    uploaded = httpx.post(f"{jobs.url}/v1/files", files=files, data={"purpose": "fine-tune"},
-                          headers=auth(ADMIN), timeout=30).json()  # fmt: skip
+    uploaded = httpx.post(
+        f"{jobs.url}/v1/files", files=files, data={"purpose": "fine-tune"}, headers=auth(ADMIN), timeout=30
+    ).json()
     assert uploaded["object"] == "file" and uploaded["bytes"] == sample.stat().st_size
     stored = jobs.home / "files" / uploaded["id"] / uploaded["filename"]
     assert stored.read_bytes() == sample.read_bytes() and uploaded["filename"] == "my_data.json"
@@ -170,16 +176,24 @@ def test_endpoints_are_corrals_own_or_allow_listed_and_plain(jobs) -> None:
         return new_job(jobs.url, "answer", {"models": ["m"], "endpoint": {"base_url": base_url}})
 
     refused_urls = [
-        "http://127.0.0.1:8000/v1/jobs?x=", "http://169.254.169.254/latest", "file:///etc/passwd",
-        "http://judge.internal.test.evil.example/v1", "http://judge.internal.test/v1/../../admin",
-        "http://user:pw@judge.internal.test/v1", "http://judge.internal.test/v1/%2e%2e/x",
-    ]  # fmt: skip
+        "http://127.0.0.1:8000/v1/jobs?x=",
+        "http://169.254.169.254/latest",
+        "file:///etc/passwd",
+        "http://judge.internal.test.evil.example/v1",
+        "http://judge.internal.test/v1/../../admin",
+        "http://user:pw@judge.internal.test/v1",
+        "http://judge.internal.test/v1/%2e%2e/x",
+    ]
     for url in refused_urls:
         refused = answer(url)
         assert refused.status_code == 400, url
         assert refused.json()["error"]["param"] == "params.endpoint.base_url"
-    allowed = new_job(jobs.url, "answer", {"models": ["m"], "endpoint": {"base_url": "http://judge.internal.test/v1"}},
-                      key="admin-2")  # fmt: skip
+    allowed = new_job(
+        jobs.url,
+        "answer",
+        {"models": ["m"], "endpoint": {"base_url": "http://judge.internal.test/v1"}},
+        key="admin-2",
+    )
     assert allowed.status_code == 200, allowed.text
 
 
@@ -299,8 +313,16 @@ def test_a_pickled_job_on_the_queue_is_refused_never_run(runner, tmp_path) -> No
 def test_a_catastrophic_pattern_runs_in_linear_time_and_a_backreference_is_refused(runner) -> None:
     data = runner.home / "replies.json"
     long_reply = "word " * 20_000 + "!"
-    data.write_text(json.dumps([{"id": "1", "conversations": [
-        {"from": "human", "value": "hi"}, {"from": "gpt", "value": long_reply}]}]))  # fmt: skip
+    data.write_text(
+        json.dumps(
+            [
+                {
+                    "id": "1",
+                    "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": long_reply}],
+                }
+            ]
+        )
+    )
     steps = [{"error_replies": {"patterns": [r"(\w+\s?)+$"]}}]
     created = new_job(runner.url, "clean", {"inputs": [str(data)], "steps": steps}).json()
     done = wait_job(runner.url, created["id"], timeout_s=60)
@@ -366,8 +388,9 @@ def test_an_abort_kills_a_job_stuck_in_a_blocking_call_and_sigterm_stops_the_run
 
 def _play(url: str, key: str, battle_id: str, max_tokens: int = 8) -> httpx.Response:
     body = {"content": "Name a colour.", "temperature": 0, "max_tokens": max_tokens}
-    with httpx.stream("POST", f"{url}/v1/arena/battles/{battle_id}/turns", json=body, headers=auth(key),
-                      timeout=120) as response:  # fmt: skip
+    with httpx.stream(
+        "POST", f"{url}/v1/arena/battles/{battle_id}/turns", json=body, headers=auth(key), timeout=120
+    ) as response:
         response.read()
         return response
 
@@ -432,10 +455,13 @@ def test_job_parameters_are_bounded_and_each_key_has_a_quota(jobs, tmp_path) -> 
         ("train", {"data": ["d.json"], "epochs": 1e308}, "params.epochs"),
         ("train", {"data": ["d.json"], "batch_size": 10**9}, "params.batch_size"),
         ("judgment", {"models": [f"m{i}" for i in range(10_000)], "judge": "j"}, "params.models"),
-        ("judgment", {"models": [f"m{i}" for i in range(17)], "judge": "j", "mode": "pairwise-all"},
-         "params.models"),
+        (
+            "judgment",
+            {"models": [f"m{i}" for i in range(17)], "judge": "j", "mode": "pairwise-all"},
+            "params.models",
+        ),
         ("answer", {"models": ["m"], "max_tokens": 10**9}, "params.max_tokens"),
-    ]  # fmt: skip
+    ]
     for kind, params, param in too_much:
         response = new_job(jobs.url, kind, params)
         assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
@@ -492,12 +518,23 @@ def test_every_route_that_spends_compute_or_storage_is_rate_limited(jobs) -> Non
         ("u0", lambda k: post(url, "/v1/tokenize", k, {"model": MODEL, "prompt": "hi"})),
         ("u1", lambda k: post(url, "/v1/detokenize", k, {"model": MODEL, "tokens": [1]})),
         ("u2", lambda k: post(url, "/v1/arena/battles", k, {})),
-        ("u3", lambda k: post(url, "/v1/arena/feedback", k, {"model": MODEL, "vote": "up", "messages": [
-            {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})),
+        (
+            "u3",
+            lambda k: post(
+                url,
+                "/v1/arena/feedback",
+                k,
+                {
+                    "model": MODEL,
+                    "vote": "up",
+                    "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                },
+            ),
+        ),
         ("a0", lambda k: new_job(url, "ratings", {}, key=k)),
         ("a1", lambda k: post(url, "/v1/leaderboard/refresh", k, {})),
         ("a2", lambda k: httpx.post(f"{url}/v1/files", files={"file": ("x.json", b"[]")}, headers=auth(k))),
-    ]  # fmt: skip
+    ]
     for key, call in calls:
         statuses = [call(key).status_code for _ in range(3)]
         assert 429 not in statuses[:2] and statuses[2] == 429, (key, statuses)
@@ -524,8 +561,12 @@ def test_sizes_are_limited_before_any_work_and_bad_text_is_a_400(arena) -> None:
     lone = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x\ud800y"}]})
     assert "\\ud800" in lone  # the escape, as a client sends it
     for path in ("/v1/chat/completions", "/v1/arena/feedback"):
-        response = httpx.post(f"{arena.url}{path}", content=lone, timeout=10,
-                              headers={**auth(A), "content-type": "application/json"})  # fmt: skip
+        response = httpx.post(
+            f"{arena.url}{path}",
+            content=lone,
+            timeout=10,
+            headers={**auth(A), "content-type": "application/json"},
+        )
         assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
 
     non_ascii = httpx.get(f"{arena.url}/v1/models", headers={"Authorization": "Bearer ключ".encode()})
@@ -538,13 +579,29 @@ def test_sizes_are_limited_before_any_work_and_bad_text_is_a_400(arena) -> None:
 
 def test_the_export_survives_a_stored_lone_surrogate_and_the_cli_writes_it(arena, tmp_path) -> None:
     # What an older gateway let in: a feedback record holding a lone surrogate (JSON's "\ud800").
-    record = {"tstamp": time.time(), "type": "upvote", "model": MODEL, "ip": "old", "state": {
-        "messages": [["user", "x\ud800y"]]}}  # fmt: skip
+    record = {
+        "tstamp": time.time(),
+        "type": "upvote",
+        "model": MODEL,
+        "ip": "old",
+        "state": {"messages": [["user", "x\ud800y"]]},
+    }
     stream = Keys(arena.stack.key_prefix).arena_log("votes")
     redis.Redis.from_url(arena.stack.redis_url).xadd(stream, {"record": json.dumps(record)})
     out = tmp_path / "arena.jsonl"
-    command = [sys.executable, "-m", "corral", "arena", "export", "--url", arena.url, "-o", str(out),
-               "--api-key", ADMIN]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "corral",
+        "arena",
+        "export",
+        "--url",
+        arena.url,
+        "-o",
+        str(out),
+        "--api-key",
+        ADMIN,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     lines = out.read_text().splitlines()
@@ -558,8 +615,9 @@ def test_the_export_survives_a_stored_lone_surrogate_and_the_cli_writes_it(arena
 def test_a_keyless_gateway_refuses_a_public_address_unless_told_insecure(redis_url, key_prefix) -> None:
     stack = Stack(redis_url, key_prefix, free_port())
     env = stack.env(CORRAL_HOST="0.0.0.0", CORRAL_API_KEYS="", CORRAL_ADMIN_KEYS="")
-    refused = subprocess.run([sys.executable, "-m", "gateway"], env=env, capture_output=True, text=True,
-                             timeout=60)  # fmt: skip
+    refused = subprocess.run(
+        [sys.executable, "-m", "gateway"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert refused.returncode != 0 and "--insecure" in refused.stderr
     try:
         stack.start("gateway", CORRAL_HOST="0.0.0.0", CORRAL_INSECURE="true")

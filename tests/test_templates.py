@@ -20,23 +20,23 @@ CONVERSATION = [
 EXPECTED = {
     "vicuna": "Be brief. USER: Hi ASSISTANT: Hello!<|im_end|> USER: Bye? ASSISTANT:",
     "llama-2-chat": "<|im_start|>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! <|im_end|>"
-                    "<|im_start|>[INST] Bye? [/INST]",
+    "<|im_start|>[INST] Bye? [/INST]",
     "llama-3": "<|im_start|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
-               "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
-               "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>"
-               "<|start_header_id|>user<|end_header_id|>\n\nBye?<|eot_id|>"
-               "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\nBye?<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",
     "alpaca": "Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello!<|im_end|>\n\n### Instruction:\nBye?"
-              "\n\n### Response:\n",
+    "\n\n### Response:\n",
     "chatml": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-              "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye?<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye?<|im_end|>\n<|im_start|>assistant\n",
     "zephyr": "<|system|>\nBe brief.<|im_end|>\n<|user|>\nHi<|im_end|>\n<|assistant|>\nHello!<|im_end|>\n"
-              "<|user|>\nBye?<|im_end|>\n<|assistant|>\n",
+    "<|user|>\nBye?<|im_end|>\n<|assistant|>\n",
     "mistral-instruct": "<|im_start|>[INST] Be brief.\n\nHi [/INST] Hello!<|im_end|>[INST] Bye? [/INST]",
     "one-shot": "Be brief.\n### Human: How many minutes are there in three hours?\n"
-                "### Assistant: Three hours have 3 × 60 = 180 minutes.\n"
-                "### Human: Hi\n### Assistant: Hello!\n### Human: Bye?\n### Assistant:",
-}  # fmt: skip
+    "### Assistant: Three hours have 3 × 60 = 180 minutes.\n"
+    "### Human: Hi\n### Assistant: Hello!\n### Human: Bye?\n### Assistant:",
+}
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
@@ -63,10 +63,16 @@ def test_the_templates_stops_end_a_reply_the_model_would_run_on_with(name, redis
         stack.start("gateway")
         stack.wait_for_gateway()
         stack.start_worker(served_name="templated", CORRAL_CHAT_TEMPLATE=name)
-        reply = httpx.post(f"{stack.url}/v1/chat/completions", timeout=120, json={
-            "model": "templated", "messages": [{"role": "user", "content": "What is the capital of France?"}],
-            "max_tokens": 60, "temperature": 0,
-        }).json()  # fmt: skip
+        reply = httpx.post(
+            f"{stack.url}/v1/chat/completions",
+            timeout=120,
+            json={
+                "model": "templated",
+                "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                "max_tokens": 60,
+                "temperature": 0,
+            },
+        ).json()
         choice = reply["choices"][0]
         # Unstopped, greedy SmolLM2 continues with "\n\nUSER: What is the capital of Italy? …" (Vicuna)
         # or "\n### Human: …" (one-shot) until max_tokens.

@@ -157,9 +157,15 @@ def test_a_few_steps_lower_the_loss_and_the_output_answers_through_a_worker(
         stack.start("gateway")
         stack.wait_for_gateway()
         stack.start_worker(served_name="tuned", CORRAL_MODEL=str(output))
-        reply = httpx.post(f"{stack.url}/v1/chat/completions", timeout=60, json={
-            "model": "tuned", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8,
-        }).json()  # fmt: skip
+        reply = httpx.post(
+            f"{stack.url}/v1/chat/completions",
+            timeout=60,
+            json={
+                "model": "tuned",
+                "messages": [{"role": "user", "content": "Hello"}],
+                "max_tokens": 8,
+            },
+        ).json()
         assert reply["usage"]["completion_tokens"] >= 1 and reply["choices"][0]["message"]["content"]
     finally:
         stack.stop()
@@ -199,8 +205,15 @@ def wait(stack: Stack, job_id: str, done, timeout_s: float = 300) -> dict:
 
 
 def create_train_job(stack: Stack, data: Path, steps: int) -> dict:
-    params = {"data": [str(data)], "method": "lora", "max_steps": steps, "max_length": 128, "batch_size": 2,
-              "global_batch_size": 2, "save_steps": 2}  # fmt: skip
+    params = {
+        "data": [str(data)],
+        "method": "lora",
+        "max_steps": steps,
+        "max_length": 128,
+        "batch_size": 2,
+        "global_batch_size": 2,
+        "save_steps": 2,
+    }
     job = httpx.post(f"{stack.url}/v1/jobs", json={"kind": "train", "params": params}, timeout=10).json()
     assert job["queue"].endswith(":jobs:gpu")
     return job
@@ -251,10 +264,27 @@ def test_train_help_documents_every_option():
 
 def test_train_cli_runs_in_the_foreground_and_prints_how_to_serve_the_result(small_data, tmp_path):
     out = tmp_path / "cli-run"
-    command = [sys.executable, "-m", "corral", "train", "--data", str(small_data), "--method", "lora",
-               "--max-steps", "2", "--max-length", "64", "--batch-size", "2", "-o", str(out)]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "CORRAL_HOME": str(HOME)})  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "corral",
+        "train",
+        "--data",
+        str(small_data),
+        "--method",
+        "lora",
+        "--max-steps",
+        "2",
+        "--max-length",
+        "64",
+        "--batch-size",
+        "2",
+        "-o",
+        str(out),
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "CORRAL_HOME": str(HOME)}
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"corral worker --model {out / 'model'}" in " ".join(done.stdout.split())
     assert (out / "model" / "config.json").exists() and (out / "data.json").exists()

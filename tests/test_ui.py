@@ -100,8 +100,12 @@ def test_leaderboard_page_recomputes_and_shows_the_table_and_plots(gateway_env):
     url = gateway_env.url
     for choice in ("left", "right"):
         battle = httpx.post(f"{url}/v1/arena/battles", json={}, timeout=10).json()
-        with httpx.stream("POST", f"{url}/v1/arena/battles/{battle['id']}/turns",
-                          json={"content": "Hi", "max_tokens": 2}, timeout=60) as r:  # fmt: skip
+        with httpx.stream(
+            "POST",
+            f"{url}/v1/arena/battles/{battle['id']}/turns",
+            json={"content": "Hi", "max_tokens": 2},
+            timeout=60,
+        ) as r:
             r.read()
         httpx.post(f"{url}/v1/arena/battles/{battle['id']}/vote", json={"vote": choice}, timeout=10)
     app = page("leaderboard").run()
@@ -112,8 +116,16 @@ def test_leaderboard_page_recomputes_and_shows_the_table_and_plots(gateway_env):
     assert sorted(table["Model"]) == sorted([MODEL_INFO["display_name"], TWIN_INFO["display_name"]])
     assert sorted(table["Served as"]) == sorted([MODEL, TWIN])
     assert list(table.columns) == [
-        "Rank", "Model", "Served as", "Score", "95% CI", "Votes", "Online Elo", "Organization", "License",
-    ]  # fmt: skip
+        "Rank",
+        "Model",
+        "Served as",
+        "Score",
+        "95% CI",
+        "Votes",
+        "Online Elo",
+        "Organization",
+        "License",
+    ]
     assert set(table["Organization"]) == {"HuggingFace (SmolLM2)", "Corral tests"}
     charts = app.get("vega_lite_chart")
     assert len(charts) == 3  # two heatmaps and the intervals, each in its tab
@@ -189,8 +201,14 @@ def test_a_browser_after_corral_up_chats_plays_the_arena_and_reads_the_leaderboa
     port, ui_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
     # fp32: the chat reply is compared with the API's greedy answer.
-    env.update(CORRAL_HOME=str(home), CORRAL_PORT=str(port), CORRAL_UI_PORT=str(ui_port),
-               CORRAL_THREADS="1", CORRAL_DTYPE="float32", CORRAL_KV_CACHE_TOKENS="8192")  # fmt: skip
+    env.update(
+        CORRAL_HOME=str(home),
+        CORRAL_PORT=str(port),
+        CORRAL_UI_PORT=str(ui_port),
+        CORRAL_THREADS="1",
+        CORRAL_DTYPE="float32",
+        CORRAL_KV_CACHE_TOKENS="8192",
+    )
     api = f"http://127.0.0.1:{port}/v1"
     shots = screenshots_folder()
     with capsys.disabled():
@@ -202,16 +220,25 @@ def test_a_browser_after_corral_up_chats_plays_the_arena_and_reads_the_leaderboa
         assert f"{MODEL}, {MODEL}-concise" in line  # two contestants, no flags needed
         wait_for_ui(f"http://127.0.0.1:{ui_port}")
         poem = [{"role": "user", "content": "Write a short poem about the sea."}]
-        greedy = httpx.post(f"{api}/chat/completions", timeout=120, json={
-            "model": MODEL, "messages": poem, "temperature": 0, "top_p": 1, "max_tokens": 16,
-        }).json()["choices"][0]["message"]["content"]  # fmt: skip
+        greedy = httpx.post(
+            f"{api}/chat/completions",
+            timeout=120,
+            json={
+                "model": MODEL,
+                "messages": poem,
+                "temperature": 0,
+                "top_p": 1,
+                "max_tokens": 16,
+            },
+        ).json()["choices"][0]["message"]["content"]
         lines = [line.strip() for line in greedy.splitlines() if line.strip()]
         assert len(lines) >= 2, greedy  # a reply with a line break in it
         with sync_playwright() as p:
             browser = p.chromium.launch(
-                executable_path=CHROMIUM, headless=True,
+                executable_path=CHROMIUM,
+                headless=True,
                 args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-            )  # fmt: skip
+            )
             tab = browser.new_page(viewport={"width": 1280, "height": 900})
             tab.goto(f"http://127.0.0.1:{ui_port}/")
             expect(tab.get_by_role("heading", name="Chat")).to_be_visible(timeout=60_000)
@@ -248,8 +275,9 @@ def test_a_browser_after_corral_up_chats_plays_the_arena_and_reads_the_leaderboa
             expect(tab.get_by_text("bootstrap rounds")).to_be_visible(timeout=90_000)
             board = httpx.get(f"{api}/leaderboard", timeout=10).json()
             assert {r["metadata"]["display_name"] for r in board["data"]} == {
-                "SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct (concise)"
-            }  # fmt: skip
+                "SmolLM2-135M-Instruct",
+                "SmolLM2-135M-Instruct (concise)",
+            }
             expect(tab.locator('[data-testid="stDataFrame"]')).to_be_visible()
             expect(tab.locator('[data-testid="stVegaLiteChart"]').first).to_be_visible()
             tab.screenshot(path=str(shots / "4-leaderboard.png"), full_page=True)
@@ -257,16 +285,19 @@ def test_a_browser_after_corral_up_chats_plays_the_arena_and_reads_the_leaderboa
         for name in ("1-chat", "2-chat-reply", "3-arena", "4-leaderboard"):
             assert (shots / f"{name}.png").stat().st_size > 10_000, name
 
-        status = subprocess.run([sys.executable, "-m", "corral", "status"], env=env, capture_output=True,
-                                text=True, timeout=30)  # fmt: skip
+        status = subprocess.run(
+            [sys.executable, "-m", "corral", "status"], env=env, capture_output=True, text=True, timeout=30
+        )
         assert status.returncode == 0, status.stdout + status.stderr
         assert api in status.stdout and f"{MODEL}-concise" in status.stdout and "stop" in status.stdout
-        stop = subprocess.run([sys.executable, "-m", "corral", "stop"], env=env, capture_output=True,
-                              text=True, timeout=90)  # fmt: skip
+        stop = subprocess.run(
+            [sys.executable, "-m", "corral", "stop"], env=env, capture_output=True, text=True, timeout=90
+        )
         assert stop.returncode == 0 and "Corral stopped." in stop.stdout, stop.stdout + stop.stderr
         assert up.wait(timeout=10) == 0
-        gone = subprocess.run([sys.executable, "-m", "corral", "status"], env=env, capture_output=True,
-                              text=True, timeout=30)  # fmt: skip
+        gone = subprocess.run(
+            [sys.executable, "-m", "corral", "status"], env=env, capture_output=True, text=True, timeout=30
+        )
         assert gone.returncode == 1 and "not running" in gone.stdout
     finally:
         if up.poll() is None:

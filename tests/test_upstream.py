@@ -39,8 +39,15 @@ def start_api_worker(stack: Stack, name: str, log: Path, **env: str) -> subproce
 @pytest.fixture(scope="module")
 def api_model(stack: Stack, upstream_url: str, tmp_path_factory) -> tuple[str, Path]:
     log = tmp_path_factory.mktemp("api") / "worker.log"
-    start_api_worker(stack, "remote-smol", log, CORRAL_UPSTREAM_URL=upstream_url, CORRAL_UPSTREAM_MODEL=MODEL,
-                     CORRAL_UPSTREAM_API_KEY=UPSTREAM_KEY, CORRAL_DISPLAY_NAME="Remote SmolLM2")  # fmt: skip
+    start_api_worker(
+        stack,
+        "remote-smol",
+        log,
+        CORRAL_UPSTREAM_URL=upstream_url,
+        CORRAL_UPSTREAM_MODEL=MODEL,
+        CORRAL_UPSTREAM_API_KEY=UPSTREAM_KEY,
+        CORRAL_DISPLAY_NAME="Remote SmolLM2",
+    )
     return "remote-smol", log
 
 
@@ -52,8 +59,14 @@ def sse_text(response: httpx.Response) -> tuple[str, list[dict]]:
 
 def test_an_api_model_streams_what_the_upstream_model_says(stack: Stack, api_model, greedy) -> None:
     name, log = api_model
-    body = {"model": name, "messages": MESSAGES, "max_tokens": 24, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "model": name,
+        "messages": MESSAGES,
+        "max_tokens": 24,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with httpx.stream("POST", f"{stack.url}/v1/chat/completions", json=body, timeout=120) as response:
         assert response.status_code == 200
         text, chunks = sse_text(response)
@@ -90,11 +103,23 @@ def test_a_request_the_upstream_refuses_is_the_clients_error(stack: Stack, api_m
 
 
 def test_a_wrong_key_and_extra_body(stack: Stack, upstream_url: str, tmp_path: Path) -> None:
-    start_api_worker(stack, "wrong-key", tmp_path / "a.log", CORRAL_UPSTREAM_URL=upstream_url,
-                     CORRAL_UPSTREAM_MODEL=MODEL, CORRAL_UPSTREAM_API_KEY="sk-not-it")  # fmt: skip
-    start_api_worker(stack, "two-tokens", tmp_path / "b.log", CORRAL_UPSTREAM_URL=upstream_url,
-                     CORRAL_UPSTREAM_MODEL=MODEL, CORRAL_UPSTREAM_API_KEY=UPSTREAM_KEY,
-                     CORRAL_UPSTREAM_EXTRA_BODY='{"max_tokens": 2, "ignore_eos": true}')  # fmt: skip
+    start_api_worker(
+        stack,
+        "wrong-key",
+        tmp_path / "a.log",
+        CORRAL_UPSTREAM_URL=upstream_url,
+        CORRAL_UPSTREAM_MODEL=MODEL,
+        CORRAL_UPSTREAM_API_KEY="sk-not-it",
+    )
+    start_api_worker(
+        stack,
+        "two-tokens",
+        tmp_path / "b.log",
+        CORRAL_UPSTREAM_URL=upstream_url,
+        CORRAL_UPSTREAM_MODEL=MODEL,
+        CORRAL_UPSTREAM_API_KEY=UPSTREAM_KEY,
+        CORRAL_UPSTREAM_EXTRA_BODY='{"max_tokens": 2, "ignore_eos": true}',
+    )
     body = {"messages": MESSAGES, "max_tokens": 20}
     refused = httpx.post(f"{stack.url}/v1/chat/completions", json=body | {"model": "wrong-key"}, timeout=60)
     assert refused.status_code == 502, refused.text  # the operator's fault, not the client's

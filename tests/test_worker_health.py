@@ -91,8 +91,13 @@ async def test_a_dead_engine_hands_its_requests_to_a_live_worker_and_a_restarted
 async def test_abandoned_requests_stop_within_seconds_and_are_counted(own_stack: Stack) -> None:
     stack = own_stack
     worker = stack.start_worker(CORRAL_MAX_BATCH="8")
-    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Count to one thousand."}],
-            "max_tokens": 2000, "temperature": 0, "ignore_eos": True}  # fmt: skip
+    chat = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Count to one thousand."}],
+        "max_tokens": 2000,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
 
     async def streamed_then_gone(client: httpx.AsyncClient) -> None:
         async with client.stream("POST", "/v1/chat/completions", json={**chat, "stream": True}) as response:
@@ -135,8 +140,14 @@ async def test_a_prompt_of_most_of_the_context_never_freezes_the_streams_decodin
     arrivals: list[list[float]] = [[] for _ in range(8)]
 
     async def short_stream(client: httpx.AsyncClient, index: int) -> None:
-        body = {"model": MODEL, "prompt": f"Count from {index} to a thousand:", "max_tokens": 400,
-                "temperature": 0, "ignore_eos": True, "stream": True}  # fmt: skip
+        body = {
+            "model": MODEL,
+            "prompt": f"Count from {index} to a thousand:",
+            "max_tokens": 400,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+        }
         async with client.stream("POST", "/v1/completions", json=body) as response:
             async for line in response.aiter_lines():
                 if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
@@ -172,12 +183,13 @@ def test_training_data_that_cannot_be_rendered_is_dropped_by_name_and_counted(to
     turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]
     good = {"id": "g", "conversations": turns}
     records = [
-        good, {**good, "id": "g2"},
+        good,
+        {**good, "id": "g2"},
         {"id": "empty", "conversations": []},
         {"id": "gpt-first", "conversations": [{"from": "gpt", "value": "I speak first."}]},
         {"id": "question-only", "conversations": [{"from": "human", "value": "Only a question."}]},
         {"id": "malformed", "conversations": "not a list"},
-    ]  # fmt: skip
+    ]
     data = tmp_path / "sharegpt.json"
     data.write_text(json.dumps(records))
 

@@ -8,11 +8,13 @@ import streamlit as st
 PAGES = Path(__file__).parent / "views"
 
 st.set_page_config(page_title="Corral", page_icon="🐎", layout="wide")
-navigation = st.navigation([
-    st.Page(PAGES / "chat.py", title="Chat", icon="💬", default=True),
-    st.Page(PAGES / "arena.py", title="Arena", icon="⚔️"),
-    st.Page(PAGES / "side_by_side.py", title="Side-by-side", icon="👥"),
-    st.Page(PAGES / "leaderboard.py", title="Leaderboard", icon="🏆"),
-    st.Page(PAGES / "judge.py", title="Judge results", icon="⚖️"),
-])  # fmt: skip
+navigation = st.navigation(
+    [
+        st.Page(PAGES / "chat.py", title="Chat", icon="💬", default=True),
+        st.Page(PAGES / "arena.py", title="Arena", icon="⚔️"),
+        st.Page(PAGES / "side_by_side.py", title="Side-by-side", icon="👥"),
+        st.Page(PAGES / "leaderboard.py", title="Leaderboard", icon="🏆"),
+        st.Page(PAGES / "judge.py", title="Judge results", icon="⚖️"),
+    ]
+)
 navigation.run()

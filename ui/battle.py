@@ -21,9 +21,10 @@ def _pick_models(key: str, locked: bool) -> list[str]:
     left, right = st.columns(2)
     chosen = [
         left.selectbox("Left model", models, index=0, key=f"{key}_left_model", disabled=locked),
-        right.selectbox("Right model", models, index=min(1, len(models) - 1), key=f"{key}_right_model",
-                        disabled=locked),
-    ]  # fmt: skip
+        right.selectbox(
+            "Right model", models, index=min(1, len(models) - 1), key=f"{key}_right_model", disabled=locked
+        ),
+    ]
     return chosen
 
 
@@ -97,8 +98,10 @@ def battle_page(mode: str) -> None:
         st.chat_input("Ask both models", key=f"{key}_prompt", disabled=True)
         return
     if anonymous:
-        st.caption("Two anonymous models answer each prompt. Vote for the better answer; their names "
-                   "are revealed after your vote.")  # fmt: skip
+        st.caption(
+            "Two anonymous models answer each prompt. Vote for the better answer; their names "
+            "are revealed after your vote."
+        )
         chosen = None
     else:
         chosen = _pick_models(key, locked=battle is not None)

@@ -83,12 +83,14 @@ def generation_params(key: str, only_changed: bool = False) -> dict:
         if only_changed:
             st.caption("Untouched, each model uses its own preset.")
         params = {
-            "temperature": st.slider("Temperature", 0.0, 2.0, DEFAULT_PARAMS["temperature"], 0.05,
-                                     key=f"{key}_temperature"),
+            "temperature": st.slider(
+                "Temperature", 0.0, 2.0, DEFAULT_PARAMS["temperature"], 0.05, key=f"{key}_temperature"
+            ),
             "top_p": st.slider("Top p", 0.05, 1.0, DEFAULT_PARAMS["top_p"], 0.05, key=f"{key}_top_p"),
-            "max_tokens": st.slider("Max new tokens", 16, 2048, DEFAULT_PARAMS["max_tokens"], 16,
-                                    key=f"{key}_max_tokens"),
-        }  # fmt: skip
+            "max_tokens": st.slider(
+                "Max new tokens", 16, 2048, DEFAULT_PARAMS["max_tokens"], 16, key=f"{key}_max_tokens"
+            ),
+        }
     if only_changed:
         return {name: value for name, value in params.items() if value != DEFAULT_PARAMS[name]}
     return params

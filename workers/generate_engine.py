@@ -98,8 +98,12 @@ class GenerateEngine:
         eos = frozenset() if params.ignore_eos else self.eos_token_ids
         stop_ids = frozenset(params.stop_token_ids) | eos
         kwargs = request_kwargs(params, self.vocab_size)
-        state = SimpleNamespace(request_id=request_id, logit_processor_kwargs=kwargs,
-                                initial_tokens=list(prompt_ids), generated_tokens=[])  # fmt: skip
+        state = SimpleNamespace(
+            request_id=request_id,
+            logit_processor_kwargs=kwargs,
+            initial_tokens=list(prompt_ids),
+            generated_tokens=[],
+        )
         warpers = [TemperatureLogitsWarper(kwargs["temperature"])] if kwargs["temperature"] != 1.0 else []
         if kwargs["top_k"] < self.vocab_size:
             warpers.append(TopKLogitsWarper(kwargs["top_k"]))

@@ -76,9 +76,12 @@ def cpu_cache_plan(loaded: LoadedModel, max_batch: int, kv_cache_tokens: int, ma
         log.info(
             "KV cache: %d tokens, %d MiB: room for %d requests of %d tokens at once, or one of the full "
             "%d-token context (auto, within a quarter of free memory; set --kv-cache-tokens to change)",
-            kv_cache_tokens, kv_cache_tokens * per_token >> 20, kv_cache_tokens // slot, slot,
+            kv_cache_tokens,
+            kv_cache_tokens * per_token >> 20,
+            kv_cache_tokens // slot,
+            slot,
             loaded.context_length,
-        )  # fmt: skip
+        )
     return kv_cache_tokens, max_batch_tokens
 
 
@@ -183,8 +186,11 @@ class TransformersEngine:
         # A crash asks for a hard stop before it fails every request (transformers 5.24), so a
         # dead engine's error results are never mistaken for errors of their requests.
         status = self.manager.background_thread_status
-        return (self.manager.is_running() and status.fatal_error is None
-                and status.local_status == status.DONT_STOP)  # fmt: skip
+        return (
+            self.manager.is_running()
+            and status.fatal_error is None
+            and status.local_status == status.DONT_STOP
+        )
 
     def fail_next_step(self) -> None:
         """Fault injection (tests): the generation thread's next step raises, and it dies."""

@@ -134,8 +134,13 @@ class MultiLoRA:
             for module, weights in layers.items():
                 weights.a, weights.b = (t.to(param.device, dtype) for t in (weights.a, weights.b))
                 per_layer.setdefault(module, []).append((self.index[name], weights))
-            log.info("LoRA adapter %s from %s: %d layers, rank %d", name, path, len(layers),
-                     next(iter(layers.values())).a.shape[0] if layers else 0)  # fmt: skip
+            log.info(
+                "LoRA adapter %s from %s: %d layers, rank %d",
+                name,
+                path,
+                len(layers),
+                next(iter(layers.values())).a.shape[0] if layers else 0,
+            )
         self._hooks = [
             modules[module].register_forward_hook(self._hook(weights))
             for module, weights in per_layer.items()

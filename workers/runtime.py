@@ -70,8 +70,10 @@ class Worker:
         # Profiles of the model (its weights under another name, with their own system prompt
         # and sampling preset).
         self.profiles = profiles or {}
-        self.names_metadata = {**self.adapters, **{name: profile.metadata(self.metadata, model)
-                                                   for name, profile in self.profiles.items()}}  # fmt: skip
+        self.names_metadata = {
+            **self.adapters,
+            **{name: profile.metadata(self.metadata, model) for name, profile in self.profiles.items()},
+        }
         self.engine = engine
         self.frontend = frontend
         self.redis = redis

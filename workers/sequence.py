@@ -254,8 +254,15 @@ class TokenFrontend:
     def choices(self, item: Claimed, engine: Engine) -> Callable[[int], Sequence]:
         ids = encode_prompt(item, self.tokenizer)  # once for all n choices
         adapter = item.request.model if item.request.model in self.adapters else ""
-        return lambda index: Sequence(item, ids, self.tokenizer, engine.context_length, index=index,
-                                      template_stops=self.template_stops, adapter=adapter)  # fmt: skip
+        return lambda index: Sequence(
+            item,
+            ids,
+            self.tokenizer,
+            engine.context_length,
+            index=index,
+            template_stops=self.template_stops,
+            adapter=adapter,
+        )
 
     def answer(self, item: Claimed, engine: Engine) -> Event:
         if item.request.kind == "embed" and item.request.model in self.adapters:

@@ -87,8 +87,16 @@ async def model_worker(settings: Settings, redis) -> Worker:
         for name, path in adapters.items()
     }
     frontend = TokenFrontend(loaded.tokenizer, loaded.stops, frozenset(adapters), settings.model_name)
-    return Worker(engine, frontend, redis, Keys(settings.key_prefix), device=loaded.device,
-                  adapters=described, profiles=profiles, **_runtime_options(settings))  # fmt: skip
+    return Worker(
+        engine,
+        frontend,
+        redis,
+        Keys(settings.key_prefix),
+        device=loaded.device,
+        adapters=described,
+        profiles=profiles,
+        **_runtime_options(settings),
+    )
 
 
 def build_engine(settings: Settings, loaded, adapters: dict) -> Engine:
@@ -133,8 +141,15 @@ async def upstream_worker(settings: Settings, redis) -> Worker:
     options = _runtime_options(settings)
     # An upstream may think for minutes before its first token; its own timeout governs.
     options["engine_stall_s"] = float("inf")
-    return Worker(engine, UpstreamFrontend(upstream), redis, Keys(settings.key_prefix), device="api",
-                  profiles=_profiles(settings, {}), **options)  # fmt: skip
+    return Worker(
+        engine,
+        UpstreamFrontend(upstream),
+        redis,
+        Keys(settings.key_prefix),
+        device="api",
+        profiles=_profiles(settings, {}),
+        **options,
+    )
 
 
 def main(settings: Settings | None = None) -> None:

@@ -165,8 +165,9 @@ class UpstreamEngine:
 
     def start(self) -> None:
         timeout = httpx.Timeout(self.upstream.timeout_s, connect=10.0)
-        self._client = httpx.AsyncClient(base_url=self.upstream.base_url.rstrip("/"), timeout=timeout,
-                                         headers=self.upstream.headers())  # fmt: skip
+        self._client = httpx.AsyncClient(
+            base_url=self.upstream.base_url.rstrip("/"), timeout=timeout, headers=self.upstream.headers()
+        )
 
     def alive(self) -> bool:
         return True  # nothing runs here but HTTP calls, each failing on its own
@@ -223,9 +224,16 @@ class UpstreamEngine:
                         if text or logprobs:
                             self.outbox.put(StepOutput(request_id, [], text=text, choices=logprobs))
             reason = finish if finish in ("stop", "length") else "stop"  # tool_calls, content_filter: stop
-            self.outbox.put(StepOutput(request_id, [], finished=True, finish_reason=reason,
-                                 prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                                 completion_tokens=int(usage.get("completion_tokens") or 0)))  # fmt: skip
+            self.outbox.put(
+                StepOutput(
+                    request_id,
+                    [],
+                    finished=True,
+                    finish_reason=reason,
+                    prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                    completion_tokens=int(usage.get("completion_tokens") or 0),
+                )
+            )
         except asyncio.CancelledError:
             raise
         except UpstreamError as e:

@@ -23,21 +23,38 @@ if run.get("warning"):
 
 if single:
     rows = [
-        {"Model": r["model"], "Score": r.get("score"),
-         "95% CI": "–".join(f"{v:.2f}" for v in r.get("ci", [])),
-         "Turn 1": r.get("turn_1", {}).get("score"), "Turn 2": r.get("turn_2", {}).get("score"),
-         "Judged": r["judged"], "Parse failures": r["parse_failures"]}
+        {
+            "Model": r["model"],
+            "Score": r.get("score"),
+            "95% CI": "–".join(f"{v:.2f}" for v in r.get("ci", [])),
+            "Turn 1": r.get("turn_1", {}).get("score"),
+            "Turn 2": r.get("turn_2", {}).get("score"),
+            "Judged": r["judged"],
+            "Parse failures": r["parse_failures"],
+        }
         for r in run["models"]
-    ]  # fmt: skip
+    ]
 else:
-    rows = [{"Model": r["model"], "Wins": r["wins"], "Losses": r["losses"], "Ties": r["ties"],
-             "Win rate": r["win_rate"], "Adjusted win rate": r["adjusted_win_rate"],
-             "Parse failures": r["failures"]} for r in run["models"]]  # fmt: skip
+    rows = [
+        {
+            "Model": r["model"],
+            "Wins": r["wins"],
+            "Losses": r["losses"],
+            "Ties": r["ties"],
+            "Win rate": r["win_rate"],
+            "Adjusted win rate": r["adjusted_win_rate"],
+            "Parse failures": r["failures"],
+        }
+        for r in run["models"]
+    ]
 st.dataframe(rows, hide_index=True, width="stretch")
 
 if single:
-    bars = [{"Model": r["model"], "Category": category, "Mean score": score}
-            for r in run["models"] for category, score in r.get("categories", {}).items()]  # fmt: skip
+    bars = [
+        {"Model": r["model"], "Category": category, "Mean score": score}
+        for r in run["models"]
+        for category, score in r.get("categories", {}).items()
+    ]
     if bars:
         chart = (
             alt.Chart(alt.Data(values=bars))
@@ -60,13 +77,19 @@ else:
         for outcome, key in (("win", "wins"), ("tie", "ties"), ("loss", "losses"))
     ]
     if any(b["Pairs"] for b in bars):
-        chart = alt.Chart(alt.Data(values=bars)).mark_bar().encode(
-            y=alt.Y("Model:N", title=None, axis=alt.Axis(labelLimit=320)),
-            x=alt.X("Pairs:Q", stack="zero", title="judged pairs"),
-            color=alt.Color("Outcome:N", scale=alt.Scale(domain=["win", "tie", "loss"],
-                            range=["#2ca02c", "#aaaaaa", "#d62728"])),
-            tooltip=["Model:N", "Outcome:N", "Pairs:Q"],
-        )  # fmt: skip
+        chart = (
+            alt.Chart(alt.Data(values=bars))
+            .mark_bar()
+            .encode(
+                y=alt.Y("Model:N", title=None, axis=alt.Axis(labelLimit=320)),
+                x=alt.X("Pairs:Q", stack="zero", title="judged pairs"),
+                color=alt.Color(
+                    "Outcome:N",
+                    scale=alt.Scale(domain=["win", "tie", "loss"], range=["#2ca02c", "#aaaaaa", "#d62728"]),
+                ),
+                tooltip=["Model:N", "Outcome:N", "Pairs:Q"],
+            )
+        )
         st.altair_chart(chart, height=max(140, 40 * len(run["models"]) + 60))
 
 st.subheader("Questions")

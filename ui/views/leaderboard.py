@@ -32,13 +32,17 @@ if right.button("🔄 Recompute now", key="leaderboard_refresh"):
             )
 
 if not board["data"]:
-    st.info("No ratings yet: anonymous battles in the Arena count once they have a vote. "
-            "The leaderboard is recomputed on a schedule, or now with the button.")  # fmt: skip
+    st.info(
+        "No ratings yet: anonymous battles in the Arena count once they have a vote. "
+        "The leaderboard is recomputed on a schedule, or now with the button."
+    )
     st.stop()
 
 computed = time.strftime("%Y-%m-%d %H:%M", time.localtime(board["computed_at"]))
-left.caption(f"{board['battles']} anonymous battles · computed {computed} · "
-             f"{board['bootstrap_rounds']} bootstrap rounds")  # fmt: skip
+left.caption(
+    f"{board['battles']} anonymous battles · computed {computed} · "
+    f"{board['bootstrap_rounds']} bootstrap rounds"
+)
 
 
 def shown(model: str) -> str:
@@ -48,12 +52,19 @@ def shown(model: str) -> str:
 
 metadata = {r["model"]: r.get("metadata") or {} for r in board["data"]}
 rows = [
-    {"Rank": r["rank"], "Model": shown(r["model"]), "Served as": r["model"], "Score": round(r["score"]),
-     "95% CI": f"{r['ci'][0]:.0f} – {r['ci'][1]:.0f}", "Votes": r["votes"], "Online Elo": round(r["elo"]),
-     "Organization": metadata[r["model"]].get("organization", ""),
-     "License": metadata[r["model"]].get("license", "")}
+    {
+        "Rank": r["rank"],
+        "Model": shown(r["model"]),
+        "Served as": r["model"],
+        "Score": round(r["score"]),
+        "95% CI": f"{r['ci'][0]:.0f} – {r['ci'][1]:.0f}",
+        "Votes": r["votes"],
+        "Online Elo": round(r["elo"]),
+        "Organization": metadata[r["model"]].get("organization", ""),
+        "License": metadata[r["model"]].get("license", ""),
+    }
     for r in board["data"]
-]  # fmt: skip
+]
 st.dataframe(rows, hide_index=True, width="stretch")
 
 
@@ -64,8 +75,12 @@ def heatmap(matrix: list[list], title: str, value: str, fmt: str, scheme: str) -
     collapses its rows.)"""
     names = [shown(m) for m in board["models"]]
     many = len(names) > 6
-    cells = [{"Model A": names[i], "Model B": names[j], value: v}
-             for i, row in enumerate(matrix) for j, v in enumerate(row) if v is not None]  # fmt: skip
+    cells = [
+        {"Model A": names[i], "Model B": names[j], value: v}
+        for i, row in enumerate(matrix)
+        for j, v in enumerate(row)
+        if v is not None
+    ]
     axis = {"labelLimit": 160, "labelOverlap": False}  # every name, cut to a length
     angle = -90 if many else -40
     base = alt.Chart(alt.Data(values=cells), title=title).encode(
@@ -85,13 +100,16 @@ def heatmap(matrix: list[list], title: str, value: str, fmt: str, scheme: str) -
 
 tab_wins, tab_counts, tab_intervals = st.tabs(["Win fraction", "Battle count", "Confidence intervals"])
 with tab_wins:
-    heatmap(board["win_fraction"], "Fraction of A's wins over B (ties left out)", "win fraction", ".2f",
-            "redblue")  # fmt: skip
+    heatmap(
+        board["win_fraction"], "Fraction of A's wins over B (ties left out)", "win fraction", ".2f", "redblue"
+    )
 with tab_counts:
     heatmap(board["battle_count"], "Battles between A and B", "battles", ".0f", "blues")
 with tab_intervals:
-    points = [{"Model": shown(r["model"]), "Score": r["score"], "Low": r["ci"][0], "High": r["ci"][1]}
-              for r in board["data"]]  # fmt: skip
+    points = [
+        {"Model": shown(r["model"]), "Score": r["score"], "Low": r["ci"][0], "High": r["ci"][1]}
+        for r in board["data"]
+    ]
     order = [p["Model"] for p in points]
     base = alt.Chart(alt.Data(values=points)).encode(
         y=alt.Y("Model:N", sort=order, title=None, axis=alt.Axis(labelLimit=220))
