@@ -43,7 +43,10 @@ async def test_40_streams_survive_a_worker_killed_mid_stream(stack: Stack, greed
         ):
             await asyncio.sleep(0.05)
         assert int(stack.worker_info(doomed.worker_id)["in_flight"]) >= 2
-        await asyncio.sleep(1.0)  # tokens have been streamed from it
+        await until(
+            lambda: int(stack.worker_info(doomed.worker_id).get("tokens_out", 0)) >= 8,
+            "tokens have been streamed from it",
+        )
         doomed.kill()
         results = await asyncio.gather(*tasks)
 
@@ -196,7 +199,9 @@ async def _sigterm_a_busy_peer(stack: Stack, drain_timeout_s: str, max_tokens: i
             lambda: sum(int(stack.worker_info(w).get("in_flight", 0)) for w in workers) >= 12,
             "both workers run the 12 requests",
         )
-        await asyncio.sleep(0.5)  # it has streamed tokens
+        await until(
+            lambda: int(stack.worker_info(peer.worker_id).get("tokens_out", 0)) >= 8, "it has streamed tokens"
+        )
         peer.terminate()
         replies = await asyncio.gather(*tasks)
     return peer, reclaimed_before, replies
