@@ -12,7 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field
@@ -48,7 +48,7 @@ class Turn(BaseModel):
     right: str
     # Why each side stopped (`stop`, `length`, or `error: …` when a side failed).
     finish: tuple[str, str] = ("stop", "stop")
-    gen_params: dict = Field(default_factory=dict)
+    gen_params: dict[str, Any] = Field(default_factory=dict[str, Any])
     start: float
     finish_at: float
 
@@ -64,7 +64,7 @@ class BattlePublic(BaseModel):
     vote: BattleVote | None = None
     created_at: float
     # Once the models are shown: what their workers say about them (display name, link, …).
-    model_info: list[dict] | None = None
+    model_info: list[dict[str, Any]] | None = None
 
 
 class Battle(BaseModel):
@@ -187,7 +187,7 @@ class ArenaStore:
         await self.redis.xadd(self.keys.arena_log("votes"), {"record": json.dumps(record)})
         return voted
 
-    async def feedback(self, record: dict) -> None:
+    async def feedback(self, record: dict[str, Any]) -> None:
         """A vote on a single-model chat (up, down, flag), already in the log shape."""
         await self.redis.xadd(self.keys.arena_log("votes"), {"record": json.dumps(record)})
 
@@ -204,18 +204,18 @@ class ArenaStore:
             count, _ = await pipe.execute()
         return int(3600 - now % 3600) + 1 if count > per_hour else None
 
-    async def log(self) -> AsyncIterator[dict]:
+    async def log(self) -> AsyncIterator[dict[str, Any]]:
         """Every vote record (battles and single chats), oldest first."""
         async for fields in self._read("votes"):
             yield json.loads(fields["record"])
 
-    async def turn_log(self) -> AsyncIterator[dict]:
+    async def turn_log(self) -> AsyncIterator[dict[str, Any]]:
         """Every generated battle turn, as one FastChat `chat` record per side."""
         async for fields in self._read("turns"):
             for record in json.loads(fields["records"]):
                 yield record
 
-    async def revealed_turn_log(self) -> AsyncIterator[dict]:
+    async def revealed_turn_log(self) -> AsyncIterator[dict[str, Any]]:
         """The turn log without the turns of anonymous battles that are open and unvoted: a
         battle's turns appear once it has its vote or has expired unvoted."""
         voted = set()
@@ -249,7 +249,7 @@ class ArenaStore:
 # --------------------------------------------------------------------------- FastChat's log shape
 
 
-def conversation_state(conv_id: str, model: str, messages: list[dict[str, str]]) -> dict:
+def conversation_state(conv_id: str, model: str, messages: list[dict[str, str]]) -> dict[str, Any]:
     """FastChat's conversation state: `messages` as [role, text] pairs after an optional system
     message, `offset` where the conversation proper starts."""
     system = ""
@@ -266,7 +266,7 @@ def conversation_state(conv_id: str, model: str, messages: list[dict[str, str]])
     }
 
 
-def battle_log_record(battle: Battle, user: str, tstamp: float) -> dict:
+def battle_log_record(battle: Battle, user: str, tstamp: float) -> dict[str, Any]:
     """A battle vote: `models` hold the public names (empty strings while anonymous, as FastChat
     writes them) and each state carries the model's real name."""
     public = ["", ""] if battle.mode == "anonymous" else list(battle.models)
@@ -286,7 +286,7 @@ def battle_log_record(battle: Battle, user: str, tstamp: float) -> dict:
 
 def feedback_log_record(
     chat_id: str, model: str, messages: list[dict[str, str]], vote: ChatVote, user: str
-) -> dict:
+) -> dict[str, Any]:
     return {
         "tstamp": time.time(),
         "type": LOG_TYPES[vote],
@@ -296,7 +296,7 @@ def feedback_log_record(
     }
 
 
-def chat_log_record(battle: Battle, side: Side, turn: Turn) -> dict:
+def chat_log_record(battle: Battle, side: Side, turn: Turn) -> dict[str, Any]:
     """One side's generation in a battle, with its conversation up to and including it."""
     model = battle.models[0 if side == "left" else 1]
     return {

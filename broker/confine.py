@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel
@@ -104,7 +105,7 @@ def _at_most(value: float | int | None, limit: float | int, param: str) -> None:
 
 def check_job(kind: str, params: BaseModel, settings: Settings) -> BaseModel:
     """The params of a job created over the API, with paths resolved; raises NotAllowed."""
-    update: dict = {}
+    update: dict[str, Any] = {}
     if isinstance(params, CleanParams):
         _at_most(len(params.inputs), settings.job_max_inputs, "params.inputs")
         _at_most(len(params.steps), 64, "params.steps")

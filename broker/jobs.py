@@ -340,9 +340,11 @@ class JobStore:
         return await self.get(job_id)
 
     async def abort_requested(self, job_id: str) -> bool:
-        return await self.redis.hget(self.keys.job(job_id), "abort") == "1"
+        return bool(await self.redis.hget(self.keys.job(job_id), "abort") == "1")
 
-    async def events(self, job_id: str, after: str, block_ms: int) -> builtins.list[tuple[str, dict]]:
+    async def events(
+        self, job_id: str, after: str, block_ms: int
+    ) -> builtins.list[tuple[str, dict[str, Any]]]:
         reply = await self.redis.xread({self.keys.job_events(job_id): after}, block=block_ms, count=100)
         return [entry for _, entries in reply or [] for entry in entries]
 

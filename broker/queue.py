@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
@@ -73,13 +73,13 @@ class RequestQueue:
         that many requests already wait there."""
         stream = self.keys.requests(request.model, request.lane)
         if not max_waiting:
-            return await self.redis.xadd(stream, {_FIELD: request.model_dump_json()})
+            return cast(str, await self.redis.xadd(stream, {_FIELD: request.model_dump_json()}))
         added, value = await self._enqueue_bounded(
             keys=[stream], args=[WORKER_GROUP, max_waiting, _FIELD, request.model_dump_json()]
         )
         if not added:
             raise QueueFull(int(value))
-        return value
+        return str(value)
 
     async def ensure_group(self, model: str) -> None:
         for lane in LANES:
@@ -120,7 +120,7 @@ class RequestQueue:
         # here, so all are returned (the engine queues what exceeds its batch).
         return claimed
 
-    def _parse(self, stream: str, entries: list) -> list[Claimed]:
+    def _parse(self, stream: str, entries: list[Any]) -> list[Claimed]:
         """Requests from stream entries; malformed ones (and ones deleted while pending) are
         left out, logged, for the caller to ack."""
         claimed: list[Claimed] = []
@@ -166,7 +166,7 @@ class RequestQueue:
             length, pending = await pipe.execute(raise_on_error=False)
         if isinstance(length, Exception):
             raise length
-        return length - (0 if isinstance(pending, Exception) else int(pending["pending"]))
+        return int(length) - (0 if isinstance(pending, Exception) else int(pending["pending"]))
 
     async def publish(
         self,
@@ -197,7 +197,7 @@ class RequestQueue:
             pipe.incr(self.keys.attempts(request_id))
             pipe.pexpireat(self.keys.attempts(request_id), expire_at_ms)
             attempts, _ = await pipe.execute()
-        return attempts
+        return int(attempts)
 
     async def reclaim(
         self, model: str, consumer: str, dead: set[str], count: int, min_idle_ms: int

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -131,7 +131,7 @@ class Settings(BaseSettings):
     upstream_model: str | None = None
     upstream_api_key: SecretStr | None = None
     # JSON merged into every upstream request body, e.g. {"reasoning_effort": "low"}.
-    upstream_extra_body: dict = Field(default_factory=dict)
+    upstream_extra_body: dict[str, Any] = Field(default_factory=dict[str, Any])
     upstream_timeout_s: float = Field(600.0, gt=0)
 
     # Arena
@@ -195,7 +195,7 @@ class Settings(BaseSettings):
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
         return f"http://{host}:{self.port}"
 
-    def model_info(self, name: str) -> dict:
+    def model_info(self, name: str) -> dict[str, Any]:
         """A served name's entry in `model_info_file` (empty without one)."""
         import yaml
 
@@ -204,7 +204,7 @@ class Settings(BaseSettings):
         entries = yaml.safe_load(Path(self.model_info_file).expanduser().read_text()) or {}
         return dict(entries.get(name) or {})
 
-    def model_metadata(self) -> dict:
+    def model_metadata(self) -> dict[str, Any]:
         """The served model's metadata: its entry in `model_info_file`, then the flags."""
         info = self.model_info(self.model_name)
         flags = {

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
@@ -84,7 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(judge_router)
 
     @app.get("/healthz")
-    async def healthz() -> dict:
+    async def healthz() -> dict[str, Any]:
         return {"status": "ok"}
 
     @app.get("/readyz")

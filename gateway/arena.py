@@ -10,7 +10,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 from fastapi import APIRouter, Depends
@@ -260,7 +260,7 @@ def _release(calls: list[Call]) -> None:
         call.release()
 
 
-async def _pump(side: Side, call: Call, out: asyncio.Queue) -> None:
+async def _pump(side: Side, call: Call, out: asyncio.Queue[Any]) -> None:
     """One side's events onto the shared queue, then None."""
     try:
         async for event in call.events():
@@ -275,7 +275,7 @@ async def _stream_turn(
     arena: ArenaStore, battle: Battle, body: TurnCreate, calls: list[Call]
 ) -> AsyncIterator[bytes]:
     start = time.time()
-    out: asyncio.Queue = asyncio.Queue()
+    out: asyncio.Queue[Any] = asyncio.Queue()
     sides: tuple[Side, Side] = ("left", "right")
     pumps = [asyncio.create_task(_pump(side, call, out)) for side, call in zip(sides, calls, strict=True)]
     texts: dict[str, list[str]] = {"left": [], "right": []}
@@ -358,7 +358,7 @@ async def vote(battle_id: str, body: VoteCreate, gateway: GatewayDep, who: Calle
 
 
 @router.post("/arena/feedback")
-async def feedback(body: FeedbackCreate, gateway: GatewayDep, who: Limited) -> dict:
+async def feedback(body: FeedbackCreate, gateway: GatewayDep, who: Limited) -> dict[str, Any]:
     """An up, down or flag vote on a single-model chat."""
     if not any(m.role == "assistant" for m in body.messages):
         raise InvalidRequest("The conversation has no assistant message to vote on.", param="messages")
@@ -396,7 +396,7 @@ async def export(
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
-def _jsonl(record: dict) -> bytes:
+def _jsonl(record: dict[str, Any]) -> bytes:
     """One export line. A record stored before text was checked at the edge may hold a lone
     surrogate, which orjson refuses: it is written with JSON's escape instead of failing."""
     try:
@@ -433,7 +433,7 @@ async def get_leaderboard(gateway: GatewayDep) -> JSONResponse:
 
 
 @router.post("/leaderboard/refresh", status_code=202)
-async def refresh_leaderboard(gateway: GatewayDep, who: Admin) -> dict:
+async def refresh_leaderboard(gateway: GatewayDep, who: Admin) -> dict[str, Any]:
     """Queues a ratings job now (admins only); follow it at /v1/jobs/ID."""
     await gateway.limits.admit(who.id)
     job = await gateway.jobs.create("ratings", RatingsParams(), owner=who.id)

@@ -13,7 +13,7 @@ import ipaddress
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, cast
 
 import redis.asyncio as aioredis
 from fastapi import Depends, Request
@@ -178,7 +178,7 @@ class Limits:
 
 
 async def get_limits(request: Request) -> Limits:
-    return request.app.state.limits
+    return cast(Limits, request.app.state.limits)
 
 
 async def caller(request: Request, limits: Annotated[Limits, Depends(get_limits)]) -> Principal:

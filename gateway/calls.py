@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 
@@ -17,12 +18,12 @@ from gateway.hub import EventsLost, events
 from gateway.state import Gateway
 
 
-def sse(payload: dict) -> bytes:
+def sse(payload: dict[str, Any]) -> bytes:
     """One server-sent event."""
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
-def metadata_of(model: str, workers: list[WorkerInfo]) -> dict:
+def metadata_of(model: str, workers: list[WorkerInfo]) -> dict[str, Any]:
     """The model's metadata as its workers advertise it (the first that has any)."""
     for worker in workers:
         fields = worker.metadata_of(model).model_dump(exclude_none=True)
@@ -31,7 +32,7 @@ def metadata_of(model: str, workers: list[WorkerInfo]) -> dict:
     return {}
 
 
-def new_request(gateway: Gateway, timeout_s: float | None = None, **fields) -> GenerationRequest:
+def new_request(gateway: Gateway, timeout_s: float | None = None, **fields: Any) -> GenerationRequest:
     """A request with a fresh id (routed back to this gateway) and its deadline."""
     created_ms = int(time.time() * 1000)
     return GenerationRequest(

@@ -10,6 +10,7 @@ import secrets
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from starlette.datastructures import UploadFile
@@ -17,7 +18,7 @@ from starlette.datastructures import UploadFile
 from broker.confine import FILE_ID, files_dir, uploaded_path
 from gateway.auth import Limited, admin
 from gateway.errors import APIError, InvalidRequest
-from gateway.state import GatewayDep
+from gateway.state import Gateway, GatewayDep
 
 router = APIRouter(prefix="/v1/files", dependencies=[Depends(admin)])
 
@@ -41,7 +42,7 @@ def _safe_name(filename: str | None) -> str:
     return name or "upload"
 
 
-def _file_object(path: Path) -> dict:
+def _file_object(path: Path) -> dict[str, Any]:
     stat = path.stat()
     return {
         "id": path.parent.name,
@@ -70,7 +71,7 @@ def _store(upload: UploadFile, target: Path, limit: int) -> int:
 
 
 @router.post("")
-async def upload(request: Request, gateway: GatewayDep, _: Limited) -> dict:
+async def upload(request: Request, gateway: GatewayDep, _: Limited) -> dict[str, Any]:
     """multipart/form-data with `file` (and OpenAI's `purpose`, accepted and ignored)."""
     limit = gateway.settings.max_upload_bytes
     declared = request.headers.get("content-length", "")
@@ -92,8 +93,8 @@ async def upload(request: Request, gateway: GatewayDep, _: Limited) -> dict:
 
 
 @router.get("")
-async def list_files(gateway: GatewayDep) -> dict:
-    def listed() -> list[dict]:
+async def list_files(gateway: GatewayDep) -> dict[str, Any]:
+    def listed() -> list[dict[str, Any]]:
         root = files_dir(gateway.settings)
         found = [uploaded_path(gateway.settings, d.name) for d in root.iterdir()] if root.is_dir() else []
         return sorted((_file_object(p) for p in found if p), key=lambda f: -f["created_at"])
@@ -101,7 +102,7 @@ async def list_files(gateway: GatewayDep) -> dict:
     return {"object": "list", "data": await asyncio.to_thread(listed)}
 
 
-def _find(gateway, file_id: str) -> Path:
+def _find(gateway: Gateway, file_id: str) -> Path:
     path = uploaded_path(gateway.settings, file_id) if FILE_ID.fullmatch(file_id) else None
     if path is None:
         raise FileNotFound()
@@ -109,12 +110,12 @@ def _find(gateway, file_id: str) -> Path:
 
 
 @router.get("/{file_id}")
-async def get_file(file_id: str, gateway: GatewayDep) -> dict:
+async def get_file(file_id: str, gateway: GatewayDep) -> dict[str, Any]:
     return _file_object(_find(gateway, file_id))
 
 
 @router.delete("/{file_id}")
-async def delete_file(file_id: str, gateway: GatewayDep) -> dict:
+async def delete_file(file_id: str, gateway: GatewayDep) -> dict[str, Any]:
     path = _find(gateway, file_id)
     await asyncio.to_thread(shutil.rmtree, path.parent, True)
     return {"id": file_id, "object": "file", "deleted": True, "deleted_at": int(time.time())}

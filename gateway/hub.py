@@ -11,6 +11,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -40,8 +41,8 @@ class EventHub:
         self._channel_prefix = keys.output("")
         self._queues: dict[str, asyncio.Queue[str]] = {}
         self._pubsub = redis.pubsub(ignore_subscribe_messages=True)
-        self._reader: asyncio.Task | None = None
-        self._background: set[asyncio.Task] = set()
+        self._reader: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Future[Any]] = set()
         self.connected = False
         # Called once for a request of ours that nobody here waits for any more (its client
         # left): PUBLISH counts this gateway's pattern subscription as a listener whatever the
@@ -63,7 +64,7 @@ class EventHub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
         await asyncio.gather(*self._background, return_exceptions=True)
-        await self._pubsub.aclose()
+        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def open(self, request_id: str) -> asyncio.Queue[str]:
         queue: asyncio.Queue[str] = asyncio.Queue()
@@ -81,9 +82,9 @@ class EventHub:
             del self._orphans[next(iter(self._orphans))]
         self.in_background(self.on_orphan(request_id))
 
-    def in_background(self, coro) -> None:
+    def in_background(self, coro: Awaitable[Any]) -> None:
         """Run `coro` to its end even if the task that asked is being cancelled (client gone)."""
-        task = asyncio.get_running_loop().create_task(coro)
+        task: asyncio.Future[Any] = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 from fastapi import APIRouter, Depends
@@ -84,7 +85,7 @@ async def create_job(body: JobCreate, gateway: GatewayDep, who: Limited) -> JobP
 
 
 @router.get("")
-async def list_jobs(gateway: GatewayDep, limit: int = 100) -> dict:
+async def list_jobs(gateway: GatewayDep, limit: int = 100) -> dict[str, Any]:
     limit = max(1, min(limit, 1000))
     return {"object": "list", "data": [j.model_dump() for j in await gateway.jobs.list(limit)]}
 

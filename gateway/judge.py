@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import orjson
 from fastapi import APIRouter, Depends
 
@@ -20,7 +22,7 @@ class RunNotFound(APIError):
 
 
 @router.get("/results")
-async def list_results(gateway: GatewayDep) -> dict:
+async def list_results(gateway: GatewayDep) -> dict[str, Any]:
     """Every published run's summary (per-model rows), without the per-question detail."""
     runs = await gateway.redis.hgetall(gateway.keys.judge_results)
     data = []
@@ -32,9 +34,9 @@ async def list_results(gateway: GatewayDep) -> dict:
 
 
 @router.get("/results/{name:path}")
-async def get_results(name: str, gateway: GatewayDep) -> dict:
+async def get_results(name: str, gateway: GatewayDep) -> dict[str, Any]:
     """One run: the summary and, per question, its turns, each model's answers and the judgments."""
     stored = await gateway.redis.hget(gateway.keys.judge_results, name)
     if stored is None:
         raise RunNotFound(name)
-    return orjson.loads(stored)
+    return cast(dict[str, Any], orjson.loads(stored))

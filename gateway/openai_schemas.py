@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import struct
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -22,7 +22,7 @@ class StreamOptions(BaseModel):
 
 # OpenAI fields Corral accepts only at the value that means "not used"; anything else is a 400
 # naming the field, never a silent ignore.
-_ONLY_NEUTRAL: dict[str, tuple] = {
+_ONLY_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "tools": (None, []),
     "functions": (None, []),
     "tool_choice": (None, "none"),
@@ -64,6 +64,13 @@ class SamplingFields(Sampling):
     stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=64)
     ignore_eos: bool = False
     user: str | None = None
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def logprobs_count(self) -> int | None:
+        """Alternatives per token for the worker; None = no logprobs."""
+        return None
 
     def defaulted(self) -> list[str]:
         """The sampling fields the client left out, as the worker names them (a served profile
@@ -141,7 +148,7 @@ class CompletionCreate(SamplingFields):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, prompt: str | list) -> str | list:
+    def _one_prompt(cls, prompt: str | list[Any]) -> str | list[Any]:
         # An empty prompt has nothing for the model to continue (and would reach the engine as
         # a zero-token sequence): "", [""], [] and [[]] alike.
         if not prompt or (isinstance(prompt, list) and isinstance(prompt[0], str) and not prompt[0]):
@@ -152,7 +159,7 @@ class CompletionCreate(SamplingFields):
             raise ValueError("the prompt is empty")
         return prompt
 
-    def prompt_fields(self) -> dict:
+    def prompt_fields(self) -> dict[str, Any]:
         """The prompt as GenerationRequest fields: `prompt` text or `prompt_token_ids`."""
         prompt = self.prompt
         if isinstance(prompt, list) and isinstance(prompt[0], str | list):
@@ -202,7 +209,7 @@ class EmbeddingCreate(BaseModel):
 
     @field_validator("input")
     @classmethod
-    def _non_empty(cls, value: str | list) -> str | list:
+    def _non_empty(cls, value: str | list[Any]) -> str | list[Any]:
         items = [value] if isinstance(value, str) or (value and isinstance(value[0], int)) else value
         if not items or len(items) > 2048 or any(len(item) == 0 for item in items):
             raise ValueError("give 1 to 2048 non-empty inputs")
@@ -215,7 +222,7 @@ class EmbeddingCreate(BaseModel):
         return list(value)
 
 
-def embedding_body(vectors: list[list[float]], encoding_format: str) -> list[dict]:
+def embedding_body(vectors: list[list[float]], encoding_format: str) -> list[dict[str, Any]]:
     data = []
     for index, vector in enumerate(vectors):
         if encoding_format == "base64":  # OpenAI's wire format: little-endian float32
@@ -226,7 +233,7 @@ def embedding_body(vectors: list[list[float]], encoding_format: str) -> list[dic
     return data
 
 
-def usage_body(usage: Usage | None) -> dict | None:
+def usage_body(usage: Usage | None) -> dict[str, Any] | None:
     if usage is None:
         return None
     return {
@@ -245,10 +252,10 @@ class ResponseShape:
         self.chat = chat
         self.created = int(time.time())
 
-    def _head(self, object_: str) -> dict:
+    def _head(self, object_: str) -> dict[str, Any]:
         return {"id": self.id, "object": object_, "created": self.created, "model": self.model}
 
-    def _logprobs(self, entries: list[TokenLogprob] | None) -> dict | None:
+    def _logprobs(self, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
         if entries is None:
             return None
         if self.chat:
@@ -271,10 +278,10 @@ class ResponseShape:
         finish_reason: str | None = None,
         first: bool = False,
         logprobs: list[TokenLogprob] | None = None,
-    ) -> dict:
+    ) -> dict[str, Any]:
         lp = self._logprobs(logprobs)
         if self.chat:
-            delta: dict = {"role": "assistant", "content": ""} if first else {}
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text:
                 delta["content"] = text
             choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
@@ -282,7 +289,7 @@ class ResponseShape:
         choice = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish_reason}
         return {**self._head("text_completion"), "choices": [choice]}
 
-    def usage_chunk(self, usage: Usage | None) -> dict:
+    def usage_chunk(self, usage: Usage | None) -> dict[str, Any]:
         object_ = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._head(object_), "choices": [], "usage": usage_body(usage)}
 
@@ -292,7 +299,7 @@ class ResponseShape:
         finish_reasons: list[str | None],
         usage: Usage | None,
         logprobs: list[list[TokenLogprob] | None],
-    ) -> dict:
+    ) -> dict[str, Any]:
         choices = []
         for index, (text, finish_reason, entries) in enumerate(
             zip(texts, finish_reasons, logprobs, strict=True)

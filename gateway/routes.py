@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -28,6 +28,7 @@ from gateway.openai_schemas import (
     DetokenizeCreate,
     EmbeddingCreate,
     ResponseShape,
+    SamplingFields,
     TokenizeCreate,
     embedding_body,
 )
@@ -38,7 +39,7 @@ R = TypeVar("R", TokenizeResult, DetokenizeResult, EmbedResult)
 router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
 
 
-def _model_card(name: str, workers: list[WorkerInfo]) -> dict:
+def _model_card(name: str, workers: list[WorkerInfo]) -> dict[str, Any]:
     return {
         "id": name,
         "object": "model",
@@ -50,7 +51,7 @@ def _model_card(name: str, workers: list[WorkerInfo]) -> dict:
 
 
 @router.get("/models")
-async def list_models(gateway: GatewayDep) -> dict:
+async def list_models(gateway: GatewayDep) -> dict[str, Any]:
     served = await gateway.models.get(refresh=True)
     return {
         "object": "list",
@@ -59,7 +60,7 @@ async def list_models(gateway: GatewayDep) -> dict:
 
 
 @router.get("/models/{model_id:path}")
-async def get_model(model_id: str, gateway: GatewayDep) -> dict:
+async def get_model(model_id: str, gateway: GatewayDep) -> dict[str, Any]:
     workers = await gateway.models.find(model_id)
     if workers is None:
         raise ModelNotFound(model_id)
@@ -67,21 +68,25 @@ async def get_model(model_id: str, gateway: GatewayDep) -> dict:
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionCreate, gateway: GatewayDep, who: Limited, http: Request):
+async def chat_completions(
+    body: ChatCompletionCreate, gateway: GatewayDep, who: Limited, http: Request
+) -> Response:
     messages = [ChatMessage(role=m.role, content=m.text()) for m in body.messages]
     check_input_size(gateway, sum(len(m.content) for m in messages), "messages")
     return await _generate(gateway, body, "chat", who.id, http, messages=messages)
 
 
 @router.post("/completions")
-async def completions(body: CompletionCreate, gateway: GatewayDep, who: Limited, http: Request):
+async def completions(body: CompletionCreate, gateway: GatewayDep, who: Limited, http: Request) -> Response:
     prompt = body.prompt_fields()
     check_input_size(gateway, len(prompt.get("prompt") or prompt.get("prompt_token_ids") or ""), "prompt")
     return await _generate(gateway, body, "completions", who.id, http, **prompt)
 
 
 @router.post("/embeddings")
-async def embeddings(body: EmbeddingCreate, gateway: GatewayDep, who: Limited, limits: LimitsDep) -> dict:
+async def embeddings(
+    body: EmbeddingCreate, gateway: GatewayDep, who: Limited, limits: LimitsDep
+) -> dict[str, Any]:
     check_input_size(gateway, sum(len(item) for item in body.inputs()), "input")
     result = await _ask(gateway, body.model, "embed", EmbedResult, inputs=body.inputs())
     tokens = result.prompt_tokens
@@ -96,7 +101,7 @@ async def embeddings(body: EmbeddingCreate, gateway: GatewayDep, who: Limited, l
 
 
 @router.post("/tokenize")
-async def tokenize(body: TokenizeCreate, gateway: GatewayDep, _: Limited) -> dict:
+async def tokenize(body: TokenizeCreate, gateway: GatewayDep, _: Limited) -> dict[str, Any]:
     messages = [ChatMessage(role=m.role, content=m.text()) for m in body.messages] if body.messages else None
     check_input_size(gateway, len(body.prompt or "") + sum(len(m.content) for m in messages or []), "prompt")
     result = await _ask(
@@ -106,7 +111,7 @@ async def tokenize(body: TokenizeCreate, gateway: GatewayDep, _: Limited) -> dic
 
 
 @router.post("/detokenize")
-async def detokenize(body: DetokenizeCreate, gateway: GatewayDep, _: Limited) -> dict:
+async def detokenize(body: DetokenizeCreate, gateway: GatewayDep, _: Limited) -> dict[str, Any]:
     check_input_size(gateway, len(body.tokens), "tokens")
     result = await _ask(gateway, body.model, "detokenize", DetokenizeResult, prompt_token_ids=body.tokens)
     return result.model_dump()
@@ -123,7 +128,7 @@ def check_input_size(gateway: Gateway, chars: int, param: str) -> None:
         )
 
 
-async def _ask(gateway: Gateway, model: str, kind: str, expected: type[R], **fields) -> R:
+async def _ask(gateway: Gateway, model: str, kind: str, expected: type[R], **fields: Any) -> R:
     """A request a worker answers with one result of the `expected` kind (it needs the model's
     tokenizer)."""
     await require_worker(gateway, model)
@@ -142,7 +147,9 @@ async def _ask(gateway: Gateway, model: str, kind: str, expected: type[R], **fie
     raise GenerationFailed("engine_error", "the worker ended the request without a result")
 
 
-async def _generate(gateway: Gateway, body, endpoint: str, who: str, http: Request, **prompt) -> Response:
+async def _generate(
+    gateway: Gateway, body: SamplingFields, endpoint: str, who: str, http: Request, **prompt: Any
+) -> Response:
     refused = body.refusal()
     if refused is not None:
         raise InvalidRequest(refused[1], param=refused[0], code="unsupported_parameter")
@@ -235,7 +242,7 @@ async def _complete(call: Call, shape: ResponseShape) -> JSONResponse:
     texts: list[list[str]] = [[] for _ in range(n)]
     finish: list[str | None] = [None] * n
     usages: list[Usage] = []
-    logprobs: list[list | None] = [None if call.request.logprobs is None else [] for _ in range(n)]
+    logprobs: list[list[Any] | None] = [None if call.request.logprobs is None else [] for _ in range(n)]
     try:
         async for event in call.events():
             if event.type == "error":
@@ -282,7 +289,7 @@ class _Outbox:
         self._index = index
         self._text.append(text)
 
-    def chunk(self, payload: dict) -> None:
+    def chunk(self, payload: dict[str, Any]) -> None:
         self._close_text()
         self._parts.append(sse(payload))
 

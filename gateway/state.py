@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, cast
 
 import redis.asyncio as aioredis
 from fastapi import Depends, Request
@@ -63,7 +63,7 @@ class Gateway:
 
 
 async def get_gateway(request: Request) -> Gateway:
-    return request.app.state.gateway
+    return cast(Gateway, request.app.state.gateway)
 
 
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
