@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -143,6 +144,23 @@ class Terminal:
         os.write(self.fd, keys)
 
 
+def wait_until_reading(pid: int, timeout_s: float = 10) -> None:
+    """Until the process is blocked reading its terminal, as it is once a person sees the prompt.
+    (A signal that lands after the prompt is written but before the read begins is handled
+    before the read, which then waits on; a person is never that fast, a test can be.)"""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            syscall = Path(f"/proc/{pid}/syscall").read_text().split()[0]
+        except (OSError, IndexError):  # no /proc: give it the time a person would
+            time.sleep(0.5)
+            return
+        if syscall in ("0", "63"):  # read(2) on x86_64 and on arm64
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} never waited for input")
+
+
 def _abandoned(stack: Stack) -> float:
     metrics = httpx.get(f"{stack.url}/metrics", timeout=10).text
     return sum(
@@ -197,6 +215,7 @@ def test_ctrl_c_in_corral_chat_stops_the_answer_and_returns_to_the_prompt(stack:
         reply = terminal.expect("USER: ")
         assert reply.strip() and "error" not in reply
 
+        wait_until_reading(pid)  # a Ctrl-C between the prompt and its read would be lost
         terminal.write(b"\x03")  # at the prompt: leaves cleanly, on a new line
         _, status = os.waitpid(pid, 0)
         pid = 0
