@@ -121,9 +121,9 @@ class Keys:
         return f"{self.prefix}:judge:results"
 
     def rate(self, caller: str, what: str, window: int) -> str:
-        """Counter of `what` (requests or tokens) one caller used in one minute window. Written
-        by gateways (INCR/INCRBY); expires two minutes after its window opened. `caller` is a
-        hash of the API key, never the key."""
+        """Counter of `what` (requests or tokens) one caller used in one window (a minute unless
+        CORRAL_RATE_LIMIT_WINDOW_S says otherwise). Written by gateways (INCR/INCRBY); expires
+        two windows after its window opened. `caller` is a hash of the API key, never the key."""
         return f"{self.prefix}:rate:{caller}:{what}:{window}"
 
     def worker(self, worker_id: str) -> str:

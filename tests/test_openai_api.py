@@ -126,10 +126,16 @@ def test_two_gateways_share_one_request_limit_per_key_and_never_store_the_key(st
 def test_tokens_per_minute_limit_stops_a_caller_after_spending_it(stack: Stack) -> None:
     url = stack.start_gateway(CORRAL_RATE_LIMIT_TOKENS_PER_MIN="30", CORRAL_RATE_LIMIT_WINDOW_S=str(DAY_S))
     first = post_chat(url, {"max_tokens": 8})
-    time.sleep(0.3)  # the spend is recorded just after the reply
-    second = post_chat(url, {"max_tokens": 8})
     assert first.status_code == 200
-    assert first.json()["usage"]["total_tokens"] >= 30
+    spent = first.json()["usage"]["total_tokens"]
+    assert spent >= 30
+    counters = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    deadline = time.monotonic() + 10  # the spend is recorded just after the reply
+    pattern = f"{stack.key_prefix}:rate:*:tokens:*"
+    while sum(int(counters.get(k) or 0) for k in counters.scan_iter(pattern)) < spent:
+        assert time.monotonic() < deadline, "the reply's tokens were never counted"
+        time.sleep(0.02)
+    second = post_chat(url, {"max_tokens": 8})
     assert second.status_code == 429
     assert "tokens per minute" in second.json()["error"]["message"]
 
