@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from tests.conftest import MODEL, WORKER_TTL_S, Stack
+from tests.helpers import until
 
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
@@ -164,8 +165,13 @@ async def test_two_workers_share_concurrent_load(stack: Stack) -> None:
             for i in range(24)
         ]
     )
-    await asyncio.sleep(0.5)  # one heartbeat, so the counters are current
-    after = {w: int(stack.worker_info(w)["requests_done"]) for w in before}
+
+    def done() -> dict[str, int]:
+        return {w: int(stack.worker_info(w)["requests_done"]) for w in before}
+
+    # The counters are current after each worker's next heartbeat.
+    await until(lambda: sum(done().values()) - sum(before.values()) >= 24, "24 requests counted", 10)
+    after = done()
     second.terminate()
     assert second.wait(timeout=30) == 0
     assert len(replies) == 24

@@ -9,6 +9,7 @@ import itertools
 import json
 import re
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import pytest
 import redis
 
 from tests.conftest import MODEL, Stack, free_port
-from tests.helpers import stream_text
+from tests.helpers import stream_text, until
 
 
 @pytest.fixture
@@ -62,11 +63,12 @@ async def test_a_dead_engine_hands_its_requests_to_a_live_worker_and_a_restarted
     workers = [stack.start_worker(CORRAL_FAULT_INJECTION="true") for _ in range(2)]
     async with httpx.AsyncClient(base_url=stack.url, timeout=300) as client:
         task = asyncio.create_task(stream_text(client, prompt, max_tokens=tokens))
-        deadline = time.monotonic() + 60
-        while not (holding := [w for w in workers if int(stack.worker_info(w.worker_id)["in_flight"])]):
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
-        doomed = holding[0]
+
+        def holding() -> list[subprocess.Popen]:
+            return [w for w in workers if int(stack.worker_info(w.worker_id)["in_flight"])]
+
+        await until(holding, "a worker holds the request", 60, every_s=0.02)
+        doomed = holding()[0]
         rescuer = next(w for w in workers if w is not doomed)
         doomed.send_signal(signal.SIGUSR2)  # the engine's thread dies at its next step
         assert await asyncio.to_thread(doomed.wait, 60) == 3  # it exits for a supervisor to restart
@@ -82,10 +84,9 @@ async def test_a_dead_engine_hands_its_requests_to_a_live_worker_and_a_restarted
     body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 8}
     reply = httpx.post(f"{stack.url}/v1/chat/completions", json=body, timeout=120)
     assert reply.status_code == 200
-    deadline = time.monotonic() + 10  # its next heartbeat counts the request
-    while int(stack.worker_info(restarted.worker_id)["requests_done"]) < 1:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.1)
+    await until(  # its next heartbeat counts the request
+        lambda: int(stack.worker_info(restarted.worker_id)["requests_done"]) >= 1, "the request counted", 10
+    )
 
 
 async def test_abandoned_requests_stop_within_seconds_and_are_counted(own_stack: Stack) -> None:
@@ -155,10 +156,7 @@ async def test_a_prompt_of_most_of_the_context_never_freezes_the_streams_decodin
 
     async with httpx.AsyncClient(base_url=stack.url, timeout=600) as client:
         streams = [asyncio.create_task(short_stream(client, i)) for i in range(8)]
-        deadline = time.monotonic() + 120
-        while not all(len(a) >= 5 for a in arrivals):  # all eight are decoding
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+        await until(lambda: all(len(a) >= 5 for a in arrivals), "all eight streams decoding")
         sent = time.perf_counter()
         body = {"model": MODEL, "prompt": long_ids, "max_tokens": 1, "temperature": 0}
         long = await client.post("/v1/completions", json=body)
