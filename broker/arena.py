@@ -17,6 +17,7 @@ from typing import Any, Literal
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field
 
+from broker.connection import atomically
 from broker.keys import Keys
 
 Side = Literal["left", "right"]
@@ -118,28 +119,30 @@ class ArenaStore:
 
     async def create(self, mode: BattleMode, models: tuple[str, str], user: str) -> Battle:
         battle = Battle(id=uuid.uuid4().hex, mode=mode, models=models, user=user, created_at=time.time())
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(
-                self.keys.battle(battle.id),
-                mapping={
-                    "mode": mode,
-                    "models": json.dumps(models),
-                    "user": user,
-                    "created_at": battle.created_at,
-                },
-            )
-            pipe.expire(self.keys.battle(battle.id), self.battle_ttl_s)
-            pipe.xadd(
+        key, models_json = self.keys.battle(battle.id), json.dumps(models)
+        created = repr(battle.created_at)
+        await atomically(
+            self.redis,
+            ("HSET", key, "mode", mode, "models", models_json, "user", user, "created_at", created),
+            ("EXPIRE", key, self.battle_ttl_s),
+            (
+                "XADD",
                 self.keys.arena_log("battles"),
-                {
-                    "battle_id": battle.id,
-                    "mode": mode,
-                    "models": json.dumps(models),
-                    "user": user,
-                    "tstamp": battle.created_at,
-                },
-            )
-            await pipe.execute()
+                "*",
+                *(
+                    "battle_id",
+                    battle.id,
+                    "mode",
+                    mode,
+                    "models",
+                    models_json,
+                    "user",
+                    user,
+                    "tstamp",
+                    created,
+                ),
+            ),
+        )
         return battle
 
     async def get(self, battle_id: str) -> Battle | None:
@@ -170,12 +173,13 @@ class ArenaStore:
     async def add_turn(self, battle: Battle, turn: Turn) -> Battle:
         played = battle.model_copy(update={"turns": [*battle.turns, turn]})
         chats = [chat_log_record(played, side, turn) for side in ("left", "right")]
-        async with self.redis.pipeline(transaction=True) as pipe:
-            encoded = json.dumps([t.model_dump_json() for t in played.turns])
-            pipe.hset(self.keys.battle(battle.id), "turns", encoded)
-            pipe.expire(self.keys.battle(battle.id), self.battle_ttl_s)
-            pipe.xadd(self.keys.arena_log("turns"), {"battle_id": battle.id, "records": json.dumps(chats)})
-            await pipe.execute()
+        key, encoded = self.keys.battle(battle.id), json.dumps([t.model_dump_json() for t in played.turns])
+        await atomically(
+            self.redis,
+            ("HSET", key, "turns", encoded),
+            ("EXPIRE", key, self.battle_ttl_s),
+            ("XADD", self.keys.arena_log("turns"), "*", "battle_id", battle.id, "records", json.dumps(chats)),
+        )
         return played
 
     async def vote(self, battle: Battle, vote: BattleVote, user: str) -> Battle:
@@ -198,10 +202,7 @@ class ArenaStore:
             return None
         now = time.time()
         key = self.keys.arena_votes_by(user, int(now // 3600))
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.incr(key)
-            pipe.expire(key, _VOTE_COUNT_KEEP_S)
-            count, _ = await pipe.execute()
+        count, _ = await atomically(self.redis, ("INCR", key), ("EXPIRE", key, _VOTE_COUNT_KEEP_S))
         return int(3600 - now % 3600) + 1 if count > per_hour else None
 
     async def log(self) -> AsyncIterator[dict[str, Any]]:

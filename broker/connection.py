@@ -151,10 +151,76 @@ def resolve_redis_url(settings: Settings) -> str:
     return url
 
 
+# Errors that pass: the server is away, or a cluster is failing over or moving slots. Whoever
+# meets one waits a little and tries again; nothing is lost meanwhile.
+UNAVAILABLE: tuple[type[Exception], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    OSError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.MasterDownError,
+    redis.exceptions.RedisClusterException,  # e.g. a slot no live master serves yet
+)
+
+_CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+@functools.cache
+def is_cluster(url: str) -> bool:
+    """Whether `url` is a Redis Cluster: said by its scheme (`redis+cluster://`), or else asked
+    of the server (`INFO cluster`), once per URL and process."""
+    if urlsplit(url).scheme in _CLUSTER_SCHEMES:
+        return True
+    if urlsplit(url).scheme not in ("redis", "rediss"):
+        return False  # a unix socket is never a cluster
+    with redis.Redis.from_url(url, socket_connect_timeout=5) as probe:
+        return bool(cast(dict[str, Any], probe.info("cluster")).get("cluster_enabled"))
+
+
+def _plain(url: str) -> str:
+    parts = urlsplit(url)
+    scheme = _CLUSTER_SCHEMES.get(parts.scheme, parts.scheme)
+    return str(urlunsplit(parts._replace(scheme=scheme)))
+
+
 def connect(url: str) -> aioredis.Redis:
-    """An asyncio Redis client that decodes replies to str; share one per process."""
+    """An asyncio client that decodes replies to str; share one per process. On a cluster it is
+    redis-py's cluster client, which follows slots and failovers; it answers the same commands,
+    so it is typed as the plain client (every command Corral sends touches one slot)."""
+    if is_cluster(url):
+        cluster = aioredis.RedisCluster.from_url(_plain(url), decode_responses=True)
+        return cast(aioredis.Redis, cluster)
     client: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
     return client
+
+
+def connect_sync(url: str) -> redis.Redis:
+    """The blocking client of `connect` (CLI, UI, job code), decoding replies to str."""
+    if is_cluster(url):
+        return cast(redis.Redis, redis.RedisCluster.from_url(_plain(url), decode_responses=True))
+    return redis.Redis.from_url(url, decode_responses=True)
+
+
+# Runs a list of commands as one script: the way to change several keys of one slot at once that
+# works on a cluster too (redis-py's cluster client refuses MULTI). Arguments are strings.
+_ATOMIC = """
+local replies = {}
+for i, command in ipairs(cjson.decode(ARGV[1])) do
+    replies[i] = redis.call(unpack(command))
+end
+return replies
+"""
+
+
+async def atomically(client: aioredis.Redis, *commands: tuple[Any, ...]) -> list[Any]:
+    """Runs `commands` (each a tuple: name, key, arguments...) atomically, and returns their
+    replies. Every key must share one hash slot (keys.py's tags see to it); each command's
+    second item is its key, declared to the server so a cluster routes the script there."""
+    keys = sorted({str(c[1]) for c in commands})
+    encoded = json.dumps([[str(part) for part in command] for command in commands])
+    replies = await client.eval(_ATOMIC, len(keys), *keys, encoded)
+    return cast(list[Any], replies)
 
 
 def job_serializer(record: dict[str, Any]) -> bytes:
@@ -170,5 +236,10 @@ def connect_arq(url: str) -> ArqRedis:
     """arq's client for enqueueing and runners, with JSON job records instead of arq's pickle."""
     from redis.asyncio import ConnectionPool
 
+    if is_cluster(url):
+        raise ValueError(
+            "the job queue (arq) cannot run on a Redis Cluster: set CORRAL_JOBS_REDIS_URL to a "
+            "single server or a Sentinel-managed one"
+        )
     pool = ConnectionPool.from_url(url)
     return ArqRedis(pool, job_serializer=job_serializer, job_deserializer=job_deserializer)

@@ -350,6 +350,8 @@ class JobStore:
 
 
 def open_store(settings: Settings, url: str) -> JobStore:
-    """The job store of these settings on the Redis at `url` (close it with `aclose`)."""
+    """The job store of these settings (close it with `aclose`): on CORRAL_JOBS_REDIS_URL when
+    that is set, else on the main Redis at `url`."""
     keys = Keys(settings.key_prefix)
+    url = settings.jobs_redis_url or url
     return JobStore(connect(url), connect_arq(url), keys, str(settings.home / "jobs"), settings.job_keep_s)

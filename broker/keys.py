@@ -1,7 +1,10 @@
 """Every Redis key and channel Corral uses, with who owns it and how long it lives.
 
-Model names are wrapped in a hash tag ({model}) so that on Redis Cluster all keys of one model
-land in one slot.
+On Redis Cluster every command and script touches one slot, so keys that are used together share
+a hash tag (the part in braces): a model's streams `{model}`, a request's progress, attempts and
+cancel marker `{request id}`, a gateway's event channel `{gateway id}`, the worker registry
+`{workers}`, the arena `{arena}`, one caller's rate counters `{caller}`. A single server ignores
+the tags, so both run the same commands.
 """
 
 from __future__ import annotations
@@ -27,40 +30,41 @@ class Keys:
         stream = f"{self.prefix}:q:{{{model}}}"
         return stream if lane == "interactive" else f"{stream}:{lane}"
 
-    def output(self, request_id: str) -> str:
-        """Pub/sub channel of one request's token events. Published by the worker that holds the
-        request, received by the gateway that enqueued it. Channels have no lifetime to manage."""
-        return f"{self.prefix}:out:{request_id}"
+    def output(self, gateway_id: str) -> str:
+        """Sharded pub/sub channel (SPUBLISH/SSUBSCRIBE) of the token events of one gateway's
+        requests, each message framed with its request id (broker/queue.py). Published by the
+        workers that hold them, received by that gateway alone, which subscribes once at start:
+        so SPUBLISH's count of receivers says exactly whether the gateway heard, on a cluster
+        too, and a channel's messages stay on the shard that owns it."""
+        return f"{self.prefix}:out:{{{gateway_id}}}"
 
-    def output_pattern(self, gateway_id: str) -> str:
-        """Pattern one gateway subscribes to once, at start, for all of its requests' channels:
-        request ids start with the gateway id, so no per-request SUBSCRIBE is ever needed."""
-        return f"{self.prefix}:out:{gateway_id}.*"
+    def output_of(self, request_id: str) -> str:
+        """The event channel of a request: its gateway's (request ids start with the gateway id)."""
+        return self.output(request_id.split(".", 1)[0])
 
-    @property
-    def cancel(self) -> str:
-        """Pub/sub channel of cancelled request ids. Published by gateways (client gone),
-        received by every worker."""
-        return f"{self.prefix}:cancel"
+    def cancel(self, model: str) -> str:
+        """Sharded pub/sub channel of one model's cancelled request ids. Published by gateways
+        (client gone), received by every worker that serves the model."""
+        return f"{self.prefix}:cancel:{{{model}}}"
 
     def cancelled(self, request_id: str) -> str:
         """Marker of a request whose client went away (SET by its gateway with the cancel
         broadcast). A worker looks for it when it claims the request and before it admits it,
         so a request cancelled while it waited in the queue never starts. Expires a minute
         after the request's deadline."""
-        return f"{self.prefix}:cancelled:{request_id}"
+        return f"{self.prefix}:cancelled:{{{request_id}}}"
 
     def progress(self, request_id: str) -> str:
         """String log of one in-flight request's progress (broker/progress.py's format): what
         each choice generated and how far its events went. The worker holding the request
         APPENDs to it with each publish; a worker that reclaims the request reads it. Deleted
         on ack; expires a minute after the request's deadline in any case."""
-        return f"{self.prefix}:progress:{request_id}"
+        return f"{self.prefix}:progress:{{{request_id}}}"
 
     def attempts(self, request_id: str) -> str:
         """Counter of how many workers have taken one request over (INCR by the reclaiming
         worker). Deleted on ack; expires with the request's progress."""
-        return f"{self.prefix}:progress:{request_id}:attempts"
+        return f"{self.prefix}:progress:{{{request_id}}}:attempts"
 
     def jobs_queue(self, gpu: bool = False) -> str:
         """arq's queue (a sorted set arq owns) of long-lived jobs: CPU work, or `:gpu` for
@@ -88,30 +92,30 @@ class Keys:
         """Hash of one arena battle's live state: mode, models (left, right), user, turns, and
         `vote` once cast (HSETNX: one vote per battle). Written by gateways; expires
         `arena_battle_ttl_s` after the battle was last played."""
-        return f"{self.prefix}:arena:battle:{battle_id}"
+        return f"{self.prefix}:{{arena}}:battle:{battle_id}"
 
     def battle_busy(self, battle_id: str) -> str:
         """Marks a battle turn in progress (SET NX), so a battle plays one turn at a time. Deleted
         when the turn ends; expires with the turn's deadline in any case."""
-        return f"{self.prefix}:arena:battle:{battle_id}:busy"
+        return f"{self.prefix}:{{arena}}:battle:{battle_id}:busy"
 
     def arena_log(self, name: str) -> str:
         """Durable streams of what happened in the arena, never trimmed: `battles` (created),
         `turns` (each turn's two generations, as FastChat `chat` records) and `votes` (battle
         and single-chat votes, as FastChat log records). Written by gateways; read by the
         ratings job and the export."""
-        return f"{self.prefix}:arena:{name}"
+        return f"{self.prefix}:{{arena}}:{name}"
 
     def arena_votes_by(self, user: str, hour: int) -> str:
         """Counter of one user's votes in one clock hour, for the vote limit. Written by
         gateways; expires two hours after it was first counted."""
-        return f"{self.prefix}:arena:votes-by:{user}:{hour}"
+        return f"{self.prefix}:{{arena}}:votes-by:{user}:{hour}"
 
     @property
     def leaderboard(self) -> str:
         """String (JSON) of the latest leaderboard. Written by the ratings job, read by the
         gateway's /v1/leaderboard. No TTL: the latest one stays until the next."""
-        return f"{self.prefix}:arena:leaderboard"
+        return f"{self.prefix}:{{arena}}:leaderboard"
 
     @property
     def judge_results(self) -> str:
@@ -124,13 +128,16 @@ class Keys:
         """Counter of `what` (requests or tokens) one caller used in one window (a minute unless
         CORRAL_RATE_LIMIT_WINDOW_S says otherwise). Written by gateways (INCR/INCRBY); expires
         two windows after its window opened. `caller` is a hash of the API key, never the key."""
-        return f"{self.prefix}:rate:{caller}:{what}:{window}"
+        return f"{self.prefix}:rate:{{{caller}}}:{what}:{window}"
 
     def worker(self, worker_id: str) -> str:
         """Hash describing one live worker. Written by the worker's heartbeat task with a TTL of
         `worker_ttl_s`; it expires on its own when the worker dies."""
-        return f"{self.prefix}:worker:{worker_id}"
+        return f"{self.prefix}:{{workers}}:worker:{worker_id}"
 
     @property
-    def worker_pattern(self) -> str:
-        return f"{self.prefix}:worker:*"
+    def workers(self) -> str:
+        """Sorted set of worker ids, scored by when each one's hash expires (ms): the registry's
+        index, so finding the live workers never scans the keyspace. Written with each heartbeat
+        (in one script with the hash); entries past their score are removed as they are found."""
+        return f"{self.prefix}:{{workers}}:index"

@@ -6,12 +6,14 @@ stream holds only waiting and in-flight work."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
+from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
 from broker.keys import LANES, WORKER_GROUP, Keys
@@ -25,6 +27,10 @@ log = logging.getLogger(__name__)
 _FIELD = "r"
 # Pending entries one reclaim pass looks at per stream (the rest wait for the next pass).
 _RECLAIM_SCAN = 1000
+# On a cluster, the streams of a worker's names can lie in several slots, and one XREADGROUP
+# reads one slot: an idle worker then blocks on each slot's streams at once for at most this
+# long, so a request waits no longer than this for the other slots' reads to return.
+_SLOTS_BLOCK_MS = 100
 
 # Waiting requests = entries − entries pending on a worker (acked entries are deleted, so the
 # stream holds nothing else). Counting and adding in one script makes the backlog limit exact
@@ -105,10 +111,21 @@ class RequestQueue:
         if count <= 0:
             return []
         models = (model,) if isinstance(model, str) else model
-        streams: dict[Any, Any] = {self.keys.requests(name, lane): ">" for lane in lanes for name in models}
-        reply = await self.redis.xreadgroup(WORKER_GROUP, consumer, streams, count=count, block=block_ms)
+        by_slot: dict[int, dict[Any, Any]] = {}
+        for name in models:
+            for lane in lanes:
+                stream = self.keys.requests(name, lane)
+                by_slot.setdefault(self._slot(stream), {})[stream] = ">"
+        if len(by_slot) > 1 and block_ms is not None:
+            block_ms = min(block_ms, _SLOTS_BLOCK_MS)
+        replies = await asyncio.gather(
+            *(
+                self.redis.xreadgroup(WORKER_GROUP, consumer, streams, count=count, block=block_ms)
+                for streams in by_slot.values()
+            )
+        )
         claimed: list[Claimed] = []
-        for stream, entries in reply or []:
+        for stream, entries in [item for reply in replies for item in reply or []]:
             parsed = self._parse(stream, entries)
             claimed += parsed
             taken = {c.entry_id for c in parsed}
@@ -116,9 +133,13 @@ class RequestQueue:
             if rejected:
                 await self.redis.xack(stream, WORKER_GROUP, *rejected)
                 await self.redis.xdel(stream, *rejected)
-        # Reading several lanes can return `count` from each: every entry read is now pending
-        # here, so all are returned (the engine queues what exceeds its batch).
+        # Reading several lanes (or slots) can return `count` from each: every entry read is now
+        # pending here, so all are returned (the engine queues what exceeds its batch).
         return claimed
+
+    def _slot(self, key: str) -> int:
+        """The key's cluster slot; on a single server every key is in the one same place."""
+        return key_slot(key.encode()) if isinstance(self.redis, aioredis.RedisCluster) else 0
 
     def _parse(self, stream: str, entries: list[Any]) -> list[Claimed]:
         """Requests from stream entries; malformed ones (and ones deleted while pending) are
@@ -146,8 +167,8 @@ class RequestQueue:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xack(stream, WORKER_GROUP, *entry_ids)
             pipe.xdel(stream, *entry_ids)
-            if request_ids:
-                pipe.delete(*[k for r in request_ids for k in self._progress_keys(r)])
+            for request_id in request_ids or []:
+                pipe.delete(*self._progress_keys(request_id))  # one slot: the request's
             await pipe.execute()
 
     def _progress_keys(self, request_id: str) -> tuple[str, str]:
@@ -174,12 +195,12 @@ class RequestQueue:
         progress: dict[str, ProgressUpdate] | None = None,
     ) -> list[bool]:
         """Publish many requests' events, and record their progress, in one round trip (one
-        pipeline per engine step). Returns, for each event, whether any gateway received it."""
+        pipeline per engine step). Returns, for each event, whether its gateway received it."""
         if not events and not progress:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
             for request_id, event in events:
-                pipe.publish(self.keys.output(request_id), event.model_dump_json(exclude_defaults=True))
+                pipe.execute_command("SPUBLISH", self.keys.output_of(request_id), frame(request_id, event))
             for request_id, update in (progress or {}).items():
                 key = self.keys.progress(request_id)
                 pipe.append(key, update.entries)
@@ -237,14 +258,14 @@ class RequestQueue:
         for lane in LANES:
             await self.redis.xgroup_delconsumer(self.keys.requests(model, lane), WORKER_GROUP, consumer)
 
-    async def cancel(self, request_id: str, expire_at_ms: int | None = None) -> None:
+    async def cancel(self, request_id: str, model: str, expire_at_ms: int | None = None) -> None:
         """Drop this request wherever it is: workers running it drop it at their next step (the
         broadcast), and a worker that claims it later drops it at once (the marker, kept until
         `expire_at_ms`, the request's deadline plus a grace, or an hour)."""
         expire_at_ms = expire_at_ms or now_ms() + 3_600_000
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(self.keys.cancelled(request_id), "1", pxat=expire_at_ms)
-            pipe.publish(self.keys.cancel, request_id)
+            pipe.execute_command("SPUBLISH", self.keys.cancel(model), request_id)
             await pipe.execute()
 
     async def cancelled(self, request_ids: list[str]) -> set[str]:
@@ -256,3 +277,14 @@ class RequestQueue:
                 pipe.exists(self.keys.cancelled(request_id))
             found = await pipe.execute()
         return {r for r, hit in zip(request_ids, found, strict=True) if hit}
+
+
+def frame(request_id: str, event: Event) -> str:
+    """An event as published on its gateway's channel: the request id, a space, the event."""
+    return f"{request_id} {event.model_dump_json(exclude_defaults=True)}"
+
+
+def unframe(message: str) -> tuple[str, str]:
+    """The request id and the event's JSON of a published message."""
+    request_id, _, event = message.partition(" ")
+    return request_id, event

@@ -1,12 +1,14 @@
-"""The worker registry: one heartbeat hash per live worker, expiring on its own when it dies."""
+"""The worker registry: one heartbeat hash per live worker, expiring on its own when it dies,
+and an index of them (a sorted set scored by expiry), so listing never scans the keyspace."""
 
 from __future__ import annotations
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
+from broker.connection import atomically
 from broker.keys import Keys
-from broker.schemas import WorkerInfo
+from broker.schemas import WorkerInfo, now_ms
 
 
 class WorkerRegistry:
@@ -15,26 +17,33 @@ class WorkerRegistry:
         self.keys = keys
 
     async def beat(self, info: WorkerInfo, ttl_s: float) -> None:
-        key = self.keys.worker(info.worker_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping=info.to_hash())
-            pipe.pexpire(key, int(ttl_s * 1000))
-            await pipe.execute()
+        key, ttl_ms = self.keys.worker(info.worker_id), int(ttl_s * 1000)
+        fields = [part for item in info.to_hash().items() for part in item]
+        now = now_ms()
+        await atomically(
+            self.redis,
+            ("HSET", key, *fields),
+            ("PEXPIRE", key, ttl_ms),
+            ("ZADD", self.keys.workers, now + ttl_ms, info.worker_id),
+            ("ZREMRANGEBYSCORE", self.keys.workers, "-inf", now),
+        )
 
     async def remove(self, worker_id: str) -> None:
-        await self.redis.delete(self.keys.worker(worker_id))
+        await atomically(
+            self.redis, ("DEL", self.keys.worker(worker_id)), ("ZREM", self.keys.workers, worker_id)
+        )
 
     async def live(self) -> list[WorkerInfo]:
-        keys = [k async for k in self.redis.scan_iter(match=self.keys.worker_pattern, count=500)]
-        if not keys:
+        ids = await self.redis.zrangebyscore(self.keys.workers, now_ms(), "+inf")
+        if not ids:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.hgetall(key)
+            for worker_id in ids:
+                pipe.hgetall(self.keys.worker(worker_id))
             hashes = await pipe.execute()
         workers = []
         for fields in hashes:
-            if not fields:  # expired between SCAN and HGETALL
+            if not fields:  # expired between the index's read and HGETALL
                 continue
             try:
                 workers.append(WorkerInfo.from_hash(fields))

@@ -16,6 +16,10 @@ class Settings(BaseSettings):
     home: Path = Path("~/.corral").expanduser()
     # Unset: use (or start) the embedded Valkey under `home`. Set: any Redis or Valkey URL.
     redis_url: str | None = None
+    # The job queue's Redis (arq's queue and the job records), when it is not `redis_url`'s: arq
+    # cannot use a Redis Cluster, so on a cluster this names a single server (or a Sentinel-
+    # managed one: `redis+sentinel://`... is not accepted by arq either, so a plain URL).
+    jobs_redis_url: str | None = None
     # The embedded Valkey's port on 127.0.0.1 (None: a free one, chosen when it starts).
     valkey_port: int | None = Field(None, gt=0, lt=65536)
     # Prefix of every Redis key; tests give each run its own so they never collide.

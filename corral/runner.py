@@ -34,6 +34,7 @@ from pydantic import ValidationError
 
 from broker.connection import (
     connect_arq,
+    connect_sync,
     job_deserializer,
     job_serializer,
     redact,
@@ -81,8 +82,6 @@ def job_error(error: BaseException) -> str:
 
 def job_functions(settings: Settings, url: str) -> dict[str, Callable[..., dict]]:
     """kind → blocking function (params, folder, progress, stop) → result summary."""
-    import redis
-
     from corral.clean import tokenizer_for
     from judge.leaderboard import ratings_job
     from pipelines.pipeline import clean_job
@@ -93,7 +92,7 @@ def job_functions(settings: Settings, url: str) -> dict[str, Callable[..., dict]
         return clean_job(params, folder, {"tokenizer": tokenizer_for(settings.home)}, progress, stop)
 
     def ratings(params, folder, progress, stop):
-        with redis.Redis.from_url(url, decode_responses=True) as client:
+        with connect_sync(url) as client:
             rounds = settings.ratings_bootstrap_rounds
             return ratings_job(params, folder, client, keys, rounds, progress, stop)
 
@@ -115,7 +114,7 @@ def job_functions(settings: Settings, url: str) -> dict[str, Callable[..., dict]
     def judgment(params, folder, progress, stop):
         from judge.run import judgment_job
 
-        with redis.Redis.from_url(url, decode_responses=True) as client:
+        with connect_sync(url) as client:
             return judgment_job(params, folder, settings.home, client, keys, progress, stop)
 
     return {"clean": clean, "ratings": ratings, "train": train, "answer": answer, "judgment": judgment}
@@ -131,12 +130,10 @@ class Runner:
 
     async def schedule_ratings(self, ctx: dict | None = None) -> JobPublic | None:
         """Queues a ratings job when votes came in since the leaderboard was last computed."""
-        import redis
-
         from judge.leaderboard import votes_since_leaderboard
 
         def stale() -> bool:
-            with redis.Redis.from_url(self.url, decode_responses=True) as client:
+            with connect_sync(self.url) as client:
                 return votes_since_leaderboard(client, self.store.keys)
 
         if not await asyncio.to_thread(stale):
@@ -387,7 +384,7 @@ async def run_runner(settings: Settings, queues: list[str] | None = None, burst:
         Worker(
             [func(run_job, name=RUN_JOB)],
             queue_name=queue,
-            redis_pool=connect_arq(url),
+            redis_pool=connect_arq(settings.jobs_redis_url or url),
             job_serializer=job_serializer,
             job_deserializer=job_deserializer,
             job_timeout=_ARQ_TIMEOUT_S,

@@ -12,8 +12,8 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from broker.arena import ArenaStore
-from broker.connection import connect, connect_arq, redact, resolve_redis_url
-from broker.jobs import JobStore
+from broker.connection import connect, redact, resolve_redis_url
+from broker.jobs import open_store
 from broker.keys import Keys
 from broker.queue import RequestQueue
 from broker.registry import WorkerRegistry
@@ -42,7 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         url = await asyncio.to_thread(resolve_redis_url, settings)
         redis = connect(url)
-        arq = connect_arq(url)
+        jobs = open_store(settings, url)
         keys = Keys(settings.key_prefix)
         queue = RequestQueue(redis, keys)
         hub = EventHub(redis, keys, on_orphan=queue.cancel)
@@ -64,7 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics=Metrics(),
             models=LiveModels(WorkerRegistry(redis, keys)),
             limits=limits,
-            jobs=JobStore(redis, arq, keys, str(settings.home / "jobs"), settings.job_keep_s),
+            jobs=jobs,
             arena=ArenaStore(redis, keys, settings.arena_battle_ttl_s),
         )
         log.info("gateway %s ready on redis %s", hub.gateway_id, redact(url))
@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await hub.stop()
             await redis.aclose()
-            await arq.aclose()
+            await jobs.aclose()
 
     app = FastAPI(title="Corral", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
@@ -100,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "status": "ready" if ready else "not ready",
             "redis": redis_ok,
             "pubsub": gateway.hub.connected,
+            "gateway": gateway.hub.gateway_id,
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 

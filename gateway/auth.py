@@ -18,6 +18,7 @@ from typing import Annotated, Literal, cast
 import redis.asyncio as aioredis
 from fastapi import Depends, Request
 
+from broker.connection import atomically
 from broker.keys import Keys
 from broker.settings import Settings
 from gateway.errors import APIError
@@ -157,11 +158,12 @@ class Limits:
             return
         window, retry_after_s = self._window()
         requests_key = self.keys.rate(caller, "requests", window)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.incr(requests_key)
-            pipe.expire(requests_key, self.window_s * 2)
-            pipe.get(self.keys.rate(caller, "tokens", window))
-            requests, _, tokens = await pipe.execute()
+        requests, _, tokens = await atomically(
+            self.redis,
+            ("INCR", requests_key),
+            ("EXPIRE", requests_key, self.window_s * 2),
+            ("GET", self.keys.rate(caller, "tokens", window)),
+        )
         if self.requests_per_min and int(requests) > self.requests_per_min:
             raise RateLimited("requests", self.requests_per_min, retry_after_s)
         if self.tokens_per_min and int(tokens or 0) >= self.tokens_per_min:
@@ -171,10 +173,9 @@ class Limits:
         if not self.tokens_per_min or tokens <= 0:
             return
         tokens_key = self.keys.rate(caller, "tokens", self._window()[0])
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.incrby(tokens_key, tokens)
-            pipe.expire(tokens_key, self.window_s * 2)
-            await pipe.execute()
+        await atomically(
+            self.redis, ("INCRBY", tokens_key, tokens), ("EXPIRE", tokens_key, self.window_s * 2)
+        )
 
 
 async def get_limits(request: Request) -> Limits:

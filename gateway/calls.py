@@ -61,7 +61,7 @@ class Call:
         self.received = time.perf_counter()
         loop = asyncio.get_running_loop()
         self.deadline = loop.time() + (request.deadline_ms - request.created_ms) / 1000
-        self.queue = gateway.hub.open(request.request_id)
+        self.queue = gateway.hub.open(request.request_id, request.model)
         self.finished = False
         self.counted = False
 
@@ -100,4 +100,6 @@ class Call:
             if not self.counted:
                 self.count("abandoned")
             expire_at_ms = self.request.deadline_ms + GRACE_MS
-            self.gateway.hub.in_background(self.gateway.queue.cancel(self.request.request_id, expire_at_ms))
+            self.gateway.hub.in_background(
+                self.gateway.queue.cancel(self.request.request_id, self.request.model, expire_at_ms)
+            )

@@ -1,8 +1,9 @@
-"""The gateway's one pub/sub connection, demultiplexed to a queue per request.
+"""The gateway's one pub/sub subscription, demultiplexed to a queue per request.
 
-Request ids start with this gateway's id, and the gateway pattern-subscribes once, at start, to
-all of their channels: events can never arrive before the subscription, and no request pays
-for a SUBSCRIBE of its own."""
+Request ids start with this gateway's id, and workers publish every event of this gateway's
+requests on its one sharded channel, framed with the request id. The gateway subscribes once,
+at start: events can never arrive before the subscription, no request pays for a SUBSCRIBE of
+its own, and on a cluster the channel lives on one shard."""
 
 from __future__ import annotations
 
@@ -16,14 +17,14 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from broker.keys import Keys
+from broker.pubsub import ShardedSubscription
+from broker.queue import unframe
 from broker.schemas import Event
 
 log = logging.getLogger(__name__)
 
-_RECONNECT_MAX_S = 5.0
-
-
-# Request ids whose orphaned events were reported, remembered so each is cancelled once.
+# Request ids whose orphaned events were reported, remembered so each is cancelled once; and
+# closed requests' models, remembered so an orphan can be cancelled on its model's channel.
 _ORPHANS_REMEMBERED = 4096
 
 
@@ -33,30 +34,40 @@ class EventHub:
         redis: aioredis.Redis,
         keys: Keys,
         gateway_id: str | None = None,
-        on_orphan: Callable[[str], Awaitable[None]] | None = None,
+        on_orphan: Callable[[str, str], Awaitable[None]] | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.gateway_id = gateway_id or uuid.uuid4().hex[:12]
-        self._channel_prefix = keys.output("")
         self._queues: dict[str, asyncio.Queue[str]] = {}
-        self._pubsub = redis.pubsub(ignore_subscribe_messages=True)
+        self._models: dict[str, str] = {}
+        self._subscription = ShardedSubscription(redis, keys.output(self.gateway_id), "event channel")
         self._reader: asyncio.Task[None] | None = None
         self._background: set[asyncio.Future[Any]] = set()
-        self.connected = False
         # Called once for a request of ours that nobody here waits for any more (its client
-        # left): PUBLISH counts this gateway's pattern subscription as a listener whatever the
-        # request, so only the gateway can tell the worker that nobody hears it.
+        # left), with its model: SPUBLISH counts this gateway's subscription as a listener
+        # whatever the request, so only the gateway can tell the worker that nobody hears it.
         self.on_orphan = on_orphan
         self._orphans: dict[str, None] = {}
+        self._closed: dict[str, str] = {}
+
+    @property
+    def connected(self) -> bool:
+        return self._subscription.connected
 
     def new_request_id(self) -> str:
         return f"{self.gateway_id}.{uuid.uuid4().hex[:20]}"
 
-    async def start(self) -> None:
-        await self._pubsub.psubscribe(self.keys.output_pattern(self.gateway_id))
-        self.connected = True
+    async def start(self, timeout_s: float = 30) -> None:
+        """Subscribes, and returns once subscribed (raises TimeoutError after `timeout_s`)."""
         self._reader = asyncio.create_task(self._read())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not self.connected:
+            if self._reader.done() or loop.time() > deadline:
+                await self.stop()
+                raise TimeoutError("the gateway could not subscribe to its event channel")
+            await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
         if self._reader is not None:
@@ -64,23 +75,30 @@ class EventHub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
         await asyncio.gather(*self._background, return_exceptions=True)
-        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        await self._subscription.aclose()
 
-    def open(self, request_id: str) -> asyncio.Queue[str]:
+    def open(self, request_id: str, model: str) -> asyncio.Queue[str]:
         queue: asyncio.Queue[str] = asyncio.Queue()
         self._queues[request_id] = queue
+        self._models[request_id] = model
         return queue
 
     def close(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
+        model = self._models.pop(request_id, None)
+        if model is not None:
+            self._closed[request_id] = model
+            if len(self._closed) > _ORPHANS_REMEMBERED:
+                del self._closed[next(iter(self._closed))]
 
     def _orphaned(self, request_id: str) -> None:
-        if self.on_orphan is None or request_id in self._orphans:
+        model = self._closed.get(request_id)
+        if self.on_orphan is None or model is None or request_id in self._orphans:
             return
         self._orphans[request_id] = None
         if len(self._orphans) > _ORPHANS_REMEMBERED:
             del self._orphans[next(iter(self._orphans))]
-        self.in_background(self.on_orphan(request_id))
+        self.in_background(self.on_orphan(request_id, model))
 
     def in_background(self, coro: Awaitable[Any]) -> None:
         """Run `coro` to its end even if the task that asked is being cancelled (client gone)."""
@@ -89,23 +107,13 @@ class EventHub:
         task.add_done_callback(self._background.discard)
 
     async def _read(self) -> None:
-        backoff_s = 0.1
-        while True:
-            try:
-                async for message in self._pubsub.listen():
-                    self.connected = True
-                    backoff_s = 0.1
-                    request_id = message["channel"][len(self._channel_prefix) :]
-                    queue = self._queues.get(request_id)
-                    if queue is not None:
-                        queue.put_nowait(message["data"])
-                    else:
-                        self._orphaned(request_id)
-            except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as e:
-                self.connected = False
-                log.warning("pub/sub connection lost (%s); retrying in %.1fs", e, backoff_s)
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, _RECONNECT_MAX_S)
+        async for message in self._subscription.messages():
+            request_id, event = unframe(message)
+            queue = self._queues.get(request_id)
+            if queue is not None:
+                queue.put_nowait(event)
+            else:
+                self._orphaned(request_id)
 
 
 class EventsLost(Exception):

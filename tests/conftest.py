@@ -20,6 +20,9 @@ import pytest
 import redis
 import yaml
 
+from broker.connection import connect_sync
+from broker.keys import Keys
+
 MODEL = "smollm2-135m-instruct"
 REDIS_URL = os.environ.get("CORRAL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 # Converted models are cached here across test runs (the conversion takes about a minute).
@@ -35,6 +38,16 @@ def redis_url() -> str:
     except redis.RedisError as e:
         pytest.fail(f"tests need a Redis at {REDIS_URL} (set CORRAL_TEST_REDIS_URL): {e}")
     return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def cluster_url(tmp_path_factory) -> Iterator[str]:
+    """A loopback 3-master + 3-replica Valkey cluster, for the session (tests/cluster.py)."""
+    from tests.cluster import LocalCluster, free_port_run
+
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"), free_port_run(6)).start()
+    yield cluster.url
+    cluster.stop()
 
 
 @pytest.fixture
@@ -103,6 +116,9 @@ class Stack:
     key_prefix: str
     port: int
     processes: list[subprocess.Popen] = field(default_factory=list)
+    # The job queue's own Redis, for a stack on a cluster (arq needs a single server).
+    jobs_redis_url: str | None = None
+    _client: redis.Redis | None = None
 
     @property
     def url(self) -> str:
@@ -112,6 +128,7 @@ class Stack:
         env = dict(os.environ)
         env.update(
             CORRAL_REDIS_URL=self.redis_url,
+            **({"CORRAL_JOBS_REDIS_URL": self.jobs_redis_url} if self.jobs_redis_url else {}),
             CORRAL_KEY_PREFIX=self.key_prefix,
             CORRAL_HOME=str(HOME),
             CORRAL_PORT=str(self.port),
@@ -143,12 +160,12 @@ class Stack:
         return process
 
     def wait_for_worker(self, worker_id: str, process: subprocess.Popen, timeout_s: float = 180) -> None:
-        client = redis.Redis.from_url(self.redis_url)
+        client = self.redis()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"worker {worker_id} exited with {process.returncode}")
-            if client.exists(f"{self.key_prefix}:worker:{worker_id}"):
+            if client.exists(Keys(self.key_prefix).worker(worker_id)):
                 return
             time.sleep(0.1)
         raise TimeoutError(f"worker {worker_id} did not register")
@@ -164,9 +181,14 @@ class Stack:
     def wait_for_gateway(self, timeout_s: float = 60, url: str | None = None) -> None:
         wait_until_ok(f"{url or self.url}/readyz", timeout_s)
 
+    def redis(self) -> redis.Redis:
+        """A blocking client of the stack's Redis (a cluster client on a cluster)."""
+        if self._client is None:
+            self._client = connect_sync(self.redis_url)
+        return self._client
+
     def worker_info(self, worker_id: str) -> dict[str, str]:
-        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
-        return client.hgetall(f"{self.key_prefix}:worker:{worker_id}")
+        return self.redis().hgetall(Keys(self.key_prefix).worker(worker_id))
 
     def served_models(self) -> list[str]:
         return [m["id"] for m in httpx.get(f"{self.url}/v1/models", timeout=5).json()["data"]]
@@ -233,6 +255,72 @@ def arena_stack(redis_url: str, model_path: str, tmp_path_factory) -> Iterator[S
         yield stack
     finally:
         stack.stop()
+
+
+# --------------------------------------------------------------------------- LoRA adapters
+
+PROMPTS = ["What is the capital of France?", "Name a fruit.", "Count to five."]
+LORA_TOKENS = 12
+# Which layers each adapter changes: different sets, so a layer one adapter leaves alone is covered.
+TARGETS = {"tuned": ["q_proj", "v_proj"], "other": ["k_proj", "o_proj", "down_proj"]}
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    messages = [{"role": "user", "content": prompt}]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
+
+
+@pytest.fixture(scope="module")
+def adapters(model_path: str, tmp_path_factory) -> dict[str, Path]:
+    """Two adapters with random (not identity) weights, saved in peft's format."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    folders: dict[str, Path] = {}
+    for name, targets in TARGETS.items():
+        config = LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False)
+        model = get_peft_model(base, config)
+        with torch.no_grad():
+            for parameter_name, parameter in model.named_parameters():
+                if "lora_B" in parameter_name:
+                    parameter.mul_(0.5)  # a clear change of the answers, not noise
+        folders[name] = tmp_path_factory.mktemp("lora") / name
+        model.save_pretrained(folders[name])
+        base = model.unload()  # the base weights, without this adapter
+    return folders
+
+
+@pytest.fixture(scope="module")
+def reference(model_path: str, adapters: dict[str, Path], tokenizer):
+    """peft's own answers: (adapter or "" for the base, prompt) → (greedy token ids, first-step log-probs)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapters["tuned"], adapter_name="tuned")
+    model.load_adapter(adapters["other"], adapter_name="other")
+    model.eval()
+
+    def answer(adapter: str, prompt: str) -> tuple[list[int], torch.Tensor]:
+        ids = prompt_ids(tokenizer, prompt)
+        inputs = torch.tensor([ids])
+        with torch.no_grad():
+            if adapter:
+                model.set_adapter(adapter)
+                out = model.generate(inputs, max_new_tokens=LORA_TOKENS, do_sample=False)
+                logits = model(inputs).logits[0, -1]
+            else:
+                with model.disable_adapter():
+                    out = model.generate(inputs, max_new_tokens=LORA_TOKENS, do_sample=False)
+                    logits = model(inputs).logits[0, -1]
+        return out[0, len(ids) :].tolist(), torch.log_softmax(logits.float(), dim=-1)
+
+    return answer
 
 
 # --------------------------------------------------------------------------- test tiers

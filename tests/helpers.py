@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import inspect
 import json
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import httpx
+import redis.asyncio as aioredis
 
 from tests.conftest import HOME, MODEL, wait_until_ok
 from workers.engine import SamplingParams, StepOutput
@@ -91,6 +93,29 @@ async def until(
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
         await asyncio.sleep(every_s)
+
+
+@contextlib.asynccontextmanager
+async def subscribed(client: aioredis.Redis, channel: str) -> AsyncIterator[list[str]]:
+    """The messages of a sharded channel, appended as they arrive, from the moment it is
+    subscribed until the block ends."""
+    from broker.pubsub import ShardedSubscription
+
+    received: list[str] = []
+    subscription = ShardedSubscription(client, channel)
+
+    async def read() -> None:
+        async for message in subscription.messages():
+            received.append(message)
+
+    reader = asyncio.create_task(read())
+    try:
+        await until(lambda: subscription.connected or reader.done(), "subscribed", 10, every_s=0.01)
+        yield received
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        await subscription.aclose()
 
 
 # Ordinary word tokens to cycle through, so the detokenizer does real work.

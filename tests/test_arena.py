@@ -16,6 +16,7 @@ import httpx
 import pytest
 import redis
 
+from broker.keys import Keys
 from broker.settings import Settings
 from judge.ratings import anonymous, battles_from_log, leaderboard
 from tests.conftest import MODEL, MODEL_INFO, TWIN, TWIN_INFO, Stack
@@ -114,7 +115,7 @@ def test_anonymous_pairs_are_two_distinct_models_in_random_order(arena_stack):
     # Until a vote the order shows only in the battles' hashes.
     client = redis.Redis.from_url(arena_stack.redis_url, decode_responses=True)
     pairs = [
-        tuple(json.loads(client.hget(f"{arena_stack.key_prefix}:arena:battle:{b['id']}", "models")))
+        tuple(json.loads(client.hget(Keys(arena_stack.key_prefix).battle(b["id"]), "models")))
         for b in battles
     ]
     orders = Counter(pairs)

@@ -5,15 +5,23 @@ from __future__ import annotations
 import asyncio
 import os
 
+import pytest
 import redis as redis_sync
 import redis.asyncio as aioredis
 
 from broker.connection import EmbeddedValkey, connect
 from broker.keys import Keys
-from broker.queue import QueueFull, RequestQueue
+from broker.queue import QueueFull, RequestQueue, unframe
 from broker.registry import WorkerRegistry
 from broker.schemas import ChatMessage, Event, GenerationRequest, WorkerInfo, now_ms
 from tests.conftest import free_port
+from tests.helpers import subscribed, until
+
+
+@pytest.fixture(params=["single", "cluster"])
+def redis_url(request, redis_url: str) -> str:
+    """Each test runs on a single server and on a 3-master cluster."""
+    return request.getfixturevalue("cluster_url") if request.param == "cluster" else redis_url
 
 
 def request(i: int = 0, model: str = "m") -> GenerationRequest:
@@ -88,13 +96,12 @@ async def test_publish_reports_which_events_a_gateway_received(redis_url, key_pr
     r = connect(redis_url)
     keys = Keys(key_prefix)
     queue = RequestQueue(r, keys)
-    pubsub = r.pubsub(ignore_subscribe_messages=True)
-    await pubsub.psubscribe(keys.output_pattern("gwA"))
     a, b = Event(seq=1, type="delta", text="a"), Event(seq=1, type="delta", text="b")
     events = [("gwA.1", a), ("gwB.1", b)]
-
-    assert await queue.publish(events) == [True, False]  # nobody listens for gateway B
-    await pubsub.aclose()
+    async with subscribed(r, keys.output("gwA")) as received:
+        assert await queue.publish(events) == [True, False]  # nobody listens for gateway B
+        await until(lambda: received, "gateway A's event")
+    assert [unframe(m) for m in received] == [("gwA.1", a.model_dump_json(exclude_defaults=True))]
     await r.aclose()
 
 
@@ -120,19 +127,12 @@ async def test_events_published_in_one_pipeline_arrive_in_order(redis_url, key_p
     r = connect(redis_url)
     keys = Keys(key_prefix)
     queue = RequestQueue(r, keys)
-    pubsub = r.pubsub(ignore_subscribe_messages=True)
-    await pubsub.subscribe(keys.output("gw.1"))
     events = [("gw.1", Event(seq=i, type="delta", text=str(i))) for i in range(1, 6)]
-
-    await queue.publish(events)
-
-    received = []
-    while len(received) < 5:
-        message = await pubsub.get_message(timeout=2)
-        if message:
-            received.append(Event.model_validate_json(message["data"]))
+    async with subscribed(r, keys.output("gw")) as messages:
+        await queue.publish(events)
+        await until(lambda: len(messages) == 5, "five events")
+    received = [Event.model_validate_json(unframe(m)[1]) for m in messages]
     assert [e.seq for e in received] == [1, 2, 3, 4, 5]
-    await pubsub.aclose()
     await r.aclose()
 
 
@@ -146,8 +146,17 @@ async def test_worker_registry_forgets_a_worker_whose_heartbeat_expired(redis_ur
 
     assert sorted(await registry.models()) == ["m1", "m2"]
     assert (await registry.models())["m2"][0].in_flight == 3
-    await asyncio.sleep(0.4)
+
+    async def expired() -> bool:
+        return not await r.exists(Keys(key_prefix).worker("a"))
+
+    await until(expired, "a's heartbeat expires", 5)
     assert sorted(await registry.models()) == ["m2"]
+    await registry.beat(WorkerInfo(worker_id="c", models=["m3"], device="cpu", max_batch=4), ttl_s=30)
+    # The index lists the live workers (a beat drops expired entries), so nothing scans.
+    assert await r.zrange(Keys(key_prefix).workers, 0, -1) == ["b", "c"]
+    await registry.remove("b")
+    assert [w.worker_id for w in await registry.live()] == ["c"]
     await r.aclose()
 
 

@@ -12,73 +12,13 @@ import httpx
 import pytest
 import torch
 
-from tests.conftest import Stack
+from tests.conftest import LORA_TOKENS as TOKENS
+from tests.conftest import PROMPTS, Stack, prompt_ids
 from workers.engine import SamplingParams
 from workers.generate_engine import GenerateEngine
 from workers.hf_engine import TransformersEngine
 from workers.loading import load_model
 from workers.lora import AdapterError, MultiLoRA, parse_specs
-
-PROMPTS = ["What is the capital of France?", "Name a fruit.", "Count to five."]
-TOKENS = 12
-# Which layers each adapter changes: different sets, so a layer one adapter leaves alone is covered.
-TARGETS = {"tuned": ["q_proj", "v_proj"], "other": ["k_proj", "o_proj", "down_proj"]}
-
-
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    messages = [{"role": "user", "content": prompt}]
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
-
-
-@pytest.fixture(scope="module")
-def adapters(model_path: str, tmp_path_factory) -> dict[str, Path]:
-    """Two adapters with random (not identity) weights, saved in peft's format."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    folders: dict[str, Path] = {}
-    for name, targets in TARGETS.items():
-        config = LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False)
-        model = get_peft_model(base, config)
-        with torch.no_grad():
-            for parameter_name, parameter in model.named_parameters():
-                if "lora_B" in parameter_name:
-                    parameter.mul_(0.5)  # a clear change of the answers, not noise
-        folders[name] = tmp_path_factory.mktemp("lora") / name
-        model.save_pretrained(folders[name])
-        base = model.unload()  # the base weights, without this adapter
-    return folders
-
-
-@pytest.fixture(scope="module")
-def reference(model_path: str, adapters: dict[str, Path], tokenizer):
-    """peft's own answers: (adapter or "" for the base, prompt) → (greedy token ids, first-step log-probs)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    torch.set_num_threads(1)
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, adapters["tuned"], adapter_name="tuned")
-    model.load_adapter(adapters["other"], adapter_name="other")
-    model.eval()
-
-    def answer(adapter: str, prompt: str) -> tuple[list[int], torch.Tensor]:
-        ids = prompt_ids(tokenizer, prompt)
-        inputs = torch.tensor([ids])
-        with torch.no_grad():
-            if adapter:
-                model.set_adapter(adapter)
-                out = model.generate(inputs, max_new_tokens=TOKENS, do_sample=False)
-                logits = model(inputs).logits[0, -1]
-            else:
-                with model.disable_adapter():
-                    out = model.generate(inputs, max_new_tokens=TOKENS, do_sample=False)
-                    logits = model(inputs).logits[0, -1]
-        return out[0, len(ids) :].tolist(), torch.log_softmax(logits.float(), dim=-1)
-
-    return answer
 
 
 async def run_all(engine, tokenizer, jobs: list[tuple[str, str]]) -> list[list[int]]:

