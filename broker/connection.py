@@ -17,9 +17,10 @@ import secrets
 import subprocess
 import unittest.mock
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -164,6 +165,52 @@ UNAVAILABLE: tuple[type[Exception], ...] = (
 )
 
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+_SENTINEL_SCHEMES = {"redis+sentinel", "rediss+sentinel"}
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """`redis+sentinel://[user:password@]host:port[,host:port...]/service[/db]`: the sentinels to
+    ask, the service (master name) they watch, and the master's credentials and database."""
+
+    sentinels: list[tuple[str, int]]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    ssl: bool = False
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelURL:
+        parts = urlsplit(url)
+        credentials, _, hosts = parts.netloc.rpartition("@")
+        username, _, password = credentials.partition(":")
+        sentinels = []
+        for host in hosts.split(","):
+            name, _, port = host.rpartition(":")
+            sentinels.append((name or host, int(port) if name else 26379))
+        path = [p for p in parts.path.split("/") if p]
+        if not path:
+            raise ValueError("a redis+sentinel:// URL names its service: redis+sentinel://host:26379/NAME")
+        return cls(
+            sentinels=sentinels,
+            service=path[0],
+            db=int(path[1]) if len(path) > 1 else 0,
+            username=unquote(username) or None,
+            password=unquote(password) or None,
+            ssl=parts.scheme.startswith("rediss"),
+        )
+
+    def watchers(self, kind: Any) -> Any:
+        """A Sentinel client (`kind`: redis-py's blocking or asyncio one) of these sentinels."""
+        return kind(self.sentinels, socket_timeout=5)
+
+    def master_kwargs(self) -> dict[str, Any]:
+        return {"db": self.db, "username": self.username, "password": self.password, "ssl": self.ssl}
+
+
+def is_sentinel(url: str) -> bool:
+    return urlsplit(url).scheme in _SENTINEL_SCHEMES
 
 
 @functools.cache
@@ -173,7 +220,7 @@ def is_cluster(url: str) -> bool:
     if urlsplit(url).scheme in _CLUSTER_SCHEMES:
         return True
     if urlsplit(url).scheme not in ("redis", "rediss"):
-        return False  # a unix socket is never a cluster
+        return False  # a unix socket, or Sentinel's master, is never a cluster
     with redis.Redis.from_url(url, socket_connect_timeout=5) as probe:
         return bool(cast(dict[str, Any], probe.info("cluster")).get("cluster_enabled"))
 
@@ -184,12 +231,28 @@ def _plain(url: str) -> str:
     return str(urlunsplit(parts._replace(scheme=scheme)))
 
 
+# A cluster client's commands never wait for ever: redis-py closes every connection of the
+# client when one command meets a dead node, and a command in flight on another task then can
+# wait for a reply that never comes (longer than any BLOCK Corral sends, 1 s). And a command for
+# a dead node fails after one retry (0.25 s), not three: Corral keeps what it could not send and
+# tries again on its own. (0 retries is not possible: redis-py 5.3 then fails with an
+# UnboundLocalError.)
+_CLUSTER_OPTIONS = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0, "cluster_error_retry_attempts": 1}
+
+
 def connect(url: str) -> aioredis.Redis:
     """An asyncio client that decodes replies to str; share one per process. On a cluster it is
     redis-py's cluster client, which follows slots and failovers; it answers the same commands,
     so it is typed as the plain client (every command Corral sends touches one slot)."""
+    if is_sentinel(url):
+        sentinel = SentinelURL.parse(url)
+        watchers = sentinel.watchers(aioredis.Sentinel)
+        return cast(
+            aioredis.Redis,
+            watchers.master_for(sentinel.service, decode_responses=True, **sentinel.master_kwargs()),
+        )
     if is_cluster(url):
-        cluster = aioredis.RedisCluster.from_url(_plain(url), decode_responses=True)
+        cluster = aioredis.RedisCluster.from_url(_plain(url), decode_responses=True, **_CLUSTER_OPTIONS)
         return cast(aioredis.Redis, cluster)
     client: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
     return client
@@ -197,8 +260,16 @@ def connect(url: str) -> aioredis.Redis:
 
 def connect_sync(url: str) -> redis.Redis:
     """The blocking client of `connect` (CLI, UI, job code), decoding replies to str."""
+    if is_sentinel(url):
+        sentinel = SentinelURL.parse(url)
+        watchers = sentinel.watchers(redis.Sentinel)
+        return cast(
+            redis.Redis,
+            watchers.master_for(sentinel.service, decode_responses=True, **sentinel.master_kwargs()),
+        )
     if is_cluster(url):
-        return cast(redis.Redis, redis.RedisCluster.from_url(_plain(url), decode_responses=True))
+        cluster = redis.RedisCluster.from_url(_plain(url), decode_responses=True, **_CLUSTER_OPTIONS)
+        return cast(redis.Redis, cluster)
     return redis.Redis.from_url(url, decode_responses=True)
 
 
@@ -241,5 +312,14 @@ def connect_arq(url: str) -> ArqRedis:
             "the job queue (arq) cannot run on a Redis Cluster: set CORRAL_JOBS_REDIS_URL to a "
             "single server or a Sentinel-managed one"
         )
-    pool = ConnectionPool.from_url(url)
+    if is_sentinel(url):
+        from redis.asyncio.sentinel import SentinelConnectionPool
+
+        sentinel = SentinelURL.parse(url)
+        pool_class: Any = SentinelConnectionPool
+        pool: ConnectionPool = pool_class(
+            sentinel.service, sentinel.watchers(aioredis.Sentinel), **sentinel.master_kwargs()
+        )
+    else:
+        pool = ConnectionPool.from_url(url)
     return ArqRedis(pool, job_serializer=job_serializer, job_deserializer=job_deserializer)

@@ -11,14 +11,12 @@ send again what SPUBLISH says nobody received."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import RedisClusterException
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +61,10 @@ class ShardedSubscription:
     async def _refresh(self) -> None:
         """Relearns the cluster's slots (after a failover or a slot move)."""
         if isinstance(self.client, aioredis.RedisCluster):
-            with contextlib.suppress(aioredis.RedisError, OSError):
+            try:
                 await self.client.nodes_manager.initialize()
+            except Exception as e:  # mid-failover any node may refuse or answer half a map
+                log.debug("%s: cluster map not refreshed (%s)", self.name, e)
 
     async def _subscribe(self) -> AbstractConnection:
         if isinstance(self.client, aioredis.RedisCluster):
@@ -94,7 +94,7 @@ class ShardedSubscription:
                     self.on_connect()
                 async for payload in self._read(connection):
                     yield payload
-            except (aioredis.RedisError, RedisClusterException, OSError) as e:
+            except Exception as e:  # whatever broke the link, the subscription must come back
                 log.warning("%s: subscription lost (%s); again in %.1f s", self.name, e, backoff_s)
             finally:
                 self.connected = False

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
+from redis import exceptions as redis_exceptions
 from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
+from broker.connection import UNAVAILABLE
 from broker.keys import LANES, WORKER_GROUP, Keys
 from broker.progress import ChoiceProgress, ProgressUpdate
 from broker.progress import parse as parse_progress
@@ -27,9 +29,12 @@ log = logging.getLogger(__name__)
 _FIELD = "r"
 # Pending entries one reclaim pass looks at per stream (the rest wait for the next pass).
 _RECLAIM_SCAN = 1000
+# On a cluster, a node that could not be reached is not tried again for this long: what lives
+# there waits (kept to send again), while the other nodes are served at full speed.
+_NODE_DOWN_S = 0.5
 # On a cluster, the streams of a worker's names can lie in several slots, and one XREADGROUP
-# reads one slot: an idle worker then blocks on each slot's streams at once for at most this
-# long, so a request waits no longer than this for the other slots' reads to return.
+# reads one slot: an idle worker then blocks on each slot's streams in turn for at most this
+# long, so a request waits no longer than this per other slot.
 _SLOTS_BLOCK_MS = 100
 
 # Waiting requests = entries − entries pending on a worker (acked entries are deleted, so the
@@ -68,11 +73,27 @@ class Claimed:
         return self.request.lane
 
 
+@dataclass
+class Published:
+    """What one publish did. `heard[i]`: whether event i reached its gateway, or None when it
+    was not sent (its shard unreachable); `unrecorded`: requests whose progress was not written.
+    Both are for sending again."""
+
+    heard: list[bool | None] = field(default_factory=list)
+    unrecorded: set[str] = field(default_factory=set)
+
+
+# One publish's commands for one event or one request's progress: (key, what it is for, commands).
+_Op = tuple[str, int | str, list[tuple[Any, ...]]]
+
+
 class RequestQueue:
     def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
         self._enqueue_bounded = redis.register_script(_ENQUEUE_BOUNDED)
+        # Cluster node name → until when it is taken for down (see _NODE_DOWN_S).
+        self._down_until: dict[str, float] = {}
 
     async def enqueue(self, request: GenerationRequest, max_waiting: int = 0) -> str:
         """Add a request to its model's lane; with `max_waiting`, raise QueueFull instead when
@@ -118,12 +139,10 @@ class RequestQueue:
                 by_slot.setdefault(self._slot(stream), {})[stream] = ">"
         if len(by_slot) > 1 and block_ms is not None:
             block_ms = min(block_ms, _SLOTS_BLOCK_MS)
-        replies = await asyncio.gather(
-            *(
-                self.redis.xreadgroup(WORKER_GROUP, consumer, streams, count=count, block=block_ms)
-                for streams in by_slot.values()
-            )
-        )
+        replies = [  # one slot after another (see _per_node)
+            await self.redis.xreadgroup(WORKER_GROUP, consumer, streams, count=count, block=block_ms)
+            for streams in by_slot.values()
+        ]
         claimed: list[Claimed] = []
         for stream, entries in [item for reply in replies for item in reply or []]:
             parsed = self._parse(stream, entries)
@@ -193,21 +212,82 @@ class RequestQueue:
         self,
         events: list[tuple[str, Event]],
         progress: dict[str, ProgressUpdate] | None = None,
-    ) -> list[bool]:
+    ) -> Published:
         """Publish many requests' events, and record their progress, in one round trip (one
-        pipeline per engine step). Returns, for each event, whether its gateway received it."""
+        pipeline per engine step; on a cluster, one per node, so a node that is down holds back
+        only what lives on it). Raises only when nothing could be sent."""
         if not events and not progress:
-            return []
+            return Published()
+        ops: list[_Op] = []
+        for i, (request_id, event) in enumerate(events):
+            channel = self.keys.output_of(request_id)
+            ops.append((channel, i, [("SPUBLISH", channel, frame(request_id, event))]))
+        for request_id, update in (progress or {}).items():
+            key = self.keys.progress(request_id)
+            commands: list[tuple[Any, ...]] = [("APPEND", key, update.entries)]
+            if update.expire_at_ms is not None:
+                commands.append(("PEXPIREAT", key, update.expire_at_ms))
+            ops.append((key, request_id, commands))
+        replies = await self._per_node(ops)
+        published = Published(heard=[None] * len(events))
+        for (_, what, _), reply in zip(ops, replies, strict=True):
+            if isinstance(reply, BaseException):
+                if isinstance(what, str):
+                    published.unrecorded.add(what)
+            elif isinstance(what, int):
+                published.heard[what] = int(reply) > 0
+        return published
+
+    async def _per_node(self, ops: list[_Op]) -> list[Any]:
+        """Runs the ops' commands in one pipeline per node (one in all on a single server);
+        returns each op's first reply, or its node's error when that node was unreachable.
+        Raises when no node could be reached, or on any other error."""
+        groups: dict[str, list[int]] = {}
+        for i, (key, _, _) in enumerate(ops):
+            groups.setdefault(self._node(key), []).append(i)
+        replies: list[Any] = [None] * len(ops)
+        failures: list[BaseException] = []
+        # One after another, not at once: redis-py's cluster client closes all its connections
+        # when one meets a dead node, and a command in flight beside it can then hang or fail.
+        loop = asyncio.get_running_loop()
+        for node, members in groups.items():
+            try:
+                if loop.time() < self._down_until.get(node, 0.0):
+                    raise redis_exceptions.ConnectionError(f"{node} was unreachable a moment ago")
+                result = await self._run([ops[i] for i in members])
+            except UNAVAILABLE as e:
+                if loop.time() >= self._down_until.get(node, 0.0):  # tried, and failed
+                    self._down_until[node] = loop.time() + _NODE_DOWN_S
+                    log.warning("%s unreachable (%s); what lives there waits", node or "redis", e)
+                failures.append(e)
+                result = [e] * len(members)
+            for n, i in enumerate(members):
+                replies[i] = result[n]
+        if failures and len(failures) == len(groups):
+            raise failures[0]
+        return replies
+
+    def _node(self, key: str) -> str:
+        """The name of the node that serves `key` now ("" on a single server)."""
+        if not isinstance(self.redis, aioredis.RedisCluster):
+            return ""
+        try:
+            return str(self.redis.get_node_from_key(key).name)
+        except Exception:  # slots not known yet, or not covered mid-failover: one group of its own
+            return "?"
+
+    async def _run(self, ops: list[_Op]) -> list[Any]:
+        """One pipeline of these ops' commands; each op's first reply."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            for request_id, event in events:
-                pipe.execute_command("SPUBLISH", self.keys.output_of(request_id), frame(request_id, event))
-            for request_id, update in (progress or {}).items():
-                key = self.keys.progress(request_id)
-                pipe.append(key, update.entries)
-                if update.expire_at_ms is not None:
-                    pipe.pexpireat(key, update.expire_at_ms)
+            for _, _, commands in ops:
+                for command in commands:
+                    pipe.execute_command(*command)
             replies = await pipe.execute()
-        return [receivers > 0 for receivers in replies[: len(events)]]
+        firsts, at = [], 0
+        for _, _, commands in ops:
+            firsts.append(replies[at])
+            at += len(commands)
+        return firsts
 
     async def progress(self, request_id: str) -> dict[int, ChoiceProgress]:
         """Each choice's recorded progress, by index (empty if none was recorded)."""
@@ -268,15 +348,20 @@ class RequestQueue:
             pipe.execute_command("SPUBLISH", self.keys.cancel(model), request_id)
             await pipe.execute()
 
-    async def cancelled(self, request_ids: list[str]) -> set[str]:
-        """Which of these requests were cancelled (one round trip)."""
+    async def cancelled(self, request_ids: list[str]) -> tuple[set[str], set[str]]:
+        """Which of these requests were cancelled, and which could not be checked (their node
+        unreachable, on a cluster), in one round trip."""
         if not request_ids:
-            return set()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for request_id in request_ids:
-                pipe.exists(self.keys.cancelled(request_id))
-            found = await pipe.execute()
-        return {r for r, hit in zip(request_ids, found, strict=True) if hit}
+            return set(), set()
+        ops: list[_Op] = [
+            (self.keys.cancelled(r), r, [("EXISTS", self.keys.cancelled(r))]) for r in request_ids
+        ]
+        replies = await self._per_node(ops)
+        unknown = {
+            r for r, reply in zip(request_ids, replies, strict=True) if isinstance(reply, BaseException)
+        }
+        found = {r for r, reply in zip(request_ids, replies, strict=True) if reply is True or reply == 1}
+        return found - unknown, unknown
 
 
 def frame(request_id: str, event: Event) -> str:

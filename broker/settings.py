@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     port: int = 8000
     # Every request carries a deadline; this is the default when the client sets no timeout.
     request_timeout_s: float = Field(600.0, gt=0)
+    # While Redis (or the shard of a model's queue) is unreachable, how long the gateway keeps
+    # trying to queue a request before it answers 503: longer than a failover. Within the
+    # request's deadline in any case.
+    admission_retry_s: float = Field(10.0, ge=0)
     # Bearer keys for /v1/* (comma-separated): user keys, and admin keys that may also run jobs,
     # export the arena and refresh the leaderboard. A key file holds one key a line, optionally
     # followed by its role (`KEY admin`; default user). No keys at all: the gateway serves only on
@@ -86,6 +90,11 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(1.0, gt=0)
     # A worker whose heartbeat key is older than this is gone: /v1/models drops it.
     worker_ttl_s: float = Field(5.0, gt=0)
+    # How long a worker keeps sending a request's events that reach no gateway (sent, and nobody
+    # subscribed) before it takes the client for gone and cancels the request. Longer than a
+    # Redis failover, during which a gateway resubscribes; events that could not be sent at all
+    # (their shard unreachable) are kept and do not count.
+    unheard_grace_s: float = Field(30.0, gt=0)
     # A request whose worker dies this many times more ends with an error instead.
     max_attempts: int = Field(3, ge=1)
     # After SIGTERM, how long in-flight requests may take to finish; what is still running then

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import sys
 
 from broker.settings import Settings
@@ -133,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--gateway-url", help="where the gateway runs (default http://HOST:PORT)")
     _add_worker_flags(commands.add_parser("worker", help="run one worker for one model"))
 
+    cluster = commands.add_parser(
+        "cluster-create", help="join fresh cluster-enabled Redis/Valkey nodes into one Redis Cluster"
+    )
+    cluster.add_argument("nodes", nargs="+", metavar="HOST:PORT", help="the nodes, masters first")
+    cluster.add_argument("--replicas", type=int, default=1, help="replicas per master (default 1)")
+
     chat = commands.add_parser("chat", help="chat in the terminal through a gateway")
     chat.add_argument("--url", default=None, help="gateway URL (default http://HOST:PORT)")
     chat.add_argument("--model", help="model to chat with (default: the first served)")
@@ -161,8 +169,20 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings().with_overrides(**flags)
 
 
+# Subcommand → (module, its function of (args, settings) → exit status).
+_RUN_CLI = {
+    "clean": ("corral.clean", "run_clean"),
+    "judge": ("corral.judge", "run_cli"),
+    "train": ("corral.train", "run_train"),
+    "arena": ("corral.arena", "run_cli"),
+    "jobs": ("corral.jobs", "run_cli"),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command == "cluster-create":
+        sys.exit(_cluster_create(args.nodes, args.replicas))
     if args.command == "chat":
         from corral.chat import run_chat
 
@@ -170,26 +190,9 @@ def main(argv: list[str] | None = None) -> None:
         url = args.url or settings.own_gateway_url
         sys.exit(run_chat(url, args))
     settings = settings_from(args)
-    if args.command == "clean":
-        from corral.clean import run_clean
-
-        sys.exit(run_clean(args, settings))
-    if args.command == "judge":
-        from corral.judge import run_cli as run_judge
-
-        sys.exit(run_judge(args, settings))
-    if args.command == "train":
-        from corral.train import run_train
-
-        sys.exit(run_train(args, settings))
-    if args.command == "arena":
-        from corral.arena import run_cli as run_arena
-
-        sys.exit(run_arena(args, settings))
-    if args.command == "jobs":
-        from corral.jobs import run_cli
-
-        sys.exit(run_cli(args, settings))
+    if args.command in _RUN_CLI:  # subcommands with a module of their own
+        module, function = _RUN_CLI[args.command]
+        sys.exit(getattr(importlib.import_module(module), function)(args, settings))
     if args.command in ("status", "stop"):
         from corral import up
 
@@ -210,3 +213,22 @@ def main(argv: list[str] | None = None) -> None:
         from corral.up import up
 
         sys.exit(up(settings, args.models or [settings.model], default_profile=not args.no_profile))
+
+
+def _cluster_create(nodes: list[str], replicas: int) -> int:
+    from broker.cluster import create_cluster
+
+    addresses = []
+    for node in nodes:
+        host, _, port = node.rpartition(":")
+        if not host or not port.isdigit():
+            print(f"corral: not HOST:PORT: {node!r}", file=sys.stderr)
+            return 2
+        addresses.append((host, int(port)))
+    try:
+        create_cluster(addresses, replicas, password=os.environ.get("CORRAL_CLUSTER_PASSWORD"))
+    except (ValueError, TimeoutError) as e:
+        print(f"corral: {e}", file=sys.stderr)
+        return 1
+    print(f"cluster ok: {len(addresses) // (1 + replicas)} masters, {replicas} replica(s) each")
+    return 0

@@ -242,7 +242,7 @@ async def play_turn(
             )
             call = Call(gateway, request, "arena", who.id)
             calls.append(call)
-            await gateway.queue.enqueue(request, gateway.settings.max_backlog)
+            await call.enqueue(gateway.settings.max_backlog)
     except QueueFull as e:
         calls[-1].finished = True  # never queued
         _release(calls)

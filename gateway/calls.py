@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from broker.connection import UNAVAILABLE
 from broker.progress import GRACE_MS
 from broker.schemas import Event, GenerationRequest, Usage, WorkerInfo
 from gateway.errors import DeadlineExceeded, GenerationFailed, ModelNotFound, ModelUnavailable
@@ -64,6 +65,23 @@ class Call:
         self.queue = gateway.hub.open(request.request_id, request.model)
         self.finished = False
         self.counted = False
+
+    async def enqueue(self, max_waiting: int = 0) -> None:
+        """Queue the request. While its queue's Redis (or cluster shard) is unreachable, as in a
+        failover, try again for up to `admission_retry_s` within the deadline, then give up (the
+        caller answers 503); QueueFull is raised at once."""
+        loop = asyncio.get_running_loop()
+        give_up_at = min(self.deadline, loop.time() + self.gateway.settings.admission_retry_s)
+        backoff_s = 0.05
+        while True:
+            try:
+                await self.gateway.queue.enqueue(self.request, max_waiting)
+                return
+            except UNAVAILABLE:
+                if loop.time() + backoff_s > give_up_at:
+                    raise
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, 1.0)
 
     async def events(self) -> AsyncIterator[Event]:
         try:

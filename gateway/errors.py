@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from broker.schemas import CLIENT_ERRORS, ErrorCode
@@ -116,12 +116,15 @@ def install_error_handlers(app: FastAPI) -> None:
         message = f"{param}: {first.get('msg', 'invalid value')}" if param else str(first.get("msg"))
         return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_value"), 400)
 
-    @app.exception_handler(RedisError)
-    async def on_redis_error(_: Request, exc: RedisError) -> JSONResponse:
+    async def on_redis_error(_: Request, exc: Exception) -> JSONResponse:
         body = error_body(
             "The queue is unreachable; retry shortly.", "server_error", None, "queue_unavailable"
         )
         return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+
+    # A cluster mid-failover raises the second kind (a slot no live master serves yet).
+    app.add_exception_handler(RedisError, on_redis_error)
+    app.add_exception_handler(RedisClusterException, on_redis_error)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

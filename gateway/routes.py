@@ -135,7 +135,7 @@ async def _ask(gateway: Gateway, model: str, kind: str, expected: type[R], **fie
     request = new_request(gateway, model=model, kind=kind, **fields)
     call = Call(gateway, request, kind, caller="")
     try:
-        await gateway.queue.enqueue(request)
+        await call.enqueue()
         async for event in call.events():
             if event.type == "error":
                 assert event.error is not None
@@ -184,7 +184,7 @@ async def _generate(
     call = Call(gateway, request, endpoint, who)
     shape = ResponseShape(_response_id(endpoint, request.request_id), body.model, chat=endpoint == "chat")
     try:
-        await gateway.queue.enqueue(request, settings.max_backlog)
+        await call.enqueue(settings.max_backlog)
     except QueueFull as e:
         call.finished = True  # never queued: nothing to cancel
         call.release()

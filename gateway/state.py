@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from fastapi import Depends, Request
 
 from broker.arena import ArenaStore
+from broker.connection import UNAVAILABLE
 from broker.jobs import JobStore
 from broker.keys import Keys
 from broker.queue import RequestQueue
@@ -26,7 +27,8 @@ _MODELS_FRESH_S = 1.0
 
 @dataclass
 class LiveModels:
-    """The served models, cached briefly so a request costs no SCAN of the worker keys."""
+    """The served models, cached briefly so a request costs no read of the registry; while the
+    registry's Redis (or shard) is unreachable, the last answer stands if there is one."""
 
     registry: WorkerRegistry
     _served: dict[str, list[WorkerInfo]] = field(default_factory=dict)
@@ -34,7 +36,12 @@ class LiveModels:
 
     async def get(self, refresh: bool = False) -> dict[str, list[WorkerInfo]]:
         if refresh or time.monotonic() - self._fetched_at > _MODELS_FRESH_S:
-            self._served = await self.registry.models()
+            try:
+                self._served = await self.registry.models()
+            except UNAVAILABLE:
+                if not self._served:
+                    raise
+                return self._served
             self._fetched_at = time.monotonic()
         return self._served
 

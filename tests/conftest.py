@@ -134,6 +134,7 @@ class Stack:
             CORRAL_PORT=str(self.port),
             CORRAL_HEARTBEAT_S=str(HEARTBEAT_S),
             CORRAL_WORKER_TTL_S=str(WORKER_TTL_S),
+            CORRAL_UNHEARD_GRACE_S=str(WORKER_TTL_S),
             CORRAL_THREADS="1",
             # What the `greedy` reference computes in; auto picks bf16 on CPUs with AMX.
             CORRAL_DTYPE="float32",
@@ -329,6 +330,8 @@ def reference(model_path: str, adapters: dict[str, Path], tokenizer):
 # leaves them out): by the fixtures they use, and by module for those that start their own.
 _SLOW_FIXTURES = {"stack", "arena_stack", "jobs_stack", "greedy"}
 _SLOW_MODULES = {
+    "test_cluster",
+    "test_sentinel",
     "test_cli",
     "test_ui",
     "test_reliability",

@@ -5,14 +5,20 @@ mid-answer, and masters killed while answers stream."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import signal
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 
 import httpx
 import pytest
+import redis
 
+from broker.keys import Keys
 from tests.cluster import LocalCluster, free_port_run
 from tests.conftest import LORA_TOKENS, MODEL, PROMPTS, Stack, free_port
 from tests.helpers import stream_text, until
@@ -29,15 +35,20 @@ def cluster(tmp_path_factory) -> Iterator[LocalCluster]:
 
 
 @pytest.fixture(scope="module")
-def cluster_stack(cluster: LocalCluster, redis_url: str, model_path: str, adapters) -> Iterator[Stack]:
-    """A gateway and a worker (SmolLM2 with two LoRA adapters) on the cluster; jobs on the
-    single server, since arq cannot use a cluster."""
+def cluster_stack(
+    cluster: LocalCluster, redis_url: str, model_path: str, adapters, tmp_path_factory
+) -> Iterator[Stack]:
+    """A gateway, a worker (SmolLM2 with two LoRA adapters) and a job runner on the cluster;
+    the job queue on the single server, since arq cannot use a cluster."""
     stack = Stack(cluster.url, f"test-{uuid.uuid4().hex[:10]}", free_port(), jobs_redis_url=redis_url)
     try:
         stack.start("gateway")
         stack.wait_for_gateway()
         specs = [f"{name}={path}" for name, path in adapters.items()]
         stack.main_worker = stack.start_worker(CORRAL_LORA=json.dumps(specs))  # type: ignore[attr-defined]
+        home = str(tmp_path_factory.mktemp("cluster-home"))
+        runner = [sys.executable, "-m", "corral", "jobs"]
+        stack.processes.append(subprocess.Popen(runner, env=stack.env(CORRAL_HOME=home)))
         yield stack
     finally:
         stack.stop()
@@ -102,6 +113,39 @@ async def test_two_gateways_on_different_masters_serve_a_model_and_its_adapter_e
                 assert streamed == text, (url, model)
 
 
+def test_arena_votes_on_the_cluster_reach_a_leaderboard_computed_by_a_job_on_its_own_redis(
+    cluster_stack: Stack, redis_url: str
+) -> None:
+    """Battles and votes live on the cluster (one slot, `{arena}`); the ratings job is queued on
+    the job queue's single server, and its runner reads the votes from the cluster and writes
+    the leaderboard back there."""
+    url = cluster_stack.url
+    for choice in ("left", "right", "left"):
+        battle = httpx.post(f"{url}/v1/arena/battles", json={}, timeout=10).json()  # anonymous
+        turn = {"content": "Name a colour.", "temperature": 0, "max_tokens": 2}
+        with httpx.stream(
+            "POST", f"{url}/v1/arena/battles/{battle['id']}/turns", json=turn, timeout=120
+        ) as r:
+            assert r.status_code == 200 and any(line == "data: [DONE]" for line in r.iter_lines())
+        voted = httpx.post(f"{url}/v1/arena/battles/{battle['id']}/vote", json={"vote": choice}, timeout=10)
+        assert voted.status_code == 200, voted.text
+    job = httpx.post(f"{url}/v1/leaderboard/refresh", timeout=10).json()
+    # The job's record is on the job queue's Redis, not on the cluster.
+    assert redis.Redis.from_url(redis_url).exists(Keys(cluster_stack.key_prefix).job(job["id"]))
+
+    def finished() -> dict | None:
+        state = httpx.get(f"{url}/v1/jobs/{job['id']}", timeout=10).json()
+        return state if state["status"] in ("succeeded", "failed", "aborted") else None
+
+    deadline = time.monotonic() + 180
+    while (state := finished()) is None:
+        assert time.monotonic() < deadline, "the ratings job did not end"
+        time.sleep(0.2)
+    assert state["status"] == "succeeded", state
+    board = httpx.get(f"{url}/v1/leaderboard", timeout=10).json()
+    assert board["battles"] == 3 and {row["model"] for row in board["data"]} <= {MODEL, "tuned", "other"}
+
+
 async def test_a_worker_killed_mid_answer_on_the_cluster_loses_nothing(
     cluster_stack: Stack, cluster: LocalCluster, greedy
 ) -> None:
@@ -110,12 +154,14 @@ async def test_a_worker_killed_mid_answer_on_the_cluster_loses_nothing(
     prompts = [f"Write a short poem about the number {i}." for i in range(6)]
     tokens = 40
     expected = {p: greedy([{"role": "user", "content": p}], tokens)[0] for p in prompts}
+    main = stack.main_worker  # type: ignore[attr-defined]
+    before = int(stack.worker_info(main.worker_id)["tokens_out"])
     async with httpx.AsyncClient(base_url=stack.url, timeout=300) as client:
         answers = [asyncio.create_task(stream_text(client, p, max_tokens=tokens)) for p in prompts]
-        main = stack.main_worker  # type: ignore[attr-defined]
 
-        async def streaming() -> bool:
-            return int(stack.worker_info(main.worker_id).get("tokens_out", 0)) > 0
+        async def streaming() -> bool:  # the first worker holds some of them and has streamed
+            info = stack.worker_info(main.worker_id)
+            return int(info["in_flight"]) > 0 and int(info["tokens_out"]) > before
 
         await until(streaming, "the first worker streams", 120)
         main.send_signal(signal.SIGKILL)
@@ -132,3 +178,131 @@ async def test_a_worker_killed_mid_answer_on_the_cluster_loses_nothing(
 
     await until(lambda: not progress_keys(), "no progress key left after the acks", 10)
     stack.main_worker = rescuer  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- masters killed
+
+# Long enough to outlast a failover (a 3 s node timeout, then an election): a worker is not
+# taken for dead, and events are not given up on, while a shard is promoted.
+PATIENT = {"CORRAL_WORKER_TTL_S": "15", "CORRAL_UNHEARD_GRACE_S": "60"}
+
+
+@pytest.fixture(scope="module")
+def failover_stack(cluster: LocalCluster, redis_url: str, model_path: str) -> Iterator[Stack]:
+    """Gateways whose channels cover every master, and one worker, all patient with failovers."""
+    stack = Stack(cluster.url, f"test-{uuid.uuid4().hex[:10]}", free_port(), jobs_redis_url=redis_url)
+    try:
+        stack.start("gateway", **PATIENT)
+        stack.wait_for_gateway()
+        stack.gateways = [stack.url]  # type: ignore[attr-defined]
+        while len(set(channel_masters(cluster, stack.key_prefix).values())) < 3:
+            stack.gateways.append(stack.start_gateway(**PATIENT))  # type: ignore[attr-defined]
+            assert len(stack.gateways) < 12  # type: ignore[attr-defined]
+        stack.main_worker = stack.start_worker(CORRAL_MAX_BATCH="12", **PATIENT)  # type: ignore[attr-defined]
+        yield stack
+    finally:
+        stack.stop()
+
+
+def gateway_masters(stack: Stack, cluster: LocalCluster) -> dict[str, int]:
+    """Gateway URL → the port of the master its channel lives on now."""
+    masters = channel_masters(cluster, stack.key_prefix)
+    ids = {url: httpx.get(f"{url}/readyz", timeout=5).json()["gateway"] for url in stack.gateways}  # type: ignore[attr-defined]
+    return {url: masters[gateway_id] for url, gateway_id in ids.items() if gateway_id in masters}
+
+
+async def streams_through_a_kill(
+    stack: Stack, cluster: LocalCluster, gateways: list[str], victim: int, greedy
+) -> tuple[dict[str, list[float]], float]:
+    """Four greedy streams through each gateway; `victim` (a master's port) is killed once all
+    stream. Asserts every text is whole; returns each gateway's chunk arrival times and how long
+    the failover took (kill → a replica serves the slots). The killed node is then started again
+    (it rejoins as a replica)."""
+    tokens = 60
+    prompts = [f"Tell me about the planet number {i}." for i in range(4)]
+    expected = {p: greedy([{"role": "user", "content": p}], tokens)[0] for p in prompts}
+    arrivals: dict[str, list[float]] = {url: [] for url in gateways}
+    started: set[tuple[str, str]] = set()
+    loop = asyncio.get_running_loop()
+
+    async def stream(client: httpx.AsyncClient, url: str, prompt: str) -> str:
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": prompt}],
+            "temperature": 0,
+            "max_tokens": tokens,
+            "stream": True,
+        }
+        text = ""
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    assert "error" not in chunk, chunk
+                    text += chunk["choices"][0]["delta"].get("content") or ""
+                    arrivals[url].append(loop.time())
+                    started.add((url, prompt))
+        return text
+
+    async with httpx.AsyncClient(timeout=300) as client:
+        tasks = {(url, p): asyncio.create_task(stream(client, url, p)) for url in gateways for p in prompts}
+        await until(lambda: len(started) == len(tasks), "every answer streams", 120)
+        cluster.kill(victim)
+        killed_at = loop.time()
+        await asyncio.to_thread(cluster.wait_ok, 60)  # a replica of the victim now serves its slots
+        ok_at = loop.time()
+        texts = {key: await task for key, task in tasks.items()}
+        # New requests are admitted once a replica has taken over.
+        for url in gateways:
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+            assert (await client.post(f"{url}/v1/chat/completions", json=body)).status_code == 200
+    assert texts == {(u, p): expected[p] for u, p in tasks}
+    cluster.restart(victim)
+    await asyncio.to_thread(cluster.wait_ok, 60)
+    return arrivals, ok_at - killed_at
+
+
+def longest_gap(times: list[float]) -> float:
+    return max(b - a for a, b in itertools.pairwise(times))
+
+
+async def test_killing_the_master_of_the_models_queue_loses_no_stream(
+    failover_stack: Stack, cluster: LocalCluster, greedy
+) -> None:
+    stack = failover_stack
+    victim = cluster.master_of(Keys(stack.key_prefix).requests(MODEL))
+    gateways = list(gateway_masters(stack, cluster))[:2]
+    await streams_through_a_kill(stack, cluster, gateways, victim, greedy)
+
+
+async def test_killing_the_master_of_one_gateways_channel_stalls_no_other_gateway(
+    failover_stack: Stack, cluster: LocalCluster, greedy
+) -> None:
+    stack = failover_stack
+    queue_master = cluster.master_of(Keys(stack.key_prefix).requests(MODEL))
+    by_master: dict[int, str] = {}
+    for url, master in gateway_masters(stack, cluster).items():
+        by_master.setdefault(master, url)
+    victim = next(m for m in by_master if m != queue_master)
+    bystander = by_master[queue_master]
+    arrivals, failover_s = await streams_through_a_kill(
+        stack, cluster, [by_master[victim], bystander], victim, greedy
+    )
+    # The bystander's streams went on while the victim's shard was promoted: none of its gaps
+    # is as long as the failover.
+    assert longest_gap(arrivals[bystander]) < failover_s, (longest_gap(arrivals[bystander]), failover_s)
+
+
+async def test_killing_an_unrelated_master_loses_no_stream(
+    failover_stack: Stack, cluster: LocalCluster, greedy
+) -> None:
+    stack = failover_stack
+    queue_master = cluster.master_of(Keys(stack.key_prefix).requests(MODEL))
+    masters = gateway_masters(stack, cluster)
+    others = sorted(set(masters.values()) - {queue_master})
+    gateways = [next(u for u, m in masters.items() if m == queue_master)]
+    victim = others[0]
+    if len(others) > 1:
+        gateways.append(next(u for u, m in masters.items() if m == others[1]))
+    await streams_through_a_kill(stack, cluster, gateways, victim, greedy)

@@ -291,7 +291,7 @@ async def test_a_redis_restart_loses_neither_queued_requests_nor_streamed_text(
     stack = Stack(f"redis://127.0.0.1:{port}/0", "restart", free_port())
     story = "Tell me a story."
     try:
-        stack.start("gateway")
+        stack.start("gateway", CORRAL_ADMISSION_RETRY_S="1")  # then a 503, while Redis is still away
         stack.wait_for_gateway()
         worker = stack.start_worker(CORRAL_MAX_BATCH="1")
 

@@ -40,7 +40,13 @@ class Harness:
 
     def worker(self, max_batch: int = 4, step_s: float = 0.01, **options) -> Worker:
         engine = TokenTap(self.tokenizer, max_batch=max_batch, step_s=step_s)
-        options = {"heartbeat_s": 0.1, "worker_ttl_s": 0.5, "drain_timeout_s": 0.0, **options}
+        options = {
+            "heartbeat_s": 0.1,
+            "worker_ttl_s": 0.5,
+            "unheard_grace_s": 0.5,
+            "drain_timeout_s": 0.0,
+            **options,
+        }
         frontend = TokenFrontend(self.tokenizer)
         worker = Worker(engine, frontend, connect(self.redis_url), self.keys, MODEL, "none", **options)
         self.tasks.append(asyncio.create_task(worker.run()))
@@ -181,7 +187,7 @@ async def test_a_worker_that_stops_mid_answer_hands_it_to_another_which_continue
 
 
 async def test_events_nobody_heard_are_sent_again_once_the_gateway_listens(harness: Harness) -> None:
-    harness.worker(worker_ttl_s=5.0)
+    harness.worker(unheard_grace_s=5.0)
     request = harness.request(tokens=5)
     await harness.queue.enqueue(request)  # nobody listens yet
     await until(

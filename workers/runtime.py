@@ -60,6 +60,7 @@ class Worker:
         heartbeat_s: float = 1.0,
         worker_ttl_s: float = 5.0,
         max_attempts: int = 3,
+        unheard_grace_s: float = 30.0,
         drain_timeout_s: float = 30.0,
         engine_stall_s: float = 120.0,
         metadata: ModelMetadata | None = None,
@@ -82,12 +83,16 @@ class Worker:
         self.keys = keys
         self.queue = RequestQueue(redis, keys)
         self.registry = WorkerRegistry(redis, keys)
+        # Where the heartbeat task writes: the same client unless given one of its own (which a
+        # cluster client wants: see workers/serve.py).
+        self.beats = self.registry
         self.model = model
         self.models = (model, *self.adapters, *self.profiles)
         self.device = device
         self.worker_id = worker_id or new_worker_id()
         self.heartbeat_s = heartbeat_s
         self.worker_ttl_s = worker_ttl_s
+        self.unheard_grace_s = unheard_grace_s
         # A request whose worker died more often than this ends with an error.
         self.max_attempts = max_attempts
         self.drain_timeout_s = drain_timeout_s
@@ -106,8 +111,15 @@ class Worker:
         self._unacked: list[Claimed] = []
         # Events no gateway received (its subscription was down, or it died), republished each
         # turn until heard; and since when each request has had such events.
+        # Events to send again: sent and heard by nobody, or not sent (their shard unreachable);
+        # and since when each request's events have been sent to nobody.
         self._unheard: dict[str, list[Event]] = {}
         self._unheard_since: dict[str, float] = {}
+        self._nobody_heard: set[str] = set()
+        self._unadmitted: list[Claimed] = []
+        # While the shard of a served model's queue is unreachable, claims wait until then.
+        self._claim_again_at = 0.0
+        self._claim_backoff_s = _BACKOFF_MIN_S
         self.started_at = time.time()
         self.tokens_out = 0
         # Cancels of requests not running here (yet): one claimed now may be between its marker
@@ -161,8 +173,10 @@ class Worker:
     async def iterate(self) -> None:
         """One turn of the loop: claim → admit → step → publish → ack."""
         self.check_engine()
-        claimed = await self.claim()
-        events, done = await self.admit(claimed)
+        # Claimed requests wait here until admitted: a failure while admitting (Redis away) must
+        # not lose them, for they are pending on this live worker and nobody else takes them.
+        self._unadmitted = self._unadmitted + await self.claim_if_reachable()
+        events, done = await self.admit(self._unadmitted)
         outputs = await self.engine.step(_STEP_WAIT_S if self.active else 0)
         self.check_engine(outputs)
         events += self.collect(outputs, done)
@@ -170,9 +184,30 @@ class Worker:
         self._unpublished += events
         self._unacked += done
         await self.publish()
-        await self.ack(self._unacked)
-        self._unacked = []
+        acking, self._unacked = self._unacked, []
+        try:
+            await self.ack(acking)
+        except UNAVAILABLE as e:  # the queue's shard is away: acked on a later turn
+            self._unacked = acking + self._unacked
+            log.warning("ack failed (%s); again next turn", e)
         await self.drop_unheard()
+
+    async def claim_if_reachable(self) -> list[Claimed]:
+        """`claim`, unless the queue's shard was unreachable a moment ago: then nothing, while
+        the requests in flight go on streaming to the gateways that can be reached."""
+        if time.monotonic() < self._claim_again_at:
+            return []
+        try:
+            claimed = await self.claim()
+        except UNAVAILABLE as e:
+            if not self.active:
+                raise  # nothing else to do: the run loop waits and tries again
+            log.warning("claim failed (%s); again in %.1fs", e, self._claim_backoff_s)
+            self._claim_again_at = time.monotonic() + self._claim_backoff_s
+            self._claim_backoff_s = min(self._claim_backoff_s * 2, _BACKOFF_MAX_S)
+            return []
+        self._claim_backoff_s = _BACKOFF_MIN_S
+        return claimed
 
     async def warmup(self) -> None:
         """The frontend's warm-up, before the worker registers (a first request's set-up is never
@@ -247,15 +282,27 @@ class Worker:
 
     async def admit(self, claimed: list[Claimed]) -> tuple[list[tuple[str, Event]], list[Claimed]]:
         """Start what was claimed. Returns the events to publish now and the requests already
-        over: tokenizer requests, requests that cannot run, resumed requests with nothing left."""
+        over: tokenizer requests, requests that cannot run, resumed requests with nothing left.
+        What cannot be checked now stays in `_unadmitted` for the next turn."""
         if not claimed:
             return [], []
         # Requests whose clients left while they waited never start: they are acked at once.
-        cancelled = await self.queue.cancelled([c.request.request_id for c in claimed])
+        # One whose marker's node is unreachable (a cluster mid-failover) starts: a cancel that
+        # came meanwhile still stops it (the broadcast, or its gateway hearing it unwanted).
+        # A takeover whose progress cannot be read yet waits for a later turn.
+        cancelled, _ = await self.queue.cancelled([c.request.request_id for c in claimed])
         self.cancelled += len(cancelled)
         done: list[Claimed] = [c for c in claimed if c.request.request_id in cancelled]
         claimed = [c for c in claimed if c.request.request_id not in cancelled]
-        progress = {c.request.request_id: await self._attempt(c) for c in claimed if c.reclaimed}
+        unknown: set[str] = set()
+        progress: dict[str, dict[int, ChoiceProgress] | Event] = {}
+        for item in [c for c in claimed if c.reclaimed]:
+            try:
+                progress[item.request.request_id] = await self._attempt(item)
+            except UNAVAILABLE:
+                unknown.add(item.request.request_id)
+        self._unadmitted = [c for c in self._unadmitted if c.request.request_id in unknown]
+        claimed = [c for c in claimed if c.request.request_id not in unknown]
         # Chat templates and tokenizing are CPU work: keep them off the event loop.
         prepared = await asyncio.to_thread(self._prepare, claimed, progress)
         events: list[tuple[str, Event]] = []
@@ -393,27 +440,32 @@ class Worker:
         retries = [(request_id, e) for request_id, events in self._unheard.items() for e in events]
         outgoing = retries + self._unpublished
         updates, marks = self.progress(self._unpublished)
-        heard = await self.queue.publish(outgoing, updates)
+        published = await self.queue.publish(outgoing, updates)
         for sequence, recorded in marks:
-            sequence.recorded = recorded
+            if sequence.request_id not in published.unrecorded:
+                sequence.recorded = recorded  # else recorded again with the next tokens
         self._finished.clear()
         self._unpublished = []
         unheard: dict[str, list[Event]] = {}
-        for (request_id, event), received in zip(outgoing, heard, strict=True):
-            if not received:
+        self._nobody_heard = set()
+        for (request_id, event), heard in zip(outgoing, published.heard, strict=True):
+            if not heard:
                 unheard.setdefault(request_id, []).append(event)
+            if heard is False:
+                self._nobody_heard.add(request_id)
         self._unheard = unheard
 
     async def drop_unheard(self) -> None:
-        """Give up on requests whose events no gateway has received for a TTL (it died, or was
-        restarted), cancelling those still running; a shorter gap is forgiven (a gateway
-        resubscribing after a Redis restart) and the events are sent again."""
+        """Give up on requests whose events no gateway has received for `unheard_grace_s` (it
+        died, or was restarted), cancelling those still running; a shorter gap is forgiven (a
+        gateway resubscribing after a Redis restart or failover) and the events are sent again.
+        Events that could not be sent at all do not count: they wait for their shard."""
         now = time.monotonic()
-        for request_id in [r for r in self._unheard_since if r not in self._unheard]:
+        for request_id in [r for r in self._unheard_since if r not in self._nobody_heard]:
             del self._unheard_since[request_id]
-        for request_id in list(self._unheard):
+        for request_id in [r for r in self._unheard if r in self._nobody_heard]:
             since = self._unheard_since.setdefault(request_id, now)
-            if now - since >= self.worker_ttl_s:
+            if now - since >= self.unheard_grace_s:
                 log.info("no gateway listens for %s any more", request_id)
                 del self._unheard_since[request_id], self._unheard[request_id]
                 await self._cancel(request_id)
@@ -441,7 +493,7 @@ class Worker:
         )
 
     async def beat(self) -> None:
-        await self.registry.beat(self.info(), self.worker_ttl_s)
+        await self.beats.beat(self.info(), self.worker_ttl_s)
 
     async def _heartbeat(self) -> None:
         last_tokens, last_t = self.tokens_out, time.monotonic()
@@ -480,5 +532,5 @@ class Worker:
             self.tokens_wasted += sequence.completion_tokens
             done += self._release(sequence)
         self.cancelled += 1
-        await self.ack(done)
+        self._unacked += done  # acked by the loop's next turn
         log.info("cancelled %s", request_id)

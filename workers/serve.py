@@ -8,6 +8,7 @@ import signal
 
 from broker.connection import connect, resolve_redis_url
 from broker.keys import Keys
+from broker.registry import WorkerRegistry
 from broker.schemas import ModelMetadata
 from broker.settings import Settings
 from workers.engine import Engine
@@ -19,8 +20,12 @@ log = logging.getLogger(__name__)
 
 
 async def serve(settings: Settings) -> None:
-    redis = connect(resolve_redis_url(settings))
+    url = resolve_redis_url(settings)
+    redis = connect(url)
     worker = await (upstream_worker if settings.upstream_url else model_worker)(settings, redis)
+    # The heartbeat on a client of its own: it runs beside the loop, and one cluster client's
+    # commands must not run at once (broker/queue.py: _per_node).
+    worker.beats = WorkerRegistry(connect(url), worker.keys)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
@@ -33,6 +38,7 @@ async def serve(settings: Settings) -> None:
         raise SystemExit(ENGINE_DIED_EXIT) from None
     finally:
         await redis.aclose()
+        await worker.beats.redis.aclose()
 
 
 def _builtin_metadata(model: str) -> dict:
@@ -49,6 +55,7 @@ def _runtime_options(settings: Settings) -> dict:
         "heartbeat_s": settings.heartbeat_s,
         "worker_ttl_s": settings.worker_ttl_s,
         "max_attempts": settings.max_attempts,
+        "unheard_grace_s": settings.unheard_grace_s,
         "drain_timeout_s": settings.drain_timeout_s,
         "engine_stall_s": settings.engine_stall_s,
         "metadata": ModelMetadata.model_validate({**own, **settings.model_metadata()}),
