@@ -80,12 +80,24 @@ class Single:
 
     def __init__(self, folder: Path) -> None:
         self.port = free_port()
+        folder.mkdir(parents=True, exist_ok=True)
         args = [valkey_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(folder)]
         self.process = subprocess.Popen(
             [*args, "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
         )
         self.url = f"redis://127.0.0.1:{self.port}"
         self.processes = {self.port: self.process}
+        import redis
+
+        deadline = time.monotonic() + 30
+        while True:  # until it answers
+            try:
+                redis.Redis(port=self.port).ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def stop(self) -> None:
         self.process.kill()
