@@ -1,10 +1,11 @@
-"""Corral's transport on a Redis Cluster and on a single server, in one sitting, with the
-model-free engine (TokenTap in tests/helpers.py) so Redis and Corral's own code are all that
-is measured:
+"""Corral's transport on a Redis Cluster (3 masters, 3 replicas), on a single server and on a
+single server with a replica, in one sitting, with the model-free engine (TokenTap in
+tests/helpers.py) so Redis and Corral's own code are all that is measured:
 
 - short requests/s (non-streamed, 1 token) and streamed tokens/s (1 token per event), with 1, 2
   and 4 gateways and 2 workers, the load from wrk split over the gateways;
-- Redis CPU per 1,000 streamed tokens, per node (user + system time of each server process);
+- Redis CPU per 1,000 streamed tokens, per node (user + system time of each server process),
+  summed over all nodes and over the masters alone;
 - cluster-bus messages per 1,000 streamed tokens (CLUSTER INFO's counters);
 - the failover pause: while 8 answers stream through a gateway, the master that holds its event
   channel is killed; the pause is the longest time any answer then goes without a token. Each
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -53,6 +55,7 @@ def run_worker(step_s: float) -> None:
     from workers.runtime import Worker
     from workers.sequence import TokenFrontend
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
 
     async def serve() -> None:
@@ -76,32 +79,49 @@ def run_worker(step_s: float) -> None:
 
 
 class Single:
-    """One valkey-server (the same binary as the cluster's), in a temporary folder."""
+    """One valkey-server (the same binary as the cluster's), in a temporary folder; with
+    `replica`, a second one replicating it, as a single server with failover (Sentinel, or a
+    managed primary with a replica) runs, so its CPU compares like for like with a cluster whose
+    masters have a replica each."""
 
-    def __init__(self, folder: Path) -> None:
-        self.port = free_port()
+    def __init__(self, folder: Path, replica: bool = False) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        args = [valkey_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(folder)]
-        self.process = subprocess.Popen(
-            [*args, "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
-        )
+        self.port = free_port()
+        self.masters = [self.port]
+        self.processes = {self.port: self._start(folder, self.port)}
         self.url = f"redis://127.0.0.1:{self.port}"
-        self.processes = {self.port: self.process}
+        if replica:
+            port = free_port()
+            self.processes[port] = self._start(folder, port, "--replicaof", "127.0.0.1", str(self.port))
+            self._wait(lambda r: r.info("replication")["master_link_status"] == "up", port)
+
+    @staticmethod
+    def _start(folder: Path, port: int, *extra: str) -> subprocess.Popen:
+        args = [valkey_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder)]
+        args += ["--dbfilename", f"{port}.rdb", "--save", "", "--appendonly", "no", *extra]
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        Single._wait(lambda r: r.ping(), port)
+        return process
+
+    @staticmethod
+    def _wait(ready, port: int) -> None:
         import redis
 
         deadline = time.monotonic() + 30
-        while True:  # until it answers
+        while True:
             try:
-                redis.Redis(port=self.port).ping()
-                break
+                if ready(redis.Redis(port=port, decode_responses=True)):
+                    return
             except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"valkey on port {port} is not ready")
+            time.sleep(0.05)
 
     def stop(self) -> None:
-        self.process.kill()
-        self.process.wait(10)
+        for process in self.processes.values():
+            process.kill()
+            process.wait(10)
 
 
 def cpu_s(pid: int) -> float:
@@ -129,6 +149,19 @@ def per_unit(before: dict[str, int], after: dict[str, int], units: float) -> dic
         command: round((after[command] - before.get(command, 0)) / units, 3)
         for command in sorted(after)
         if after[command] - before.get(command, 0) > 0
+    }
+
+
+def master_ports(servers) -> set[int]:
+    """The ports of the servers that are masters now (a cluster's roles change with failovers)."""
+    if not isinstance(servers, LocalCluster):
+        return set(servers.masters)
+    import redis
+
+    return {
+        port
+        for port in servers.live_ports()
+        if redis.Redis(port=port, decode_responses=True).info("replication")["role"] == "master"
     }
 
 
@@ -222,6 +255,7 @@ def throughput(servers, label: str, args) -> list[dict]:
             elapsed = time.monotonic() - started
             tokens = streams_per_s * args.duration * args.stream_tokens
             cpu = {port: cpu_s(p.pid) - cpu_before[port] for port, p in servers.processes.items()}
+            masters = master_ports(servers)
             bus = bus_messages(servers) - bus_before
             stream_calls = per_unit(calls_before, command_calls(servers), tokens)
         finally:
@@ -235,6 +269,9 @@ def throughput(servers, label: str, args) -> list[dict]:
                 str(port): round(1e6 * s / max(tokens, 1), 2) for port, s in cpu.items() if s > 0
             },
             "redis_cpu_ms_per_1000_tokens_total": round(1e6 * sum(cpu.values()) / max(tokens, 1), 2),
+            "redis_cpu_ms_per_1000_tokens_masters": round(
+                1e6 * sum(s for port, s in cpu.items() if port in masters) / max(tokens, 1), 2
+            ),
             "bus_messages_per_1000_tokens": round(1000 * bus / max(tokens, 1), 2),
             "seconds": round(elapsed, 1),
             # Includes the heartbeats and idle reads of the run's length, not only the traffic.
@@ -245,7 +282,8 @@ def throughput(servers, label: str, args) -> list[dict]:
         print(
             f"{label:8} {gateways} gateway(s): {row['short_requests_per_s']:8.1f} short req/s  "
             f"{row['streamed_tokens_per_s']:10,.0f} streamed tok/s  Redis CPU "
-            f"{row['redis_cpu_ms_per_1000_tokens_total']:.2f} ms/1k tokens  "
+            f"{row['redis_cpu_ms_per_1000_tokens_total']:.2f} ms/1k tokens "
+            f"({row['redis_cpu_ms_per_1000_tokens_masters']:.2f} on masters)  "
             f"bus {row['bus_messages_per_1000_tokens']:.2f} msg/1k tokens",
             flush=True,
         )
@@ -328,6 +366,7 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run")
     parser.add_argument("--stream-tokens", type=int, default=128)
     parser.add_argument("--failovers", type=int, default=5)
+    parser.add_argument("--failovers-only", action="store_true", help="skip the throughput runs")
     parser.add_argument("--json", type=Path, help="write the figures here too")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--step-s", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -338,28 +377,33 @@ def main() -> None:
         sys.exit("needs wrk: apt-get install wrk")
     results: dict = {"throughput": []}
     with tempfile.TemporaryDirectory() as folder:
-        single = Single(Path(folder) / "single")
-        try:
-            results["throughput"] += throughput(single, "single", args)
-        finally:
-            single.stop()
+        for label, replica in () if args.failovers_only else (("single", False), ("single+replica", True)):
+            single = Single(Path(folder) / label, replica=replica)
+            try:
+                results["throughput"] += throughput(single, label, args)
+            finally:
+                single.stop()
         cluster = LocalCluster(Path(folder) / "cluster", free_port_run(6)).start()
         try:
-            results["throughput"] += throughput(cluster, "cluster", args)
+            if not args.failovers_only:
+                results["throughput"] += throughput(cluster, "cluster", args)
             results["failover"] = failovers(cluster, args.failovers)
         finally:
             cluster.stop()
     by = {(r["redis"], r["gateways"]): r for r in results["throughput"]}
-    for gateways in (1, 2, 4):
-        c, s = by[("cluster", gateways)], by[("single", gateways)]
-        cpu_ratio = c["redis_cpu_ms_per_1000_tokens_total"] / max(
-            s["redis_cpu_ms_per_1000_tokens_total"], 1e-9
-        )
+    for gateways in (1, 2, 4) if by else ():
+        c, s, sr = (by[(label, gateways)] for label in ("cluster", "single", "single+replica"))
+
+        def ratio(a: dict, b: dict, key: str) -> float:
+            return a[key] / max(b[key], 1e-9)
+
         print(
             f"{gateways} gateway(s): cluster/single streamed tokens "
-            f"{c['streamed_tokens_per_s'] / s['streamed_tokens_per_s']:.2f}x, short requests "
-            f"{c['short_requests_per_s'] / s['short_requests_per_s']:.2f}x, Redis CPU per token "
-            f"{cpu_ratio:.2f}x"
+            f"{ratio(c, s, 'streamed_tokens_per_s'):.2f}x, short requests "
+            f"{ratio(c, s, 'short_requests_per_s'):.2f}x; Redis CPU per token: masters/single "
+            f"{ratio(c, s, 'redis_cpu_ms_per_1000_tokens_masters'):.2f}x, all nodes/single+replica "
+            f"{ratio(c, sr, 'redis_cpu_ms_per_1000_tokens_total'):.2f}x, all nodes/single "
+            f"{ratio(c, s, 'redis_cpu_ms_per_1000_tokens_total'):.2f}x"
         )
     failover = results["failover"]
     print(

@@ -16,6 +16,7 @@ import os
 import secrets
 import subprocess
 import unittest.mock
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,9 +254,28 @@ def connect(url: str) -> aioredis.Redis:
         )
     if is_cluster(url):
         cluster = aioredis.RedisCluster.from_url(_plain(url), decode_responses=True, **_CLUSTER_OPTIONS)
+        _cluster_urls[cluster] = _plain(url)
         return cast(aioredis.Redis, cluster)
     client: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
     return client
+
+
+# The URL each cluster client of `connect` was made from, for `twin`.
+_cluster_urls: weakref.WeakKeyDictionary[aioredis.RedisCluster, str] = weakref.WeakKeyDictionary()
+
+
+def twin(cluster: aioredis.RedisCluster) -> aioredis.RedisCluster:
+    """A new cluster client made as `cluster` was (same nodes, credentials and options), for a
+    task that must not share its connections: redis-py drops every connection of a cluster client
+    when it relearns the slots, which fails the commands other tasks have in flight on it."""
+    url = _cluster_urls.get(cluster)
+    if url is None:
+        raise ValueError("twin() needs a cluster client made by broker.connection.connect")
+    copy: aioredis.RedisCluster = aioredis.RedisCluster.from_url(
+        url, decode_responses=True, **_CLUSTER_OPTIONS
+    )
+    _cluster_urls[copy] = url
+    return copy
 
 
 def connect_sync(url: str) -> redis.Redis:

@@ -1,10 +1,11 @@
 """Every Redis key and channel Corral uses, with who owns it and how long it lives.
 
 On Redis Cluster every command and script touches one slot, so keys that are used together share
-a hash tag (the part in braces): a model's streams `{model}`, a request's progress, attempts and
-cancel marker `{request id}`, a gateway's event channel `{gateway id}`, the worker registry
-`{workers}`, the arena `{arena}`, one caller's rate counters `{caller}`. A single server ignores
-the tags, so both run the same commands.
+a hash tag (the part in braces): a model's streams `{model}`; a gateway's event channel and its
+requests' progress, attempts and cancel markers `{gateway id}` (so what a worker writes in one
+step goes to one node per gateway, and a node that fails holds back only its gateways' answers);
+the worker registry `{workers}`, the arena `{arena}`, one caller's rate counters `{caller}`. A
+single server ignores the tags, so both run the same commands.
 """
 
 from __future__ import annotations
@@ -52,19 +53,24 @@ class Keys:
         broadcast). A worker looks for it when it claims the request and before it admits it,
         so a request cancelled while it waited in the queue never starts. Expires a minute
         after the request's deadline."""
-        return f"{self.prefix}:cancelled:{{{request_id}}}"
+        return self._of_request("cancelled", request_id)
 
     def progress(self, request_id: str) -> str:
         """String log of one in-flight request's progress (broker/progress.py's format): what
         each choice generated and how far its events went. The worker holding the request
         APPENDs to it with each publish; a worker that reclaims the request reads it. Deleted
         on ack; expires a minute after the request's deadline in any case."""
-        return f"{self.prefix}:progress:{{{request_id}}}"
+        return self._of_request("progress", request_id)
 
     def attempts(self, request_id: str) -> str:
         """Counter of how many workers have taken one request over (INCR by the reclaiming
         worker). Deleted on ack; expires with the request's progress."""
-        return f"{self.prefix}:progress:{{{request_id}}}:attempts"
+        return self._of_request("progress", request_id) + ":attempts"
+
+    def _of_request(self, kind: str, request_id: str) -> str:
+        """A key of one request, in its gateway's slot (the id's first part, as in output_of)."""
+        gateway = request_id.split(".", 1)[0]
+        return f"{self.prefix}:{kind}:{{{gateway}}}{request_id[len(gateway) :]}"
 
     def jobs_queue(self, gpu: bool = False) -> str:
         """arq's queue (a sorted set arq owns) of long-lived jobs: CPU work, or `:gpu` for

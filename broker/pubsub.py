@@ -18,12 +18,16 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 
+from broker.connection import twin
+
 log = logging.getLogger(__name__)
 
 _BACKOFF_MIN_S = 0.1
-_BACKOFF_MAX_S = 2.0
+_BACKOFF_MAX_S = 0.5
 # A quiet subscription sends a PING this often; no reply within another period ends the link.
 _PING_EVERY_S = 5.0
+# On a cluster, a subscription checks this often that its node still owns the channel's slot.
+_VERIFY_EVERY_S = 5.0
 
 
 class ShardedSubscription:
@@ -38,7 +42,9 @@ class ShardedSubscription:
         name: str = "pub/sub",
         on_connect: Callable[[], None] | None = None,
     ) -> None:
-        self.client = client
+        # On a cluster, a client of its own for finding the channel's node: relearning the slots
+        # on the caller's client would drop the connections its other commands are using.
+        self.client = twin(client) if isinstance(client, aioredis.RedisCluster) else client
         self.channel = channel
         self.name = name
         self.on_connect = on_connect
@@ -72,6 +78,16 @@ class ShardedSubscription:
         connection = self._node_connection()
         try:
             await connection.connect()  # type: ignore[no-untyped-call]
+            # A replica accepts SSUBSCRIBE and receives the channel's messages, but SPUBLISH on
+            # the master does not count it: workers would take the gateway for gone. So only a
+            # master will do (a stale map mid-failover can point at a replica).
+            await connection.send_command("ROLE")
+            try:
+                role = await connection.read_response(timeout=_PING_EVERY_S)
+            except aioredis.ResponseError:  # an ACL without ROLE: trust the map
+                role = ["master"]
+            if not (isinstance(role, list) and role and str(role[0]) == "master"):
+                raise aioredis.ConnectionError(f"{connection.host}:{connection.port} is not a master")  # type: ignore[attr-defined]
             await connection.send_command("SSUBSCRIBE", self.channel)
             reply = await connection.read_response(timeout=_PING_EVERY_S)
             if reply is None:
@@ -105,9 +121,27 @@ class ShardedSubscription:
             backoff_s = min(backoff_s * 2, _BACKOFF_MAX_S)
             await self._refresh()
 
+    async def _still_owner(self, connection: AbstractConnection) -> bool:
+        """Whether the node this subscription is on still owns the channel's slot, by a fresh
+        cluster map (a node that became a replica keeps its subscribers)."""
+        if not isinstance(self.client, aioredis.RedisCluster):
+            return True
+        await self._refresh()
+        try:
+            owner = self.client.get_node_from_key(self.channel)
+        except Exception:  # the slot not covered right now: stay until it is
+            return True
+        return (owner.host, owner.port) == (connection.host, connection.port)  # type: ignore[attr-defined]
+
     async def _read(self, connection: AbstractConnection) -> AsyncIterator[str]:
         pinged = False
+        loop = asyncio.get_running_loop()
+        verified_at = loop.time()
         while True:
+            if loop.time() - verified_at >= _VERIFY_EVERY_S:
+                if not await self._still_owner(connection):
+                    raise aioredis.ConnectionError("the channel's slot is served by another node now")
+                verified_at = loop.time()
             reply: Any = await connection.read_response(timeout=_PING_EVERY_S)
             if reply is None:  # quiet for a period
                 if pinged:
@@ -127,3 +161,5 @@ class ShardedSubscription:
     async def aclose(self) -> None:
         if self._connection is not None:
             await self._connection.disconnect()
+        if isinstance(self.client, aioredis.RedisCluster):
+            await self.client.aclose()

@@ -32,6 +32,9 @@ _RECLAIM_SCAN = 1000
 # On a cluster, a node that could not be reached is not tried again for this long: what lives
 # there waits (kept to send again), while the other nodes are served at full speed.
 _NODE_DOWN_S = 0.5
+# ... and for this long after, its pipelines are sent alone (see _per_node).
+_NODE_DOUBTED_S = 30.0
+_UNKNOWN_NODE = "?"
 # On a cluster, the streams of a worker's names can lie in several slots, and one XREADGROUP
 # reads one slot: an idle worker then blocks on each slot's streams in turn for at most this
 # long, so a request waits no longer than this per other slot.
@@ -94,6 +97,7 @@ class RequestQueue:
         self._enqueue_bounded = redis.register_script(_ENQUEUE_BOUNDED)
         # Cluster node name → until when it is taken for down (see _NODE_DOWN_S).
         self._down_until: dict[str, float] = {}
+        self._doubted_until: dict[str, float] = {}
 
     async def enqueue(self, request: GenerationRequest, max_waiting: int = 0) -> str:
         """Add a request to its model's lane; with `max_waiting`, raise QueueFull instead when
@@ -140,8 +144,7 @@ class RequestQueue:
         if len(by_slot) > 1 and block_ms is not None:
             block_ms = min(block_ms, _SLOTS_BLOCK_MS)
         replies = [  # one slot after another (see _per_node)
-            await self.redis.xreadgroup(WORKER_GROUP, consumer, streams, count=count, block=block_ms)
-            for streams in by_slot.values()
+            await self._read_group(consumer, streams, count, block_ms) for streams in by_slot.values()
         ]
         claimed: list[Claimed] = []
         for stream, entries in [item for reply in replies for item in reply or []]:
@@ -155,6 +158,22 @@ class RequestQueue:
         # Reading several lanes (or slots) can return `count` from each: every entry read is now
         # pending here, so all are returned (the engine queues what exceeds its batch).
         return claimed
+
+    async def _read_group(
+        self, consumer: str, streams: dict[Any, Any], count: int, block_ms: int | None
+    ) -> Any:
+        """XREADGROUP on streams of one slot. On a cluster it is sent straight to the slot's
+        node: left to itself, redis-py asks the server for the keys of every XREADGROUP first
+        (COMMAND GETKEYS, a round trip), its keys being movable."""
+        if not isinstance(self.redis, aioredis.RedisCluster):
+            return await self.redis.xreadgroup(WORKER_GROUP, consumer, streams, count=count, block=block_ms)
+        args: list[Any] = ["GROUP", WORKER_GROUP, consumer, "COUNT", count]
+        if block_ms is not None:
+            args += ["BLOCK", block_ms]
+        args += ["STREAMS", *streams, *streams.values()]
+        await self.redis.initialize()  # the map, relearnt if a failure dropped it
+        node = self.redis.get_node_from_key(next(iter(streams)))
+        return await self.redis.execute_command("XREADGROUP", *args, target_nodes=node)
 
     def _slot(self, key: str) -> int:
         """The key's cluster slot; on a single server every key is in the one same place."""
@@ -245,24 +264,37 @@ class RequestQueue:
         groups: dict[str, list[int]] = {}
         for i, (key, _, _) in enumerate(ops):
             groups.setdefault(self._node(key), []).append(i)
-        replies: list[Any] = [None] * len(ops)
-        failures: list[BaseException] = []
-        # One after another, not at once: redis-py's cluster client closes all its connections
-        # when one meets a dead node, and a command in flight beside it can then hang or fail.
         loop = asyncio.get_running_loop()
-        for node, members in groups.items():
+        outcomes: dict[str, list[Any] | BaseException] = {}
+        for node in groups:
+            if loop.time() < self._down_until.get(node, 0.0):
+                outcomes[node] = redis_exceptions.ConnectionError(f"{node} was unreachable a moment ago")
+
+        async def send(node: str) -> list[Any] | BaseException:
             try:
-                if loop.time() < self._down_until.get(node, 0.0):
-                    raise redis_exceptions.ConnectionError(f"{node} was unreachable a moment ago")
-                result = await self._run([ops[i] for i in members])
+                return await self._run([ops[i] for i in groups[node]], node)
             except UNAVAILABLE as e:
-                if loop.time() >= self._down_until.get(node, 0.0):  # tried, and failed
-                    self._down_until[node] = loop.time() + _NODE_DOWN_S
-                    log.warning("%s unreachable (%s); what lives there waits", node or "redis", e)
-                failures.append(e)
-                result = [e] * len(members)
-            for n, i in enumerate(members):
-                replies[i] = result[n]
+                return e
+
+        # Nodes that have not failed lately get their pipelines at once. redis-py's cluster client
+        # closes all its connections when one meets a dead node, so a failure beside others may
+        # be another node's doing: those go again one at a time, as do nodes that failed lately
+        # (then nothing else is in flight when they fail again).
+        live = [node for node in groups if node not in outcomes]
+        at_once = [node for node in live if loop.time() >= self._doubted_until.get(node, 0.0)]
+        outcomes.update(zip(at_once, await asyncio.gather(*(send(node) for node in at_once)), strict=True))
+        failed = [node for node in at_once if isinstance(outcomes[node], BaseException)]
+        for node in (failed if len(at_once) > 1 else []) + [node for node in live if node not in at_once]:
+            outcomes[node] = await send(node)
+        replies: list[Any] = [None] * len(ops)
+        for node, outcome in outcomes.items():
+            if isinstance(outcome, BaseException) and node in live:  # tried, and failed
+                self._down_until[node] = loop.time() + _NODE_DOWN_S
+                self._doubted_until[node] = loop.time() + _NODE_DOUBTED_S
+                log.warning("%s unreachable (%s); what lives there waits", node or "redis", outcome)
+            for n, i in enumerate(groups[node]):
+                replies[i] = outcome if isinstance(outcome, BaseException) else outcome[n]
+        failures = [o for o in outcomes.values() if isinstance(o, BaseException)]
         if failures and len(failures) == len(groups):
             raise failures[0]
         return replies
@@ -274,14 +306,21 @@ class RequestQueue:
         try:
             return str(self.redis.get_node_from_key(key).name)
         except Exception:  # slots not known yet, or not covered mid-failover: one group of its own
-            return "?"
+            return _UNKNOWN_NODE
 
-    async def _run(self, ops: list[_Op]) -> list[Any]:
-        """One pipeline of these ops' commands; each op's first reply."""
+    async def _run(self, ops: list[_Op], node: str) -> list[Any]:
+        """One pipeline of these ops' commands, all for `node`; each op's first reply."""
+        # Told its node, redis-py's cluster pipeline neither works out each command's slot nor
+        # asks the server for the keys of commands it does not know (SPUBLISH).
+        target: dict[str, Any] = {}
+        if isinstance(self.redis, aioredis.RedisCluster) and node != _UNKNOWN_NODE:
+            await self.redis.initialize()  # the map, relearnt if a failure dropped it
+            found = self.redis.get_node(node_name=node)
+            target = {"target_nodes": found} if found is not None else {}
         async with self.redis.pipeline(transaction=False) as pipe:
             for _, _, commands in ops:
                 for command in commands:
-                    pipe.execute_command(*command)
+                    pipe.execute_command(*command, **target)
             replies = await pipe.execute()
         firsts, at = [], 0
         for _, _, commands in ops:

@@ -50,6 +50,17 @@ def cluster_url(tmp_path_factory) -> Iterator[str]:
     cluster.stop()
 
 
+def on_single_server_and_cluster(scope: str = "function"):  # type: ignore[no-untyped-def]
+    """A `redis_url` fixture for a test module (`redis_url = on_single_server_and_cluster()`):
+    each of its tests runs on the single server and on the session's 3-master cluster."""
+
+    @pytest.fixture(scope=scope, params=["single", "cluster"], name="redis_url")  # type: ignore[call-overload]
+    def redis_url(request: pytest.FixtureRequest, redis_url: str) -> str:
+        return request.getfixturevalue("cluster_url") if request.param == "cluster" else redis_url
+
+    return redis_url
+
+
 @pytest.fixture
 def key_prefix() -> str:
     """A key prefix of this test's own, so tests never see each other's keys."""
@@ -207,8 +218,9 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(redis_url: str, model_path: str) -> Iterator[Stack]:
-    """One gateway and one worker of SmolLM2, shared by a test module."""
-    stack = Stack(redis_url, f"test-{uuid.uuid4().hex[:10]}", free_port())
+    """One gateway and one worker of SmolLM2, shared by a test module (its job queue on the
+    single server: arq cannot use a cluster)."""
+    stack = Stack(redis_url, f"test-{uuid.uuid4().hex[:10]}", free_port(), jobs_redis_url=REDIS_URL)
     try:
         stack.start("gateway")
         stack.wait_for_gateway()

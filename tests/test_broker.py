@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 
-import pytest
 import redis as redis_sync
 import redis.asyncio as aioredis
 
@@ -14,14 +13,10 @@ from broker.keys import Keys
 from broker.queue import QueueFull, RequestQueue, unframe
 from broker.registry import WorkerRegistry
 from broker.schemas import ChatMessage, Event, GenerationRequest, WorkerInfo, now_ms
-from tests.conftest import free_port
+from tests.conftest import free_port, on_single_server_and_cluster
 from tests.helpers import subscribed, until
 
-
-@pytest.fixture(params=["single", "cluster"])
-def redis_url(request, redis_url: str) -> str:
-    """Each test runs on a single server and on a 3-master cluster."""
-    return request.getfixturevalue("cluster_url") if request.param == "cluster" else redis_url
+redis_url = on_single_server_and_cluster()  # each test on a single server and on a cluster
 
 
 def request(i: int = 0, model: str = "m") -> GenerationRequest:

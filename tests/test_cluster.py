@@ -18,7 +18,9 @@ import httpx
 import pytest
 import redis
 
+from broker.connection import connect
 from broker.keys import Keys
+from broker.pubsub import ShardedSubscription
 from tests.cluster import LocalCluster, free_port_run
 from tests.conftest import LORA_TOKENS, MODEL, PROMPTS, Stack, free_port
 from tests.helpers import stream_text, until
@@ -184,7 +186,7 @@ async def test_a_worker_killed_mid_answer_on_the_cluster_loses_nothing(
 
 # Long enough to outlast a failover (a 3 s node timeout, then an election): a worker is not
 # taken for dead, and events are not given up on, while a shard is promoted.
-PATIENT = {"CORRAL_WORKER_TTL_S": "15", "CORRAL_UNHEARD_GRACE_S": "60"}
+PATIENT = {"CORRAL_WORKER_TTL_S": "15", "CORRAL_UNHEARD_GRACE_S": "60", "CORRAL_ADMISSION_RETRY_S": "60"}
 
 
 @pytest.fixture(scope="module")
@@ -251,13 +253,22 @@ async def streams_through_a_kill(
         await until(lambda: len(started) == len(tasks), "every answer streams", 120)
         cluster.kill(victim)
         killed_at = loop.time()
+        # Requests sent while the shard is away are admitted once a replica takes over (the
+        # gateways retry admission for as long as PATIENT says).
+        short = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        meanwhile = [
+            asyncio.create_task(client.post(f"{url}/v1/chat/completions", json=short))
+            for url in gateways
+            for _ in range(3)
+        ]
         await asyncio.to_thread(cluster.wait_ok, 60)  # a replica of the victim now serves its slots
         ok_at = loop.time()
         texts = {key: await task for key, task in tasks.items()}
-        # New requests are admitted once a replica has taken over.
+        answers = await asyncio.gather(*meanwhile)
+        assert [a.status_code for a in answers] == [200] * len(answers), [a.text for a in answers]
+        # And so are requests sent after.
         for url in gateways:
-            body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
-            assert (await client.post(f"{url}/v1/chat/completions", json=body)).status_code == 200
+            assert (await client.post(f"{url}/v1/chat/completions", json=short)).status_code == 200
     assert texts == {(u, p): expected[p] for u, p in tasks}
     cluster.restart(victim)
     await asyncio.to_thread(cluster.wait_ok, 60)
@@ -305,3 +316,50 @@ async def test_killing_an_unrelated_master_loses_no_stream(
     masters = {m for _, _, m in cluster.slot_map(cluster.live_ports()[0])}
     victim = next(m for m in sorted(masters) if m not in (queue_master, master))
     await streams_through_a_kill(stack, cluster, [url], victim, greedy)
+
+
+# --------------------------------------------------------------------------- planned failover
+
+
+async def test_a_subscription_follows_its_channel_to_the_new_master_after_a_planned_failover(
+    cluster: LocalCluster,
+) -> None:
+    """CLUSTER FAILOVER (maintenance, or a managed service's patching) turns the channel's master
+    into a replica without killing it. A replica still delivers the channel's messages, but
+    SPUBLISH on the new master would not count a subscriber left there: workers would take the
+    gateway for gone. So the subscription must move to the new master."""
+    client = connect(cluster.url)
+    channel = f"test-{uuid.uuid4().hex[:8]}:out:{{{uuid.uuid4().hex[:12]}}}"
+    subscription = ShardedSubscription(client, channel, "test channel")
+    received: list[str] = []
+
+    async def read() -> None:
+        async for message in subscription.messages():
+            received.append(message)
+
+    reader = asyncio.create_task(read())
+    try:
+        await until(lambda: subscription.connected, "subscribed")
+        old = cluster.master_of(channel)
+        assert cluster.node(old).execute_command("SPUBLISH", channel, "before") == 1
+        replica = next(
+            port
+            for port in cluster.live_ports()
+            if (info := cluster.node(port).info("replication"))["role"] == "slave"
+            and int(info["master_port"]) == old
+        )
+        cluster.node(replica).execute_command("CLUSTER", "FAILOVER")
+        await until(lambda: cluster.master_of(channel) == replica, "the replica is the master", 30)
+        await until(
+            lambda: cluster.node(replica).execute_command("SPUBLISH", channel, "after") == 1,
+            "the new master counts the subscription",
+            30,
+        )
+        await until(lambda: "after" in received, "a message from the new master arrives", 10)
+        assert received[0] == "before"
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        await subscription.aclose()
+        await client.aclose()
+        await asyncio.to_thread(cluster.wait_ok, 60)

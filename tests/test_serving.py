@@ -9,8 +9,11 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import MODEL, WORKER_TTL_S, Stack
+from tests.conftest import MODEL, WORKER_TTL_S, Stack, on_single_server_and_cluster
 from tests.helpers import until
+
+# Every test on a single server and on a 3-master cluster (a stack for each).
+redis_url = on_single_server_and_cluster(scope="module")
 
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 

@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 _IDLE_BLOCK_MS = 1000
 # Retry pace while Redis is unreachable.
 _BACKOFF_MIN_S = 0.1
-_BACKOFF_MAX_S = 2.0
+# Short: a failover lasts a few seconds, and every second of backoff past its end is a second
+# of stalled streams (a refused connection costs nothing to try again).
+_BACKOFF_MAX_S = 0.5
 # How long a busy worker waits for engine output before it checks deadlines again.
 _STEP_WAIT_S = 0.5
 # Cancels of requests not (yet) running here that are remembered before old ones are pruned.
