@@ -7,6 +7,7 @@ JSON, never pickle, so a payload put on the job queue is data, not code."""
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import functools
@@ -15,6 +16,8 @@ import logging
 import os
 import secrets
 import subprocess
+import sys
+import types
 import unittest.mock
 import weakref
 from collections.abc import Iterator
@@ -25,11 +28,36 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.connection
 from arq.connections import ArqRedis
 
 from broker.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def _cancel_safe_sends() -> None:
+    """On Python 3.11, `asyncio.wait_for` loses a cancel that arrives in the same loop turn as
+    its inner await finishing (CPython gh-86296, fixed in 3.12): the caller's task goes on as if
+    never cancelled. redis-py 5 (pinned below 6, see pyproject.toml) wraps every command it
+    sends in `wait_for` whenever the client has a `socket_timeout`, as Corral's cluster clients
+    do, so a cancelled heartbeat or publish loop could run on forever and a worker never stop.
+    redis-py's connection module is given an `asyncio` whose `wait_for` is `asyncio.timeout`,
+    which passes every cancel through; its every other name is the real module's."""
+    if sys.version_info >= (3, 12):
+        return
+
+    async def wait_for(awaitable: Any, timeout: float | None) -> Any:
+        async with asyncio.timeout(timeout):
+            return await awaitable
+
+    proxy = types.ModuleType("asyncio")
+    proxy.__dict__.update(vars(asyncio))
+    proxy.__dict__["wait_for"] = wait_for
+    cast(Any, redis.asyncio.connection).asyncio = proxy
+
+
+_cancel_safe_sends()
 
 
 class EmbeddedValkey:

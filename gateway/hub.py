@@ -138,7 +138,8 @@ async def events(
     while ended < choices:
         wait_until = deadline_s if gap_since is None else min(deadline_s, gap_since + gap_timeout_s)
         try:
-            raw = await asyncio.wait_for(queue.get(), max(wait_until - loop.time(), 0))
+            async with asyncio.timeout(max(wait_until - loop.time(), 0)):  # passes every cancel on
+                raw = await queue.get()
         except TimeoutError:
             if gap_since is not None and loop.time() >= gap_since + gap_timeout_s:
                 raise EventsLost() from None

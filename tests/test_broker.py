@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 
 import redis as redis_sync
 import redis.asyncio as aioredis
@@ -215,3 +216,33 @@ async def test_progress_is_appended_per_step_and_a_repeated_append_changes_nothi
     await queue.ack("m", ["0-1"], ["gw.1"])
     assert not await r.exists(keys.progress("gw.1"), keys.attempts("gw.1"))
     await r.aclose()
+
+
+async def test_a_cancel_stops_a_task_whose_client_has_a_socket_timeout(redis_url, key_prefix) -> None:
+    """redis-py 5 sends each command under `asyncio.wait_for` when the client has a socket
+    timeout, and on Python 3.11 that loses a cancel landing as the send completes: a worker's
+    cancelled heartbeat loop ran on and the worker never stopped (broker/connection.py)."""
+    r = connect(redis_url)
+    if not isinstance(r, aioredis.RedisCluster):  # connect() sets a socket timeout on clusters only
+        await r.aclose()
+        r = aioredis.Redis.from_url(redis_url, socket_timeout=5, decode_responses=True)
+    key = Keys(key_prefix).worker("w1")
+
+    async def beat() -> None:
+        while True:
+            await r.set(key, "1", px=10_000)
+
+    draw = random.Random(7)
+    ran_on = 0
+    for _ in range(200):
+        task = asyncio.create_task(beat())
+        await asyncio.sleep(draw.uniform(0, 0.002))
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if not done:
+            ran_on += 1
+            while not task.done():  # stop it for good before the next try
+                task.cancel()
+                await asyncio.sleep(0.01)
+    await r.aclose()
+    assert ran_on == 0, f"{ran_on} of 200 cancelled tasks went on running"

@@ -158,7 +158,8 @@ class Outbox:
     async def take(self, timeout_s: float) -> list:
         if not self._ready:
             try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout_s)
+                async with asyncio.timeout(timeout_s):  # not wait_for: see broker/connection.py
+                    await self._wakeup.wait()
             except TimeoutError:
                 return []
         self._wakeup.clear()

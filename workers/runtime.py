@@ -111,8 +111,6 @@ class Worker:
         # Kept across a Redis outage: events not yet published, requests not yet acked.
         self._unpublished: list[tuple[str, Event]] = []
         self._unacked: list[Claimed] = []
-        # Events no gateway received (its subscription was down, or it died), republished each
-        # turn until heard; and since when each request has had such events.
         # Events to send again: sent and heard by nobody, or not sent (their shard unreachable);
         # and since when each request's events have been sent to nobody.
         self._unheard: dict[str, list[Event]] = {}
@@ -456,6 +454,11 @@ class Worker:
             if heard is False:
                 self._nobody_heard.add(request_id)
         self._unheard = unheard
+
+    @property
+    def unheard(self) -> frozenset[str]:
+        """The requests whose events were last sent to nobody: each turn sends them again."""
+        return frozenset(self._nobody_heard)
 
     async def drop_unheard(self) -> None:
         """Give up on requests whose events no gateway has received for `unheard_grace_s` (it
