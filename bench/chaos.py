@@ -155,11 +155,19 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--kill-every-s", type=float, default=6.0)
     parser.add_argument("--port", type=int, default=8078)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--no-batch-invariant", action="store_true", help="expect 'wrong' answers in bf16")
     args = parser.parse_args()
-    # float32: on this CPU bf16's greedy tokens depend on which requests share a batch, which a
-    # takeover changes; "wrong" must mean a lost or repeated token, not rounding.
+    # Batch invariance on: a takeover changes which requests share a batch, and without it a
+    # bf16 token (this CPU's default dtype) depends on that; "wrong" must mean a lost or
+    # repeated token, not rounding.
     settings = Settings().with_overrides(
-        port=args.port, threads=1, dtype="float32", max_batch=8, kv_cache_tokens=16384
+        port=args.port,
+        threads=1,
+        dtype=args.dtype,
+        batch_invariant=not args.no_batch_invariant,
+        max_batch=8,
+        kv_cache_tokens=16384,
     )
     if not settings.redis_url:
         settings = settings.with_overrides(redis_url="redis://127.0.0.1:6379/0")

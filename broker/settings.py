@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     # read in slices between their tokens, so their streams never freeze); None = auto (128 on a
     # CPU, chosen with bench/prefill.py; 512 on a GPU), 0 = no bound.
     prefill_tokens_while_decoding: int | None = Field(None, ge=0)
+    # Each token's numbers independent of what shares its engine steps: greedy text equal alone
+    # and in any batch, however its prompt was chunked or cached, and across a takeover
+    # (workers/invariant.py). It costs throughput (docs/decisions.md), hence off by default.
+    batch_invariant: bool = False
     chat_template: str | None = None
     # LoRA adapters served beside the model on one copy of its weights: NAME=PATH each (a peft
     # adapter folder), each served as model NAME; from the environment, a JSON list.

@@ -39,6 +39,13 @@ def _add_worker_flags(parser: argparse.ArgumentParser, several: bool = False) ->
     parser.add_argument("--max-batch", type=int, help="requests decoded together")
     parser.add_argument("--kv-cache-tokens", type=int, help="KV-cache budget in tokens (0: from free memory)")
     parser.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        default=None,
+        help="a token's numbers do not depend on what shares its batch: greedy text equal alone and "
+        "batched, in bf16 too (costs throughput; see docs/decisions.md)",
+    )
+    parser.add_argument(
         "--chat-template",
         help="instead of the tokenizer's template: a name (vicuna, llama-2-chat, llama-3, alpaca, chatml, "
         "zephyr, mistral-instruct, one-shot; each brings its stop strings), a Jinja file, or template text",

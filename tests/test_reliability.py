@@ -93,6 +93,30 @@ async def test_a_seeded_penalised_request_taken_over_mid_stream_is_what_one_run_
     assert len(set(whole)) == len(seeds)  # the seeds did matter
 
 
+async def test_a_bf16_worker_killed_mid_stream_is_continued_with_the_text_of_one_uninterrupted_run(
+    stack: Stack,
+) -> None:
+    """With batch invariance, bf16 (this CPU's default dtype) keeps the takeover guarantee: the
+    texts streamed through a kill equal the same requests run alone, start to end."""
+    bf16 = {"CORRAL_DTYPE": "bfloat16", "CORRAL_BATCH_INVARIANT": "true"}
+    doomed = stack.start_worker(served_name="bf16", **bf16)
+    async with httpx.AsyncClient(base_url=stack.url, timeout=300) as client:
+        tasks = [asyncio.create_task(stream_text(client, p, 120, model="bf16")) for p in PROMPTS]
+        await until(
+            lambda: int(stack.worker_info(doomed.worker_id).get("in_flight", 0)) == len(PROMPTS),
+            "the doomed worker runs every request",
+        )
+        survivor = stack.start_worker(served_name="bf16", **bf16)  # loads while the first generates
+        assert int(stack.worker_info(doomed.worker_id)["in_flight"]) == len(PROMPTS)  # still going
+        doomed.kill()
+        interrupted = [text for text, _ in await asyncio.gather(*tasks)]
+        assert int(stack.worker_info(survivor.worker_id)["reclaimed"]) == len(PROMPTS)
+        whole = [(await stream_text(client, p, 120, model="bf16"))[0] for p in PROMPTS]
+    survivor.terminate()
+    assert interrupted == whole
+    assert len(set(whole)) == len(PROMPTS)
+
+
 async def test_a_request_whose_gateway_is_gone_is_cancelled(stack: Stack) -> None:
     from broker.connection import connect
     from broker.keys import Keys

@@ -125,8 +125,12 @@ def test_the_faster_top_k_and_top_p_keep_exactly_what_transformers_keeps() -> No
 
     assert torch.equal(fast_k(scores.clone(), ks), reference_k(scores.clone(), ks))
     assert torch.equal(fast_p(scores.clone(), ps), reference_p(scores.clone(), ps))
+    # A greedy row keeps one token, the lowest id among equal scores (as argmax and `generate`):
+    # a threshold would keep row 2's three tied tokens, and the draw would pick one at random.
     greedy = torch.ones(6, dtype=torch.int32)
-    assert (fast_k(scores.clone(), greedy) > float("-inf")).sum(dim=-1).tolist() == [1, 1, 3, 1, 1, 1]
+    kept = fast_k(scores.clone(), greedy) > float("-inf")
+    assert kept.sum(dim=-1).tolist() == [1] * 6
+    assert kept.nonzero()[:, 1].tolist() == scores.argmax(dim=-1).tolist() and bool(kept[2, 0])
 
 
 def test_the_inverse_cdf_draw_follows_the_distribution_and_keeps_a_lone_token() -> None:

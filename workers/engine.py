@@ -10,6 +10,7 @@ choice itself for an API). Nothing here needs torch, so an API-backed worker nev
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -141,6 +142,26 @@ class Engine(Protocol):
         ...
 
     def stop(self) -> None: ...
+
+
+async def run_to_end(
+    engine: Engine, prompts: list[Any], params: list[SamplingParams]
+) -> list[tuple[list, list]]:
+    """Adds every prompt at once and steps the engine until all have finished: each one's
+    token ids and their logprobs (empty unless its params ask for logprobs). For benchmarks
+    and tests that drive an engine without the runtime."""
+    names = [f"direct-{uuid.uuid4().hex[:12]}" for _ in prompts]
+    got: dict[str, tuple[list[int], list[float]]] = {name: ([], []) for name in names}
+    for name, prompt, choice in zip(names, prompts, params, strict=True):
+        engine.add(name, prompt, choice)
+    left = set(names)
+    while left:
+        for out in await engine.step(60):
+            got[out.request_id][0].extend(out.new_token_ids)
+            got[out.request_id][1].extend(c.logprob for c in out.choices)
+            if out.finished:
+                left.discard(out.request_id)
+    return [got[name] for name in names]
 
 
 class Outbox:

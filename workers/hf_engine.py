@@ -25,6 +25,7 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.requests import RequestStatus
 from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING, FIFOScheduler
 
+from workers import invariant
 from workers.engine import Outbox, SamplingParams, StepOutput
 from workers.loading import LoadedModel, eos_ids, free_memory_bytes
 from workers.lora import MultiLoRA
@@ -124,6 +125,7 @@ class TransformersEngine:
         max_batch_tokens: int = 0,
         adapters: dict[str, Path] | None = None,
         prefill_tokens_while_decoding: int | None = None,
+        batch_invariant: bool = False,
     ) -> None:
         self.loaded = loaded
         self.max_batch = max_batch
@@ -152,6 +154,8 @@ class TransformersEngine:
             eos_token_id=sorted(self.eos_token_ids) or None,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
         )
+        if batch_invariant:
+            invariant.install(model)
         self.manager = model.init_continuous_batching(
             generation_config=generation_config,
             continuous_batching_config=ContinuousBatchingConfig(
@@ -166,6 +170,8 @@ class TransformersEngine:
                 max_batch_tokens=max_batch_tokens or None,
                 page_size=_PAGE_TOKENS,
                 scheduler_type=fair_scheduler(prefill_tokens_while_decoding),
+                # Flash attention would bypass the batch-invariant attention.
+                auto_switch_to_flash=not batch_invariant,
             ),
         )
         # request id → (tokens already reported, the token ids that end it)

@@ -209,13 +209,21 @@ class Sampler(ContinuousBatchingLogitsProcessor):
 
 class TopK(ContinuousBatchingTopKLogitsWarper):
     """transformers' per-request top-k without its full sort of every row: rows whose k covers the
-    vocabulary are left alone and the rest need only the top max(k) scores. Greedy rows (k=1)
-    then cost one partial top-k instead of a sort of the whole vocabulary."""
+    vocabulary are left alone and the rest need only the top max(k) scores. A greedy row (k=1)
+    keeps exactly one token, its argmax (the lowest id among equal scores, as `generate` picks):
+    bf16 logits tie often (at 33 their step is 0.25), and a threshold keeps every tied token, so
+    the draw after it chose between them at random."""
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         vocab = scores.size(-1)
         top_k = tensor_arg[: scores.size(0)].to(torch.int64)  # [B]
-        limited = top_k < vocab
+        greedy = (top_k == 1).nonzero().squeeze(-1)
+        if greedy.numel():
+            best = scores[greedy].argmax(dim=-1)
+            kept = scores[greedy, best]
+            scores[greedy] = self.filter_value
+            scores[greedy, best] = kept
+        limited = (top_k < vocab) & (top_k != 1)
         if not bool(limited.any()):
             return scores
         k_max = int(top_k[limited].max())

@@ -126,6 +126,7 @@ def build_engine(settings: Settings, loaded, adapters: dict) -> Engine:
                 max_batch_tokens=settings.max_batch_tokens,
                 adapters=adapters,
                 prefill_tokens_while_decoding=settings.prefill_tokens_while_decoding,
+                batch_invariant=settings.batch_invariant,
             )
         except (RuntimeError, ValueError, NotImplementedError, TypeError) as e:
             if settings.engine == "continuous":
