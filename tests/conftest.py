@@ -340,7 +340,7 @@ def reference(model_path: str, adapters: dict[str, Path], tokenizer):
 
 # Tests that start processes or load a model to serve (`make test` runs them; `make test-fast`
 # leaves them out): by the fixtures they use, and by module for those that start their own.
-_SLOW_FIXTURES = {"stack", "arena_stack", "jobs_stack", "greedy", "bf16_engine"}
+_SLOW_FIXTURES = {"stack", "arena_stack", "jobs_stack", "greedy", "bf16_engine", "adapters"}
 _SLOW_MODULES = {
     "test_cluster",
     "test_sentinel",

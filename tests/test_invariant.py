@@ -169,3 +169,25 @@ async def test_bf16_a_takeover_continues_with_the_uninterrupted_tokens(bf16_engi
     rest = SamplingParams(temperature=0, max_new_tokens=30 - done, resumed_tokens=done)
     continued = await run(bf16_engine, resumed + prompts[4:], [rest] * 4 + [greedy] * 4)
     assert [tokens[done:] for tokens, _ in whole] == [tokens for tokens, _ in continued[:4]]
+
+
+async def test_bf16_lora_answers_sent_together_equal_each_sent_alone(model_path, adapters, tokenizer) -> None:
+    """Requests for the base and two adapters share steps; each adapter's delta is a product
+    over its own requests' rows, which must not change with how many there are."""
+    from workers.hf_engine import TransformersEngine
+    from workers.loading import load_model
+
+    loaded = load_model(model_path, Path("/tmp"), device="cpu", dtype="bfloat16", threads=1)
+    engine = TransformersEngine(
+        loaded, max_batch=16, kv_cache_tokens=8192, adapters=adapters, batch_invariant=True
+    )
+    engine.start()
+    try:
+        jobs = [(adapter, prompt) for adapter in ("", "tuned", "other") for prompt in chats(tokenizer)[:4]]
+        params = [SamplingParams(temperature=0, max_new_tokens=16, logprobs=0, adapter=a) for a, _ in jobs]
+        together = await run(engine, [prompt for _, prompt in jobs], params)
+        alone = [(await run(engine, [prompt], [p]))[0] for (_, prompt), p in zip(jobs, params, strict=True)]
+    finally:
+        engine.stop()
+    assert engine.lora is not None and engine.lora.mixed_steps > 0
+    assert together == alone

@@ -68,17 +68,22 @@ def _consistent(weight: torch.Tensor, x: torch.Tensor, fewest: int, most: int) -
 
 
 def linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)`, the rows in slices whose row count lies in the weight's band (the last one
-    padded up to the band), so each row gets the numbers it would get alone."""
-    fewest, most = row_band(module.weight)
+    """`module(x)`, each row with the numbers it would get alone (see `product`)."""
+    return product(x, module.weight, module.bias)
+
+
+def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, the rows in slices whose row count lies in the weight's band
+    (the last one padded up to the band), so each row gets the numbers it would get alone."""
+    fewest, most = row_band(weight)
     rows = x.reshape(-1, x.shape[-1])
     n = rows.shape[0]
     if fewest <= n <= most:
-        return F.linear(x, module.weight, module.bias)
+        return F.linear(x, weight, bias)
     pad = max(fewest - n % most, 0) if n % most else 0
     if pad:
         rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
-    out = torch.cat([F.linear(part, module.weight, module.bias) for part in rows.split(most)])[:n]
+    out = torch.cat([F.linear(part, weight, bias) for part in rows.split(most)])[:n]
     return out.view(*x.shape[:-1], out.shape[-1])
 
 

@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+
+from workers import invariant
 
 log = logging.getLogger(__name__)
 
@@ -190,15 +193,17 @@ class MultiLoRA:
             if not plan.groups or plan.thread != threading.get_ident():
                 return None
             x = inputs[0]  # [1, tokens, in]
+            # With batch invariance, an adapter's rows get the numbers they would get alone.
+            linear = invariant.product if getattr(module, "corral_invariant", False) else F.linear
             for index, positions in plan.groups:
                 layer = by_index.get(index)
                 if layer is None:  # this adapter leaves this layer alone
                     continue
                 if positions is None:
-                    output = output + (x @ layer.a.T) @ layer.b.T * layer.scale
+                    output = output + linear(linear(x, layer.a), layer.b) * layer.scale
                 else:
                     positions = positions.to(x.device)
-                    delta = (x[0, positions] @ layer.a.T) @ layer.b.T * layer.scale
+                    delta = linear(linear(x[0, positions], layer.a), layer.b) * layer.scale
                     output = output.index_add(1, positions, delta.unsqueeze(0))
             return output
 
