@@ -144,16 +144,37 @@ async def test_bf16_seeded_draws_do_not_depend_on_what_shares_their_steps(bf16_e
     assert [tokens for tokens, _ in together] == [tokens for tokens, _ in alone]
 
 
-@ENGINE_LOOP
-async def test_bf16_a_long_prompt_sent_five_times_gives_five_equal_answers_and_logprobs(
-    bf16_engine, tokenizer
-) -> None:
+async def five_answers_to_a_long_prompt(engine, tokenizer) -> list[tuple]:
     """Past one KV page (256 tokens), so from the second time on its prefix is shared."""
     text = " ".join(f"Here is a note about {topic}." for topic in TOPICS * 6) + " Summarise the notes."
     prompt = prompt_ids(tokenizer, text)
     assert len(prompt) > 300
     greedy = [SamplingParams(temperature=0, max_new_tokens=16, logprobs=0)]
-    answers = [(await run(bf16_engine, [prompt], greedy))[0] for _ in range(5)]
+    return [(await run(engine, [prompt], greedy))[0] for _ in range(5)]
+
+
+@ENGINE_LOOP
+async def test_bf16_a_long_prompt_sent_five_times_gives_five_equal_answers_and_logprobs(
+    bf16_engine, tokenizer
+) -> None:
+    answers = await five_answers_to_a_long_prompt(bf16_engine, tokenizer)
+    assert all(answer == answers[0] for answer in answers)
+
+
+@pytest.mark.slow  # loads a model
+async def test_fp32_a_long_prompt_sent_five_times_gives_five_equal_answers_and_logprobs(
+    model_path, tokenizer
+) -> None:
+    from workers.hf_engine import TransformersEngine
+    from workers.loading import load_model
+
+    loaded = load_model(model_path, Path("/tmp"), device="cpu", dtype="float32", threads=1)
+    engine = TransformersEngine(loaded, max_batch=16, kv_cache_tokens=8192, batch_invariant=True)
+    engine.start()
+    try:
+        answers = await five_answers_to_a_long_prompt(engine, tokenizer)
+    finally:
+        engine.stop()
     assert all(answer == answers[0] for answer in answers)
 
 
