@@ -10,6 +10,7 @@ choice itself for an API). Nothing here needs torch, so an API-backed worker nev
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -145,18 +146,21 @@ class Engine(Protocol):
 
 
 async def run_to_end(
-    engine: Engine, prompts: list[Any], params: list[SamplingParams]
-) -> list[tuple[list, list]]:
+    engine: Engine, prompts: list[Any], params: list[SamplingParams], timeout_s: float = 600
+) -> list[tuple[list[int], list[float]]]:
     """Adds every prompt at once and steps the engine until all have finished: each one's
     token ids and their logprobs (empty unless its params ask for logprobs). For benchmarks
-    and tests that drive an engine without the runtime."""
+    and tests that drive an engine without the runtime; past `timeout_s`, TimeoutError."""
     names = [f"direct-{uuid.uuid4().hex[:12]}" for _ in prompts]
     got: dict[str, tuple[list[int], list[float]]] = {name: ([], []) for name in names}
     for name, prompt, choice in zip(names, prompts, params, strict=True):
         engine.add(name, prompt, choice)
     left = set(names)
+    deadline = time.monotonic() + timeout_s
     while left:
-        for out in await engine.step(60):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(left)} of {len(names)} requests unfinished after {timeout_s:.0f} s")
+        for out in await engine.step(5):
             got[out.request_id][0].extend(out.new_token_ids)
             got[out.request_id][1].extend(c.logprob for c in out.choices)
             if out.finished:
