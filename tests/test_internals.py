@@ -1,14 +1,17 @@
 """The transformers internals Corral patches or reaches into (workers/hf_engine.py,
-workers/sampling.py), checked by name and signature: a transformers release that moves one fails
-here, naming it, instead of somewhere deep in a serving test. pyproject.toml pins the minor
-release these were written against; this test is what to run when raising that pin."""
+workers/sampling.py, workers/invariant.py), checked by name and signature: a transformers
+release that moves one fails here, naming it, instead of somewhere deep in a serving test.
+pyproject.toml pins the minor release these were written against; this test is what to run when
+raising that pin."""
 
 from __future__ import annotations
 
 import inspect
 
 import pytest
-from transformers.generation.continuous_batching import cb_logits_processors, continuous_api, scheduler
+from transformers import AttentionInterface
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
+from transformers.generation.continuous_batching import cache, cb_logits_processors, continuous_api, scheduler
 from transformers.generation.continuous_batching.model_runner import ModelRunner
 from transformers.generation.continuous_batching.requests import RequestStatus
 
@@ -91,7 +94,22 @@ def assigned_in_init(cls: type) -> str:
             "ContinuousBatchingManager._generation_step",
             lambda: hasattr(continuous_api.ContinuousBatchingManager, "_generation_step"),
         ),
+        # workers/invariant.py: the attention registered as "sdpa" reads where each request's
+        # queries and keys start, which the paged cache puts in the attention's kwargs, and the
+        # engine keeps transformers from switching a batch-invariant model to flash attention.
+        (
+            "PagedAttentionCache.update fills kwargs['cu_seq_lens_k'] per layer",
+            lambda: (
+                'kwargs["cu_seq_lens_k"] = kwargs["cu_seq_lens_k"]['
+                in inspect.getsource(cache.PagedAttentionCache.update)
+            ),
+        ),
+        (
+            "ContinuousBatchingConfig.auto_switch_to_flash",
+            lambda: "auto_switch_to_flash" in inspect.signature(ContinuousBatchingConfig).parameters,
+        ),
+        ("AttentionInterface.register", lambda: callable(getattr(AttentionInterface, "register", None))),
     ],
 )
 def test_the_transformers_internals_corral_relies_on_are_where_it_expects(what: str, found) -> None:
-    assert found(), f"transformers moved {what}: update workers/hf_engine.py or workers/sampling.py"
+    assert found(), f"transformers moved {what}: update workers/hf_engine.py, sampling.py or invariant.py"
