@@ -1,7 +1,8 @@
 """Batch invariance (workers/invariant.py): a token's numbers do not depend on what shares its
 engine steps. First the kernels, on random tensors (these fail if a torch upgrade changes how
 they sum); then the engine on the built-in model in bf16, where without invariance 7 of 24
-greedy answers change when the requests are sent together (bench/determinism.py)."""
+greedy texts, and all 24 answers' logprobs, change when the requests are sent together
+(docs/decisions.md, bench/determinism.py)."""
 
 from __future__ import annotations
 
