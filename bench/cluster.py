@@ -387,7 +387,8 @@ def main() -> None:
         try:
             if not args.failovers_only:
                 results["throughput"] += throughput(cluster, "cluster", args)
-            results["failover"] = failovers(cluster, args.failovers)
+            if args.failovers:
+                results["failover"] = failovers(cluster, args.failovers)
         finally:
             cluster.stop()
     by = {(r["redis"], r["gateways"]): r for r in results["throughput"]}
@@ -405,11 +406,12 @@ def main() -> None:
             f"{ratio(c, sr, 'redis_cpu_ms_per_1000_tokens_total'):.2f}x, all nodes/single "
             f"{ratio(c, s, 'redis_cpu_ms_per_1000_tokens_total'):.2f}x"
         )
-    failover = results["failover"]
-    print(
-        f"failover pause: p50 {failover['pause_p50_s']} s, max {failover['pause_max_s']} s "
-        f"(node timeout {failover['node_timeout_ms']} ms); every text whole: {failover['all_whole']}"
-    )
+    failover = results.get("failover")
+    if failover:
+        print(
+            f"failover pause: p50 {failover['pause_p50_s']} s, max {failover['pause_max_s']} s "
+            f"(node timeout {failover['node_timeout_ms']} ms); every text whole: {failover['all_whole']}"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))

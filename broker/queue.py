@@ -86,8 +86,9 @@ class Published:
     unrecorded: set[str] = field(default_factory=set)
 
 
-# One publish's commands for one event or one request's progress: (key, what it is for, commands).
-_Op = tuple[str, int | str, list[tuple[Any, ...]]]
+# One publish's commands for one channel's events or one request's progress: (key, what it is
+# for: the events' indices or the request id, commands).
+_Op = tuple[str, tuple[int, ...] | str, list[tuple[Any, ...]]]
 
 
 class RequestQueue:
@@ -237,10 +238,16 @@ class RequestQueue:
         only what lives on it). Raises only when nothing could be sent."""
         if not events and not progress:
             return Published()
-        ops: list[_Op] = []
-        for i, (request_id, event) in enumerate(events):
-            channel = self.keys.output_of(request_id)
-            ops.append((channel, i, [("SPUBLISH", channel, frame(request_id, event))]))
+        # One message per gateway channel, its requests' events in order: a step's SPUBLISHes,
+        # messages to deliver and (on a cluster) bus messages to replicas number the gateways,
+        # not the events.
+        by_channel: dict[str, list[int]] = {}
+        for i, (request_id, _) in enumerate(events):
+            by_channel.setdefault(self.keys.output_of(request_id), []).append(i)
+        ops: list[_Op] = [
+            (channel, tuple(at), [("SPUBLISH", channel, frame(*(events[i] for i in at)))])
+            for channel, at in by_channel.items()
+        ]
         for request_id, update in (progress or {}).items():
             key = self.keys.progress(request_id)
             commands: list[tuple[Any, ...]] = [("APPEND", key, update.entries)]
@@ -253,8 +260,9 @@ class RequestQueue:
             if isinstance(reply, BaseException):
                 if isinstance(what, str):
                     published.unrecorded.add(what)
-            elif isinstance(what, int):
-                published.heard[what] = int(reply) > 0
+            elif isinstance(what, tuple):
+                for i in what:
+                    published.heard[i] = int(reply) > 0
         return published
 
     async def _per_node(self, ops: list[_Op]) -> list[Any]:
@@ -403,12 +411,16 @@ class RequestQueue:
         return found - unknown, unknown
 
 
-def frame(request_id: str, event: Event) -> str:
-    """An event as published on its gateway's channel: the request id, a space, the event."""
-    return f"{request_id} {event.model_dump_json(exclude_defaults=True)}"
+def frame(*events: tuple[str, Event]) -> str:
+    """Events as published on their gateway's channel, one line each: the request id, a space,
+    the event's JSON (which escapes every newline)."""
+    return "\n".join(
+        f"{request_id} {event.model_dump_json(exclude_defaults=True)}" for request_id, event in events
+    )
 
 
-def unframe(message: str) -> tuple[str, str]:
-    """The request id and the event's JSON of a published message."""
-    request_id, _, event = message.partition(" ")
-    return request_id, event
+def unframe(message: str) -> list[tuple[str, str]]:
+    """The request id and event JSON of each event in a published message."""
+    return [
+        (request_id, event) for request_id, _, event in (line.partition(" ") for line in message.split("\n"))
+    ]

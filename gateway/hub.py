@@ -108,12 +108,12 @@ class EventHub:
 
     async def _read(self) -> None:
         async for message in self._subscription.messages():
-            request_id, event = unframe(message)
-            queue = self._queues.get(request_id)
-            if queue is not None:
-                queue.put_nowait(event)
-            else:
-                self._orphaned(request_id)
+            for request_id, event in unframe(message):
+                queue = self._queues.get(request_id)
+                if queue is not None:
+                    queue.put_nowait(event)
+                else:
+                    self._orphaned(request_id)
 
 
 class EventsLost(Exception):

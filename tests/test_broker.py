@@ -97,7 +97,7 @@ async def test_publish_reports_which_events_a_gateway_received(redis_url, key_pr
     async with subscribed(r, keys.output("gwA")) as received:
         assert (await queue.publish(events)).heard == [True, False]  # nobody listens for gateway B
         await until(lambda: received, "gateway A's event")
-    assert [unframe(m) for m in received] == [("gwA.1", a.model_dump_json(exclude_defaults=True))]
+    assert [unframe(m) for m in received] == [[("gwA.1", a.model_dump_json(exclude_defaults=True))]]
     await r.aclose()
 
 
@@ -119,16 +119,21 @@ async def test_a_malformed_entry_is_rejected_and_does_not_block_the_queue(
     await r.aclose()
 
 
-async def test_events_published_in_one_pipeline_arrive_in_order(redis_url, key_prefix) -> None:
+async def test_a_publish_sends_each_gateway_one_message_with_its_events_in_order(
+    redis_url, key_prefix
+) -> None:
     r = connect(redis_url)
     keys = Keys(key_prefix)
     queue = RequestQueue(r, keys)
-    events = [("gw.1", Event(seq=i, type="delta", text=str(i))) for i in range(1, 6)]
-    async with subscribed(r, keys.output("gw")) as messages:
-        await queue.publish(events)
-        await until(lambda: len(messages) == 5, "five events")
-    received = [Event.model_validate_json(unframe(m)[1]) for m in messages]
-    assert [e.seq for e in received] == [1, 2, 3, 4, 5]
+    events = [(f"gw{i % 2}.{i % 3}", Event(seq=i, type="delta", text=f"a\nb {i}")) for i in range(1, 13)]
+    async with subscribed(r, keys.output("gw0")) as zero, subscribed(r, keys.output("gw1")) as one:
+        assert (await queue.publish(events)).heard == [True] * 12
+        await until(lambda: zero and one, "a message on each channel")
+        await asyncio.sleep(0.1)
+    assert len(zero) == len(one) == 1
+    for gateway, messages in (("gw0", zero), ("gw1", one)):
+        received = [(request_id, Event.model_validate_json(raw)) for request_id, raw in unframe(messages[0])]
+        assert received == [e for e in events if e[0].startswith(gateway + ".")]
     await r.aclose()
 
 

@@ -165,7 +165,7 @@ async def test_events_nobody_heard_are_sent_again_once_a_gateway_listens(stack: 
     async with subscribed(r, keys.output("latecomer")) as messages:
         await until(lambda: messages and '"type":"done"' in messages[-1], "the done event")
     await r.aclose()
-    received = [Event.model_validate_json(unframe(m)[1]) for m in messages]
+    received = [Event.model_validate_json(raw) for m in messages for _, raw in unframe(m)]
 
     assert received[0].seq == 1  # the first events, sent before anyone listened, came again
     by_seq = {e.seq: e for e in received}

@@ -68,11 +68,11 @@ class Harness:
 
         async def read() -> None:
             async for message in subscription.messages():
-                request_id, raw = unframe(message)
-                event = Event.model_validate_json(raw)
-                received.setdefault(request_id, []).append(event)
-                if event.type in ("done", "error"):
-                    self.ended.append(request_id)
+                for request_id, raw in unframe(message):
+                    event = Event.model_validate_json(raw)
+                    received.setdefault(request_id, []).append(event)
+                    if event.type in ("done", "error"):
+                        self.ended.append(request_id)
 
         reader = asyncio.create_task(read())
         await until(lambda: subscription.connected, "subscribed", 10, every_s=0.01)
