@@ -213,3 +213,58 @@ async def test_bf16_lora_answers_sent_together_equal_each_sent_alone(model_path,
         engine.stop()
     assert engine.lora is not None and engine.lora.mixed_steps > 0
     assert together == alone
+
+
+@ENGINE_LOOP
+async def test_bf16_the_one_at_a_time_engine_gives_the_batch_engines_tokens_and_takes_over_exactly(
+    bf16_engine, model_path, tokenizer
+) -> None:
+    """The decode loop that serves what continuous batching cannot, with invariance in bf16:
+    each answer equals the continuous batch's (tokens and logprobs), and a takeover (prompt and
+    the tokens so far read in as one prompt) continues with the uninterrupted tokens."""
+    from workers.generate_engine import GenerateEngine
+    from workers.loading import load_model
+
+    loaded = load_model(model_path, Path("/tmp"), device="cpu", dtype="bfloat16", threads=1)
+    engine = GenerateEngine(loaded, "a test", batch_invariant=True)
+    engine.start()
+    try:
+        prompts = chats(tokenizer)[:3]
+        greedy = SamplingParams(temperature=0, max_new_tokens=30, logprobs=0)
+        alone = [(await run(engine, [p], [greedy]))[0] for p in prompts]
+        done = 11
+        rest = SamplingParams(temperature=0, max_new_tokens=30 - done, resumed_tokens=done, logprobs=0)
+        continued = [
+            (await run(engine, [p + tokens[:done]], [rest]))[0]
+            for p, (tokens, _) in zip(prompts, alone, strict=True)
+        ]
+    finally:
+        engine.stop()
+    assert alone == await run(bf16_engine, prompts, [greedy] * 3)
+    assert [(tokens[done:], logprobs[done:]) for tokens, logprobs in alone] == continued
+
+
+@pytest.mark.slow  # loads a model
+async def test_bf16_the_one_at_a_time_engine_breaks_a_greedy_tie_as_the_batch_engine_does(
+    model_path, tokenizer
+) -> None:
+    """In bf16 the first logits for "Explain hash tables" tie (two tokens at 33.5). Greedy must
+    pick the lowest id every time, as argmax and a continuous batch do; a top-k threshold kept
+    both, and the draw after it chose between them at random."""
+    from workers.generate_engine import GenerateEngine
+    from workers.loading import load_model
+
+    loaded = load_model(model_path, Path("/tmp"), device="cpu", dtype="bfloat16", threads=1)
+    prompt = chats(tokenizer)[0]
+    with torch.no_grad():
+        first = loaded.model(input_ids=torch.tensor([prompt])).logits[0, -1].float()
+    tied = (first == first.max()).nonzero().flatten().tolist()
+    assert len(tied) > 1  # the case this test is about
+    engine = GenerateEngine(loaded, "a test")
+    engine.start()
+    try:
+        greedy = SamplingParams(temperature=0, max_new_tokens=1)
+        firsts = [(await run(engine, [prompt], [greedy]))[0][0][0] for _ in range(8)]
+    finally:
+        engine.stop()
+    assert firsts == [min(tied)] * 8

@@ -21,20 +21,37 @@ from types import SimpleNamespace
 import torch
 from transformers import DynamicCache, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from workers import invariant
 from workers.engine import Outbox, SamplingParams, StepOutput
 from workers.loading import LoadedModel, eos_ids
 from workers.lora import MultiLoRA
 from workers.pooling import mean_pooled
-from workers.sampling import CORRAL_KWARGS, Penalties, RowBatch, Sampler, request_kwargs
+from workers.sampling import CORRAL_KWARGS, Penalties, RowBatch, Sampler, keep_argmax, request_kwargs
 
 log = logging.getLogger(__name__)
+
+
+def _greedy(_: object, scores: torch.Tensor) -> torch.Tensor:
+    """A greedy request's warper: only the argmax is left, as in a continuous batch."""
+    keep_argmax(scores, torch.arange(scores.size(0), device=scores.device))
+    return scores
 
 
 class GenerateEngine:
     # One request at a time: the worker claims the next when this one is done.
     max_batch = 1
 
-    def __init__(self, loaded: LoadedModel, reason: str, adapters: dict[str, Path] | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        reason: str,
+        adapters: dict[str, Path] | None = None,
+        batch_invariant: bool = False,
+    ) -> None:
+        if batch_invariant:
+            # One request at a time shares no step, but a takeover reads the positions decoded
+            # one by one back in as a prompt: invariance makes those numbers the same.
+            invariant.install(loaded.model)
         self.loaded = loaded
         self.context_length = loaded.context_length
         self.eos_token_ids = eos_ids(loaded)
@@ -105,7 +122,9 @@ class GenerateEngine:
             generated_tokens=[],
         )
         warpers = [TemperatureLogitsWarper(kwargs["temperature"])] if kwargs["temperature"] != 1.0 else []
-        if kwargs["top_k"] < self.vocab_size:
+        if kwargs["top_k"] == 1:
+            warpers.append(_greedy)  # a threshold would keep every token tied for the top
+        elif kwargs["top_k"] < self.vocab_size:
             warpers.append(TopKLogitsWarper(kwargs["top_k"]))
         if kwargs["top_p"] < 1.0:
             warpers.append(TopPLogitsWarper(kwargs["top_p"]))

@@ -181,12 +181,17 @@ def paged_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention call for a continuous batch (`query` [1, heads, tokens, d], the
     step's keys [1, kv heads, keys, d] request after request, `cu_seq_lens_q/k` where each
-    starts): the requests that decode one token together, the others one at a time. Calls from
-    outside a continuous batch go to `fallback`."""
+    starts): the requests that decode one token together, the others one at a time. A call
+    for one request outside a continuous batch (the one-at-a-time engine: its new tokens, the
+    keys of all its positions, nothing padded) is that request alone. Other calls go to
+    `fallback`."""
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if query.shape[0] == 1 and cu_q is None and cu_k is None:
+        past = key.shape[2] - query.shape[2]
+        return attention(query[0], key[0], value[0], past, scale).unsqueeze(0), None
     if not isinstance(cu_q, torch.Tensor) or not isinstance(cu_k, torch.Tensor) or query.shape[0] != 1:
         return fallback(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = query.new_zeros(query.shape[2], query.shape[1], query.shape[3])
     starts_q, starts_k = cu_q.tolist(), cu_k.tolist()
     decoding: list[int] = []
@@ -210,7 +215,7 @@ def config_window(config: Any) -> bool:
 
 
 def install(model: torch.nn.Module) -> None:
-    """Makes `model`'s linear layers and its continuous-batching attention batch-invariant."""
+    """Makes `model`'s linear layers and its attention batch-invariant (installed once)."""
     from transformers import AttentionInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 

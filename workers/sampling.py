@@ -207,6 +207,14 @@ class Sampler(ContinuousBatchingLogitsProcessor):
         self._seeds.pop(request_id, None)
 
 
+def keep_argmax(scores: torch.Tensor, rows: torch.Tensor, filter_value: float = float("-inf")) -> None:
+    """Leaves each of these rows only its argmax (the lowest id among equal scores), in place."""
+    best = scores[rows].argmax(dim=-1)
+    kept = scores[rows, best]
+    scores[rows] = filter_value
+    scores[rows, best] = kept
+
+
 class TopK(ContinuousBatchingTopKLogitsWarper):
     """transformers' per-request top-k without its full sort of every row: rows whose k covers the
     vocabulary are left alone and the rest need only the top max(k) scores. A greedy row (k=1)
@@ -219,10 +227,7 @@ class TopK(ContinuousBatchingTopKLogitsWarper):
         top_k = tensor_arg[: scores.size(0)].to(torch.int64)  # [B]
         greedy = (top_k == 1).nonzero().squeeze(-1)
         if greedy.numel():
-            best = scores[greedy].argmax(dim=-1)
-            kept = scores[greedy, best]
-            scores[greedy] = self.filter_value
-            scores[greedy, best] = kept
+            keep_argmax(scores, greedy, self.filter_value)
         limited = (top_k < vocab) & (top_k != 1)
         if not bool(limited.any()):
             return scores

@@ -132,7 +132,7 @@ def build_engine(settings: Settings, loaded, adapters: dict) -> Engine:
             if settings.engine == "continuous":
                 raise
             reason = f"continuous batching could not start: {type(e).__name__}: {e}"
-    return GenerateEngine(loaded, reason, adapters)
+    return GenerateEngine(loaded, reason, adapters, batch_invariant=settings.batch_invariant)
 
 
 async def upstream_worker(settings: Settings, redis) -> Worker:
