@@ -99,6 +99,11 @@ class GenerationRequest(BaseModel):
     echo: bool = False
     # Keep generating past EOS (benchmarks with a fixed output length).
     ignore_eos: bool = False
+    # response_format json_object / json_schema: the JSON schema the output follows, as the text
+    # broker.structured.check_schema returned (the worker compiles it); None = free text.
+    json_schema: str | None = None
+    # The request's response_format as the client sent it (an upstream API gets it as is).
+    response_format: dict[str, Any] | None = None
     # The sampling fields (and max_new_tokens) the client did not set: a served profile fills them.
     defaulted: list[str] = Field(default_factory=list)
     created_ms: int = Field(default_factory=now_ms)

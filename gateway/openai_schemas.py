@@ -28,7 +28,6 @@ _ONLY_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "tool_choice": (None, "none"),
     "function_call": (None, "none"),
     "parallel_tool_calls": (None, True, False),
-    "response_format": (None, {"type": "text"}),
     "logit_bias": (None, {}),
     "suffix": (None, ""),
     "store": (None, False),
@@ -41,6 +40,32 @@ _ONLY_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "metadata": (None, {}),
     "best_of": (None, 1),
 }
+
+
+class ResponseFormatText(BaseModel):
+    type: Literal["text"]
+
+
+class ResponseFormatJsonObject(BaseModel):
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    # Corral enforces every schema it accepts, strict or not (decisions.md, "Structured outputs").
+    strict: bool | None = None
+
+
+class ResponseFormatJsonSchema(BaseModel):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[
+    ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema, Field(discriminator="type")
+]
 
 
 class SamplingFields(Sampling):
@@ -64,6 +89,7 @@ class SamplingFields(Sampling):
     stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=64)
     ignore_eos: bool = False
     user: str | None = None
+    response_format: ResponseFormat | None = None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from broker.queue import QueueFull
 from broker.schemas import ChatMessage, DetokenizeResult, EmbedResult, TokenizeResult, Usage, WorkerInfo
+from broker.structured import SchemaError, check_schema
 from gateway.auth import Limited, LimitsDep, caller
 from gateway.calls import Call, metadata_of, new_request, require_worker, sse
 from gateway.errors import (
@@ -147,6 +148,28 @@ async def _ask(gateway: Gateway, model: str, kind: str, expected: type[R], **fie
     raise GenerationFailed("engine_error", "the worker ended the request without a result")
 
 
+async def _json_schema(body: SamplingFields) -> str | None:
+    """The schema a response_format asks the output to follow, checked (None: free text)."""
+    spec = body.response_format
+    if spec is None or spec.type == "text":
+        return None
+    if body.ignore_eos:
+        raise InvalidRequest(
+            "ignore_eos cannot be used with response_format: the output ends where its JSON does",
+            param="ignore_eos",
+            code="invalid_value",
+        )
+    schema = spec.json_schema.schema_ if spec.type == "json_schema" else {"type": "object"}
+    try:
+        return await asyncio.to_thread(check_schema, schema)  # a big schema takes a while
+    except SchemaError as e:
+        raise InvalidRequest(
+            f"response_format's schema cannot be enforced: {e}",
+            param="response_format",
+            code="invalid_schema",
+        ) from None
+
+
 async def _generate(
     gateway: Gateway, body: SamplingFields, endpoint: str, who: str, http: Request, **prompt: Any
 ) -> Response:
@@ -168,6 +191,8 @@ async def _generate(
         )
     request = new_request(
         gateway,
+        json_schema=await _json_schema(body),
+        response_format=body.response_format.model_dump(by_alias=True) if body.response_format else None,
         timeout_s=body.timeout,
         model=body.model,
         sampling=body.sampling(),

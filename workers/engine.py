@@ -44,6 +44,8 @@ class SamplingParams(Sampling):
     resumed_tokens: int = 0
     # The LoRA adapter (its served name) the request runs with; "" = the base weights.
     adapter: str = ""
+    # The JSON schema (text) the output must follow (response_format); "" = free text.
+    json_schema: str = ""
 
 
 @dataclass

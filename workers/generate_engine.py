@@ -23,10 +23,19 @@ from transformers import DynamicCache, TemperatureLogitsWarper, TopKLogitsWarper
 
 from workers import invariant
 from workers.engine import Outbox, SamplingParams, StepOutput
+from workers.grammar import Grammars
 from workers.loading import LoadedModel, eos_ids
 from workers.lora import MultiLoRA
 from workers.pooling import mean_pooled
-from workers.sampling import CORRAL_KWARGS, Penalties, RowBatch, Sampler, keep_argmax, request_kwargs
+from workers.sampling import (
+    CORRAL_KWARGS,
+    GrammarMask,
+    Penalties,
+    RowBatch,
+    Sampler,
+    keep_argmax,
+    request_kwargs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +69,9 @@ class GenerateEngine:
         self.outbox = Outbox()
         self._batch = RowBatch()
         self._penalties = Penalties(self._batch)
+        self._grammar = GrammarMask(
+            self._batch, Grammars(loaded.tokenizer, self.vocab_size, self.eos_token_ids)
+        )
         self.sampler = Sampler(self._batch)
         self._jobs: queue.Queue = queue.Queue()
         self._cancelled: set[str] = set()
@@ -153,7 +165,7 @@ class GenerateEngine:
         """The next token, by the processors of a continuous batch applied to one row."""
         self._batch.rows = [state]
         self._batch.used = bool(CORRAL_KWARGS & state.logit_processor_kwargs.keys())
-        scores = self._penalties(logits, None)
+        scores = self._grammar(self._penalties(logits, None), None)
         for warper in warpers:
             scores = warper(None, scores)
         scores = self.sampler(scores, None)

@@ -27,6 +27,7 @@ from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPP
 
 from workers import invariant
 from workers.engine import Outbox, SamplingParams, StepOutput
+from workers.grammar import Grammars
 from workers.loading import LoadedModel, eos_ids, free_memory_bytes
 from workers.lora import MultiLoRA
 from workers.lora import install as install_lora
@@ -176,7 +177,7 @@ class TransformersEngine:
         )
         # request id → (tokens already reported, the token ids that end it)
         self._active: dict[str, tuple[int, frozenset[int]]] = {}
-        self.sampler = install(self.manager)
+        self.sampler = install(self.manager, Grammars(tokenizer, self.vocab_size, self.eos_token_ids))
         self.lora = MultiLoRA(model, adapters) if adapters else None
         if self.lora is not None:
             install_lora(self.manager, self.lora)

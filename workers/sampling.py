@@ -31,6 +31,7 @@ from transformers.generation.continuous_batching.model_runner import ModelRunner
 
 from broker.schemas import Sampling
 from workers.engine import SamplingParams
+from workers.grammar import Grammars
 
 # transformers' own processors take these (every request passes them).
 _TRANSFORMERS_OWN = ("temperature", "top_k", "top_p")
@@ -41,6 +42,7 @@ _NEUTRAL = {
     **{name: field.default for name, field in Sampling.model_fields.items() if name not in _TRANSFORMERS_OWN},
     "logprobs": None,
     "resumed_tokens": 0,
+    "json_schema": "",
 }
 # A temperature this small is treated as greedy.
 _GREEDY_BELOW = 1e-5
@@ -79,6 +81,8 @@ class RowBatch:
     # Whether any row uses Corral's fields: most batches use none, and then cost nothing.
     used: bool = False
     raw_logprobs: dict[int, torch.Tensor] = field(default_factory=dict)  # row → log_softmax of raw logits
+    # Request id → [grammar matcher, tokens it has consumed] (requests with a response_format).
+    matchers: dict[str, list] = field(default_factory=dict)
 
 
 def _kwargs_of(*processors: type) -> frozenset[str]:
@@ -146,6 +150,64 @@ class Penalties(ContinuousBatchingLogitsProcessor):
         return scores
 
 
+class GrammarMask(ContinuousBatchingLogitsProcessor):
+    """A response_format's token mask: on each row with a schema, every token that would not
+    continue valid output is set to -inf, after the penalties and before any other processor
+    (so top-k and top-p choose among valid tokens, and the seeded draw draws from them). The
+    matcher is brought up to date from the request's generated tokens, those of an earlier
+    attempt included: a request taken over mid-answer goes on inside the same grammar."""
+
+    supported_kwargs: ClassVar[dict[str, type]] = {"json_schema": str}
+    ignored_kwargs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, batch: RowBatch, grammars: Grammars | None) -> None:
+        self.batch = batch
+        self.grammars = grammars
+        self._bitmask: torch.Tensor | None = None
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.fill_(0)
+
+    def prepare_tensor_args(self, requests_with_new_token: list) -> torch.Tensor:
+        return torch.zeros(len(requests_with_new_token), dtype=torch.int32)
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        if not self.batch.used:
+            return scores
+        for row, state in enumerate(self.batch.rows[: scores.size(0)]):
+            kwargs = state.logit_processor_kwargs
+            if kwargs.get("json_schema"):
+                self._mask(scores, row, state, kwargs)
+        return scores
+
+    def _mask(self, scores: torch.Tensor, row: int, state, kwargs: dict) -> None:
+        import llguidance.torch as llg
+
+        if self.grammars is None:
+            raise RuntimeError("this engine has no tokenizer for structured outputs")
+        entry = self.batch.matchers.get(state.request_id)
+        if entry is None:
+            entry = self.batch.matchers[state.request_id] = [self.grammars.matcher(kwargs["json_schema"]), 0]
+        matcher, consumed = entry
+        generated = _generated(state, kwargs)
+        if len(generated) > consumed:
+            matcher.consume_tokens(generated[consumed:])
+            entry[1] = len(generated)
+        if self._bitmask is None:
+            self._bitmask = llg.allocate_token_bitmask(1, scores.size(1))
+        if matcher.is_error():  # cannot happen while every token came through this mask
+            raise RuntimeError(f"the output left its grammar: {matcher.get_error()}")
+        llg.fill_next_token_bitmask(matcher, self._bitmask, 0)
+        allowed = _unpack(self._bitmask, scores.size(1)).to(scores.device)
+        scores[row] = scores[row].masked_fill(~allowed, float("-inf"))
+
+
+def _unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """A packed token bitmask (32 tokens per int32, lowest bit first) as one bool per token."""
+    bits = (bitmask[0].unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+    return bits.flatten()[:vocab].bool()
+
+
 class Sampler(ContinuousBatchingLogitsProcessor):
     supported_kwargs: ClassVar[dict[str, type]] = {"min_p": float, "seed": int}
     ignored_kwargs: ClassVar[tuple[str, ...]] = ()
@@ -205,6 +267,7 @@ class Sampler(ContinuousBatchingLogitsProcessor):
         with self._lock:
             self._choices.pop(request_id, None)
         self._seeds.pop(request_id, None)
+        self.batch.matchers.pop(request_id, None)
 
 
 def keep_argmax(scores: torch.Tensor, rows: torch.Tensor, filter_value: float = float("-inf")) -> None:
@@ -251,7 +314,7 @@ class TopP(ContinuousBatchingTopPLogitsWarper):
 
 
 # Every per-request field these processors read.
-CORRAL_KWARGS = _kwargs_of(Penalties, Sampler)
+CORRAL_KWARGS = _kwargs_of(Penalties, GrammarMask, Sampler)
 
 
 def _sample_by_inverse_cdf(self: ModelRunner, scores: torch.Tensor, output_ids: torch.Tensor) -> None:
@@ -272,7 +335,7 @@ def _sample_by_inverse_cdf(self: ModelRunner, scores: torch.Tensor, output_ids: 
         output_ids[1, :tokens].copy_(logprobs.view(dtype=torch.int32))
 
 
-def install(manager) -> Sampler:
+def install(manager, grammars: Grammars | None = None) -> Sampler:
     """Add Corral's processors to a manager's list; call before the manager starts."""
     batch = RowBatch()
     processors = manager.logit_processor
@@ -281,9 +344,10 @@ def install(manager) -> Sampler:
         if type(processor) in faster:
             processor.__class__ = faster[type(processor)]  # same state, a faster __call__
     sampler = Sampler(batch)
+    processors.logits_processor.insert(0, GrammarMask(batch, grammars))
     processors.logits_processor.insert(0, Penalties(batch))
     processors.logits_processor.append(sampler)
-    processors.tensors_required += 2
+    processors.tensors_required += 3
     processors._retrieve_processors_kwargs()
     processors.do_processing = True
     # The manager always samples (see workers/hf_engine.py), so this is the only draw it makes.

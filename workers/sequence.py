@@ -103,6 +103,7 @@ class Sequence:
             ignore_eos=request.ignore_eos,
             logprobs=request.logprobs,
             adapter=adapter,
+            json_schema=request.json_schema or "",
         )
         self.tokenizer = tokenizer
         self.detokenizer = IncrementalDetokenizer(tokenizer)

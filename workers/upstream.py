@@ -79,6 +79,7 @@ def request_body(claimed: Claimed, upstream: Upstream, index: int) -> tuple[str,
         "stop": (request.stop, []),
         "ignore_eos": (request.ignore_eos, False),
         "stop_token_ids": (request.stop_token_ids, []),
+        "response_format": (request.response_format, None),
     }
     body |= {name: value for name, (value, default) in optional.items() if value != default}
     return path, body | (upstream.extra_body or {})
