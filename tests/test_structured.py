@@ -13,7 +13,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import MODEL, Stack
+from tests.conftest import MODEL, Stack, prompt_ids
 from tests.helpers import until
 from tests.schemas import SCHEMAS
 
@@ -194,3 +194,60 @@ async def test_a_structured_answer_taken_over_mid_stream_is_the_uninterrupted_js
     whole = reply["choices"][0]["message"]["content"]
     jsonschema.validate(json.loads(whole), FIFTY_NUMBERS)
     assert interrupted == [whole] * 3
+
+
+@pytest.mark.parametrize("engine_kind", ["continuous", "one_at_a_time"])
+async def test_both_engines_keep_the_schema_beside_free_requests_with_adapters_logprobs_and_seeds(
+    model_path, adapters, tokenizer, engine_kind
+) -> None:
+    """In one batch: constrained and free requests, on the base and on two LoRA adapters,
+    greedy with logprobs and seeded at temperature 1; the constrained ones all validate, and a
+    seeded one repeats itself."""
+    from pathlib import Path
+
+    from broker.structured import check_schema
+    from workers.engine import SamplingParams, run_to_end
+    from workers.generate_engine import GenerateEngine
+    from workers.hf_engine import TransformersEngine
+    from workers.loading import load_model
+
+    loaded = load_model(model_path, Path("/tmp"), device="cpu", dtype="float32", threads=1)
+    if engine_kind == "continuous":
+        engine = TransformersEngine(loaded, max_batch=16, kv_cache_tokens=8192, adapters=adapters)
+    else:
+        engine = GenerateEngine(loaded, "a test", adapters=adapters)
+    chosen = [s for s in SCHEMAS if s[0] in ("person", "recipe", "any_of_shape", "event")]
+    jobs = []
+    for i, (_, schema, prompt) in enumerate(chosen):
+        ids = prompt_ids(tokenizer, prompt)
+        adapter = ["", *adapters][i % 3]
+        text = check_schema(schema)
+        jobs += [
+            (
+                schema,
+                ids,
+                SamplingParams(
+                    temperature=0, max_new_tokens=200, json_schema=text, logprobs=2, adapter=adapter
+                ),
+            ),
+            (
+                schema,
+                ids,
+                SamplingParams(temperature=1, seed=i, max_new_tokens=200, json_schema=text, adapter=adapter),
+            ),
+            (None, ids, SamplingParams(temperature=0, max_new_tokens=12, adapter=adapter)),
+        ]
+    engine.start()
+    try:
+        first = await run_to_end(engine, [ids for _, ids, _ in jobs], [p for _, _, p in jobs])
+        seeded = [(ids, p) for _, ids, p in jobs if p.seed is not None]
+        again = await run_to_end(engine, [ids for ids, _ in seeded], [p for _, p in seeded])
+    finally:
+        engine.stop()
+    for (schema, _, params), (tokens, logprobs) in zip(jobs, first, strict=True):
+        if schema is not None:
+            jsonschema.validate(json.loads(tokenizer.decode(tokens, skip_special_tokens=True)), schema)
+        assert len(logprobs) == (len(tokens) if params.logprobs is not None else 0)
+    assert [tokens for tokens, _ in again] == [
+        tokens for (_, _, p), (tokens, _) in zip(jobs, first, strict=True) if p.seed is not None
+    ]

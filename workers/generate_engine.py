@@ -69,9 +69,8 @@ class GenerateEngine:
         self.outbox = Outbox()
         self._batch = RowBatch()
         self._penalties = Penalties(self._batch)
-        self._grammar = GrammarMask(
-            self._batch, Grammars(loaded.tokenizer, self.vocab_size, self.eos_token_ids)
-        )
+        self.grammars = Grammars(loaded.tokenizer, self.vocab_size, self.eos_token_ids)
+        self._grammar = GrammarMask(self._batch, self.grammars)
         self.sampler = Sampler(self._batch)
         self._jobs: queue.Queue = queue.Queue()
         self._cancelled: set[str] = set()

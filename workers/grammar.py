@@ -22,7 +22,7 @@ class Grammars:
     def __init__(self, tokenizer: Any, vocab_size: int, eos_ids: frozenset[int]) -> None:
         self._hf_tokenizer = tokenizer
         self.vocab_size = vocab_size
-        self._eos = sorted(eos_ids)
+        self.eos = sorted(eos_ids)
         self._tokenizer: Any = None
         self._compiled: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
@@ -31,7 +31,7 @@ class Grammars:
         if self._tokenizer is None:
             import llguidance.hf
 
-            eos = self._eos or None
+            eos = self.eos or None
             self._tokenizer = llguidance.hf.from_tokenizer(
                 self._hf_tokenizer, n_vocab=self.vocab_size, eos_token=eos
             )

@@ -177,7 +177,8 @@ class TransformersEngine:
         )
         # request id → (tokens already reported, the token ids that end it)
         self._active: dict[str, tuple[int, frozenset[int]]] = {}
-        self.sampler = install(self.manager, Grammars(tokenizer, self.vocab_size, self.eos_token_ids))
+        self.grammars = Grammars(tokenizer, self.vocab_size, self.eos_token_ids)
+        self.sampler = install(self.manager, self.grammars)
         self.lora = MultiLoRA(model, adapters) if adapters else None
         if self.lora is not None:
             install_lora(self.manager, self.lora)

@@ -16,6 +16,7 @@ async double-buffering and CUDA graphs, which the engine turns off).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from transformers.generation.continuous_batching.model_runner import ModelRunner
 from broker.schemas import Sampling
 from workers.engine import SamplingParams
 from workers.grammar import Grammars
+
+log = logging.getLogger(__name__)
 
 # transformers' own processors take these (every request passes them).
 _TRANSFORMERS_OWN = ("temperature", "top_k", "top_p")
@@ -181,25 +184,32 @@ class GrammarMask(ContinuousBatchingLogitsProcessor):
         return scores
 
     def _mask(self, scores: torch.Tensor, row: int, state, kwargs: dict) -> None:
+        try:
+            allowed = self._allowed(state, kwargs, scores.size(1)).to(scores.device)
+        except Exception:  # never the engine's thread: the request ends, the others go on
+            log.exception("request %s: its grammar failed; it ends here", state.request_id)
+            allowed = torch.zeros(scores.size(1), dtype=torch.bool, device=scores.device)
+            allowed[list(self.grammars.eos if self.grammars else [])] = True
+        scores[row] = scores[row].masked_fill(~allowed, float("-inf"))
+
+    def _allowed(self, state, kwargs: dict, vocab: int) -> torch.Tensor:
         import llguidance.torch as llg
 
-        if self.grammars is None:
-            raise RuntimeError("this engine has no tokenizer for structured outputs")
+        assert self.grammars is not None, "this engine has no tokenizer for structured outputs"
+        generated = _generated(state, kwargs)
         entry = self.batch.matchers.get(state.request_id)
-        if entry is None:
+        if entry is None or entry[1] > len(generated):  # new, or a finished request's id again
             entry = self.batch.matchers[state.request_id] = [self.grammars.matcher(kwargs["json_schema"]), 0]
         matcher, consumed = entry
-        generated = _generated(state, kwargs)
         if len(generated) > consumed:
             matcher.consume_tokens(generated[consumed:])
             entry[1] = len(generated)
-        if self._bitmask is None:
-            self._bitmask = llg.allocate_token_bitmask(1, scores.size(1))
         if matcher.is_error():  # cannot happen while every token came through this mask
-            raise RuntimeError(f"the output left its grammar: {matcher.get_error()}")
+            raise ValueError(f"the output left its grammar: {matcher.get_error()}")
+        if self._bitmask is None:
+            self._bitmask = llg.allocate_token_bitmask(1, vocab)
         llg.fill_next_token_bitmask(matcher, self._bitmask, 0)
-        allowed = _unpack(self._bitmask, scores.size(1)).to(scores.device)
-        scores[row] = scores[row].masked_fill(~allowed, float("-inf"))
+        return _unpack(self._bitmask, vocab)
 
 
 def _unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:

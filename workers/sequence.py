@@ -19,6 +19,7 @@ from broker.schemas import (
     TopLogprob,
     Usage,
 )
+from broker.structured import SchemaError
 from workers.chat_templates import NO_STOPS, Stops
 from workers.engine import Engine, SamplingParams, StepOutput
 from workers.text import IncrementalDetokenizer, StopStrings
@@ -254,6 +255,14 @@ class TokenFrontend:
 
     def choices(self, item: Claimed, engine: Engine) -> Callable[[int], Sequence]:
         ids = encode_prompt(item, self.tokenizer)  # once for all n choices
+        grammars = getattr(engine, "grammars", None)
+        if item.request.json_schema and grammars is not None:
+            try:  # compiled here, once, so the engine's thread only ever copies it
+                grammars.matcher(item.request.json_schema)
+            except SchemaError as e:
+                raise InvalidPrompt(
+                    "invalid_request", f"response_format's schema cannot be enforced: {e}"
+                ) from None
         adapter = item.request.model if item.request.model in self.adapters else ""
         return lambda index: Sequence(
             item,
