@@ -188,6 +188,9 @@ class JudgmentParams(BaseModel):
     concurrency: int = Field(8, ge=1, le=256)
     # Further tries when a judgment cannot be parsed; then it is stored as a parse failure.
     parse_retries: int = Field(2, ge=0, le=10)
+    # Verdicts as JSON enforced by response_format json_schema (the judge's server must serve
+    # structured outputs, as Corral and OpenAI do), instead of a [[...]] marker in free text.
+    structured: bool = False
     # Jobs (the answer job) this one waits for before it starts judging.
     wait_for: list[str] = Field(default_factory=list)
     first_n: int | None = Field(None, ge=1)

@@ -45,6 +45,11 @@ def add_parser(commands) -> None:
         default=2,
         help="further tries of a judgment that cannot be parsed, before it is stored as a failure",
     )
+    run.add_argument(
+        "--structured",
+        action="store_true",
+        help="ask for verdicts as JSON through response_format json_schema (Corral or OpenAI judges)",
+    )
     run.add_argument("--n", type=int, default=1, help="answers per question")
     run.add_argument("--concurrency", type=int, default=8, help="requests in flight per job")
     run.add_argument("--wait", action="store_true", help="follow both jobs with a progress bar")
@@ -121,6 +126,7 @@ async def _run(args: argparse.Namespace, settings: Settings, console: Console) -
             wait_for=[answer_job.id],
             max_tokens=args.judge_max_tokens,
             parse_retries=args.parse_retries,
+            structured=args.structured,
             **pick,
         )
         judgment_job = await store.create("judgment", judgments)

@@ -45,7 +45,13 @@ class ChatClient:
         )
 
     async def chat(
-        self, model: str, messages: list[dict], temperature: float, max_tokens: int, n: int = 1
+        self,
+        model: str,
+        messages: list[dict],
+        temperature: float,
+        max_tokens: int,
+        n: int = 1,
+        response_format: dict | None = None,
     ) -> list[str]:
         body = {
             **self.endpoint.extra_body,
@@ -55,6 +61,8 @@ class ChatClient:
             "max_tokens": max_tokens,
             "n": n,
         }
+        if response_format is not None:
+            body["response_format"] = response_format
         try:
             response = await self.http.post("/chat/completions", json=body)
         except httpx.TransportError as e:

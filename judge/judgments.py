@@ -17,7 +17,9 @@ import itertools
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from broker.jobs import JobAborted, JudgmentParams, Progress
 from judge import prompts, verdicts
@@ -48,14 +50,26 @@ class _Judge:
     def __init__(self, client: ChatClient, params: JudgmentParams) -> None:
         self.client, self.params = client, params
 
+    def prompt(self, kind: str, turn: int, reference: bool) -> tuple[prompts.Prompt, Callable[[str], Any]]:
+        """The prompt for this judgment, and the parser of its verdict."""
+        prompt = prompts.pick(kind, turn, reference)
+        if self.params.structured:
+            return prompts.structured(
+                prompt
+            ), verdicts.rating_json if kind == "single" else verdicts.verdict_json
+        return prompt, verdicts.rating if kind == "single" else verdicts.verdict
+
     async def ask(self, prompt: prompts.Prompt, user: str, parse) -> tuple[object, str, str | None, int]:
         """(parsed value or None, the last raw text, the failure's reason or None, attempts)."""
         messages = [{"role": "system", "content": prompt.system}, {"role": "user", "content": user}]
+        shape = prompts.response_format(prompt.kind) if self.params.structured else None
         failure, text = None, ""
         for attempt in range(1, self.params.parse_retries + 2):
             # The first try is greedy; retries sample, or they would repeat the same text.
             temperature = 0.0 if attempt == 1 else 0.7
-            (text,) = await self.client.chat(self.params.judge, messages, temperature, self.params.max_tokens)
+            (text,) = await self.client.chat(
+                self.params.judge, messages, temperature, self.params.max_tokens, response_format=shape
+            )
             try:
                 return parse(text), text, None, attempt
             except verdicts.ParseFailure as e:
@@ -127,10 +141,10 @@ def _unit_key(unit: tuple, question_id, turn: int) -> tuple:
 
 
 async def _single(asker: _Judge, model: str, question, turn: int, answers: dict) -> dict:
-    prompt = prompts.pick("single", turn, question.needs_reference)
+    prompt, parse = asker.prompt("single", turn, question.needs_reference)
     answer = _turns(answers[model][question.question_id])[:turn]
     user = prompts.render(prompt, question.turns[:turn], {"": answer}, question.reference)
-    score, text, failure, attempts = await asker.ask(prompt, user, verdicts.rating)
+    score, text, failure, attempts = await asker.ask(prompt, user, parse)
     return {
         "question_id": question.question_id,
         "model": model,
@@ -147,13 +161,13 @@ async def _single(asker: _Judge, model: str, question, turn: int, answers: dict)
 
 async def _pair(asker: _Judge, unit: tuple, question, turn: int, answers: dict) -> dict:
     model_1, model_2 = unit
-    prompt = prompts.pick("pair", turn, question.needs_reference)
+    prompt, parse = asker.prompt("pair", turn, question.needs_reference)
     turns_1 = _turns(answers[model_1][question.question_id])[:turn]
     turns_2 = _turns(answers[model_2][question.question_id])[:turn]
     games = []
     for a, b in ((turns_1, turns_2), (turns_2, turns_1)):  # game 2: the answers swapped
         user = prompts.render(prompt, question.turns[:turn], {"a": a, "b": b}, question.reference)
-        games.append((user, *await asker.ask(prompt, user, verdicts.verdict)))
+        games.append((user, *await asker.ask(prompt, user, parse)))
     (u1, v1, t1, f1, n1), (u2, v2, t2, f2, n2) = games
     as_models = {"A": "model_1", "B": "model_2", "tie": "tie"}
     g1 = as_models[v1] if v1 else None

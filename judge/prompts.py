@@ -4,11 +4,13 @@
 Single grading ends with `Rating: [[N]]` (N from 1 to 10); pairwise with `[[A]]`, `[[B]]` or
 `[[C]]` (a tie). Reference-guided variants show a reference answer for categories with one right
 answer; multi-turn variants show the whole two-turn conversation and grade the second answer.
+Structured judgments (`NAME+json`) ask for the verdict as a JSON object instead, whose shape the
+judge's server enforces through response_format.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 VERSION = "corral-judge-v1"
 
@@ -81,6 +83,48 @@ PROMPTS = {
         Prompt("pair-multi-ref", _PAIR_REF_SYSTEM + _SECOND_PAIR, _MULTI + _REF1 + _PAIR_1 + _PAIR_2, "pair"),
     ]
 }
+
+
+# Structured verdicts (`structured` judgments): the same prompts, the verdict asked as a JSON object
+# whose shape response_format enforces. The reason comes first, so the verdict follows from it.
+_JSON_TAIL = {
+    "single": (
+        ' Instead of the Rating line, reply with only a JSON object: "reason", your reasoning in a '
+        'few sentences, then "rating", the whole number from 1 to 10.'
+    ),
+    "pair": (
+        ' Instead of the [[A]], [[B]] or [[C]] line, reply with only a JSON object: "reason", your '
+        'reasoning in a few sentences, then "verdict": "A", "B" or "C" (a tie).'
+    ),
+}
+_REASON = {"type": "string", "maxLength": 1200}
+VERDICT_SCHEMAS = {
+    "single": {
+        "type": "object",
+        "properties": {"reason": _REASON, "rating": {"type": "integer", "minimum": 1, "maximum": 10}},
+        "required": ["reason", "rating"],
+        "additionalProperties": False,
+    },
+    "pair": {
+        "type": "object",
+        "properties": {"reason": _REASON, "verdict": {"enum": ["A", "B", "C"]}},
+        "required": ["reason", "verdict"],
+        "additionalProperties": False,
+    },
+}
+
+
+def structured(prompt: Prompt) -> Prompt:
+    """The prompt with its verdict asked as JSON (named `NAME+json`)."""
+    return replace(prompt, name=f"{prompt.name}+json", system=prompt.system + _JSON_TAIL[prompt.kind])
+
+
+def response_format(kind: str) -> dict:
+    """response_format that enforces a verdict's JSON."""
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": f"{kind}_verdict", "schema": VERDICT_SCHEMAS[kind]},
+    }
 
 
 def render(

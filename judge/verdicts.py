@@ -46,6 +46,36 @@ def verdict(text: str) -> Verdict:
     return "tie" if value == "C" else value  # type: ignore[return-value]
 
 
+def _fields(text: str) -> dict:
+    import json
+
+    try:
+        found = json.loads(text)
+    except ValueError:
+        raise ParseFailure("not JSON (cut off by max_tokens?)", text) from None
+    if not isinstance(found, dict):
+        raise ParseFailure("not a JSON object", text)
+    return found
+
+
+def rating_json(text: str) -> float:
+    """A structured judgment's rating: {"reason": ..., "rating": N}."""
+    value = _fields(text).get("rating")
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ParseFailure('no whole-number "rating"', text)
+    if not 1 <= value <= 10:
+        raise ParseFailure(f"rating {value} is outside 1–10", text)
+    return float(value)
+
+
+def verdict_json(text: str) -> Verdict:
+    """A structured judgment's verdict: {"reason": ..., "verdict": "A" | "B" | "C"}."""
+    value = _fields(text).get("verdict")
+    if value not in ("A", "B", "C"):
+        raise ParseFailure('no "verdict" of A, B or C', text)
+    return "tie" if value == "C" else value
+
+
 def combine(first: Verdict, swapped: Verdict) -> Verdict:
     """The outcome of a pair judged in both orders, in the first order's terms: `swapped` was
     judged with the answers exchanged. Agreeing verdicts stand; any disagreement is a tie."""

@@ -63,6 +63,23 @@ def test_verdicts_parse_strictly():
             verdicts.verdict(bad)
 
 
+def test_structured_verdicts_parse_strictly_and_a_cut_off_one_is_a_failure():
+    assert verdicts.rating_json('{"reason": "Correct and clear.", "rating": 8}') == 8.0
+    assert verdicts.verdict_json('{"reason": "B is wrong.", "verdict": "A"}') == "A"
+    assert verdicts.verdict_json('{"reason": "Same.", "verdict": "C"}') == "tie"
+    for bad, reason in [
+        ('{"reason": "Correct and cl', "not JSON"),
+        ('["rating", 8]', "not a JSON object"),
+        ('{"reason": "ok", "rating": 8.5}', "whole-number"),
+        ('{"reason": "ok", "rating": true}', "whole-number"),
+        ('{"reason": "ok", "rating": 11}', "outside 1–10"),
+    ]:
+        with pytest.raises(verdicts.ParseFailure, match=reason):
+            verdicts.rating_json(bad)
+    with pytest.raises(verdicts.ParseFailure, match="A, B or C"):
+        verdicts.verdict_json('{"reason": "ok", "verdict": "D"}')
+
+
 def test_a_pair_judged_in_both_orders_counts_only_when_consistent():
     # `swapped` was judged with the answers exchanged: B there is A here.
     assert verdicts.combine("A", "B") == "A"
@@ -247,6 +264,24 @@ def test_answers_and_single_judgments_end_to_end_and_a_rerun_redoes_nothing(
     assert bool(warned) == (row["parse_failures"] * 2 >= 16) == ("warning" in results)
     assert not warned or "use a stronger judge" in warned[0]
     assert len(app.expander) == 4  # the answer and the judgment, for each of the two turns
+
+
+def test_structured_judgments_come_back_as_json_the_schema_allows(arena_stack, tmp_path):
+    """With --structured the verdict is asked as JSON under response_format: every judgment the
+    built-in model writes parses, unless max_tokens cut it off, which is counted as a failure."""
+    flags = ("--structured", "--first-n", "2", "--judge-max-tokens", "300", "--parse-retries", "1")
+    run = run_judge_cli(arena_stack, tmp_path, "--models", MODEL, "--judge", MODEL, *flags)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    judgments = read(tmp_path / "model_judgment" / f"{MODEL}_single.jsonl")
+    assert len(judgments) == 4  # 2 questions × 2 turns
+    for j in judgments:
+        assert "+json@" in j["judge"][1]
+        if j["parse_failure"] is None:
+            verdict = json.loads(j["judgment"])
+            assert set(verdict) == {"reason", "rating"} and j["score"] == verdict["rating"]
+        else:
+            assert j["score"] is None and j["parse_failure"].startswith("not JSON")
+    assert any(j["parse_failure"] is None for j in judgments)
 
 
 def test_the_judge_cli_refuses_questions_it_cannot_read_before_queueing_anything(arena_stack, tmp_path):
