@@ -63,6 +63,8 @@ def check_schema(schema: dict[str, Any]) -> str:
     tokenizer."""
     from llguidance import LLMatcher
 
+    # llguidance reads its own options from "x-guidance": the layout is Corral's, not the client's.
+    schema = {key: value for key, value in schema.items() if key != "x-guidance"}
     text = json.dumps(closed_objects(schema), separators=(",", ":"))
     if len(text) > MAX_SCHEMA_CHARS:
         raise SchemaError(f"the schema is {len(text)} characters; at most {MAX_SCHEMA_CHARS}")

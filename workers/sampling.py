@@ -103,7 +103,20 @@ _GOLDEN = 0x9E3779B97F4A7C15
 _SEED_MASK = (1 << 63) - 1
 
 
-class Penalties(ContinuousBatchingLogitsProcessor):
+class _Processor(ContinuousBatchingLogitsProcessor):
+    """A processor of this module: its per-request fields are read from each row's state, so the
+    tensors transformers hands every processor carry nothing."""
+
+    ignored_kwargs: ClassVar[tuple[str, ...]] = ()
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.fill_(0)
+
+    def prepare_tensor_args(self, requests_with_new_token: list) -> torch.Tensor:
+        return torch.zeros(len(requests_with_new_token), dtype=torch.int32)
+
+
+class Penalties(_Processor):
     supported_kwargs: ClassVar[dict[str, type]] = {
         "presence_penalty": float,
         "frequency_penalty": float,
@@ -111,13 +124,9 @@ class Penalties(ContinuousBatchingLogitsProcessor):
         "logprobs": int,
         "resumed_tokens": int,
     }
-    ignored_kwargs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, batch: RowBatch) -> None:
         self.batch = batch
-
-    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
-        int32_tensor.fill_(0)
 
     def prepare_tensor_args(self, requests_with_new_token: list) -> torch.Tensor:
         self.batch.rows = [request.state for request in requests_with_new_token]
@@ -153,7 +162,7 @@ class Penalties(ContinuousBatchingLogitsProcessor):
         return scores
 
 
-class GrammarMask(ContinuousBatchingLogitsProcessor):
+class GrammarMask(_Processor):
     """A response_format's token mask: on each row with a schema, every token that would not
     continue valid output is set to -inf, after the penalties and before any other processor
     (so top-k and top-p choose among valid tokens, and the seeded draw draws from them). The
@@ -161,18 +170,11 @@ class GrammarMask(ContinuousBatchingLogitsProcessor):
     attempt included: a request taken over mid-answer goes on inside the same grammar."""
 
     supported_kwargs: ClassVar[dict[str, type]] = {"json_schema": str}
-    ignored_kwargs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, batch: RowBatch, grammars: Grammars | None) -> None:
         self.batch = batch
         self.grammars = grammars
         self._bitmask: torch.Tensor | None = None
-
-    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
-        int32_tensor.fill_(0)
-
-    def prepare_tensor_args(self, requests_with_new_token: list) -> torch.Tensor:
-        return torch.zeros(len(requests_with_new_token), dtype=torch.int32)
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         if not self.batch.used:
@@ -218,21 +220,14 @@ def _unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
     return bits.flatten()[:vocab].bool()
 
 
-class Sampler(ContinuousBatchingLogitsProcessor):
+class Sampler(_Processor):
     supported_kwargs: ClassVar[dict[str, type]] = {"min_p": float, "seed": int}
-    ignored_kwargs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, batch: RowBatch) -> None:
         self.batch = batch
         self._seeds: dict[str, int] = {}
         self._choices: dict[str, list[TokenChoice]] = {}
         self._lock = threading.Lock()
-
-    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
-        int32_tensor.fill_(0)
-
-    def prepare_tensor_args(self, requests_with_new_token: list) -> torch.Tensor:
-        return torch.zeros(len(requests_with_new_token), dtype=torch.int32)
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         if not self.batch.used:
