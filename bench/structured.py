@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from broker.settings import Settings
-from broker.structured import check_schema
+from broker.structured import check_schema, grammar_of
 from tests.schemas import SCHEMAS
 
 
@@ -121,7 +121,7 @@ async def measure(args) -> dict:
     engine.start()
     try:
         constrained = [
-            SamplingParams(temperature=0, max_new_tokens=400, json_schema=text) for text in schemas
+            SamplingParams(temperature=0, max_new_tokens=400, grammar=grammar_of(text)) for text in schemas
         ]
         answers = await run_to_end(engine, prompts, constrained)  # also fills the schema cache
         lengths = [len(tokens) for tokens, _ in answers]

@@ -8,7 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-FinishReason = Literal["stop", "length", "error"]
+# "tool_calls": the answer ended after calling one or more of the request's tools.
+FinishReason = Literal["stop", "length", "tool_calls", "error"]
 # Why a request ended in an error (an error event's code); the gateway maps each to a status.
 ErrorCode = Literal[
     "invalid_request",
@@ -29,9 +30,34 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+class FunctionCall(BaseModel):
+    name: str
+    # JSON text, as OpenAI sends it (and as a model may have written it: not always valid).
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     role: str
     content: str
+    # An assistant turn's calls of tools, and a `tool` turn's answer to one of them.
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """A piece of a tool call, as the worker parses it from the output: the call's `id` and
+    `name` come once, first; its `arguments` text in pieces after."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
 
 
 class Sampling(BaseModel):
@@ -104,6 +130,12 @@ class GenerationRequest(BaseModel):
     json_schema: str | None = None
     # The request's response_format as the client sent it (an upstream API gets it as is).
     response_format: dict[str, Any] | None = None
+    # Chat only: the tools the model may call (OpenAI's `tools` entries), and OpenAI's
+    # `tool_choice` ("none", "auto", "required" or {"type": "function", "function": {"name"}})
+    # and `parallel_tool_calls`, as the gateway checked them.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] = "auto"
+    parallel_tool_calls: bool = True
     # The sampling fields (and max_new_tokens) the client did not set: a served profile fills them.
     defaulted: list[str] = Field(default_factory=list)
     created_ms: int = Field(default_factory=now_ms)
@@ -172,6 +204,8 @@ class Event(BaseModel):
     text: str = ""
     token_ids: list[int] = Field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+    # Tool calls parsed from the output (their text is not in `text`).
+    tool_calls: list[ToolCallDelta] | None = None
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: EventError | None = None

@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     # (workers/invariant.py). It costs throughput (docs/decisions.md), hence off by default.
     batch_invariant: bool = False
     chat_template: str | None = None
+    # How the model writes tool calls (workers/tools.py): hermes, llama3_json or mistral; unset:
+    # read off the chat template (Hermes when it shows no format).
+    tool_parser: Literal["hermes", "llama3_json", "mistral"] | None = None
     # LoRA adapters served beside the model on one copy of its weights: NAME=PATH each (a peft
     # adapter folder), each served as model NAME; from the environment, a JSON list.
     lora: list[str] = Field(default_factory=list)

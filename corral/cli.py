@@ -48,7 +48,13 @@ def _add_worker_flags(parser: argparse.ArgumentParser, several: bool = False) ->
     parser.add_argument(
         "--chat-template",
         help="instead of the tokenizer's template: a name (vicuna, llama-2-chat, llama-3, alpaca, chatml, "
-        "zephyr, mistral-instruct, one-shot; each brings its stop strings), a Jinja file, or template text",
+        "zephyr, mistral-instruct, one-shot, hermes (with tools); each brings its stop strings), a Jinja "
+        "file, or template text",
+    )
+    parser.add_argument(
+        "--tool-parser",
+        choices=["hermes", "llama3_json", "mistral"],
+        help="how the model writes tool calls (default: read off the chat template; hermes if it shows none)",
     )
     parser.add_argument(
         "--lora",

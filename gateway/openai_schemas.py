@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from broker.schemas import Sampling, TokenLogprob, Usage
+from broker.schemas import Sampling, TokenLogprob, ToolCallDelta, Usage
 
 # A token id as a client may send one: any int beyond this is no model's (a bigger one would
 # overflow the tensors it goes into); ids past the model's vocabulary are the worker's 400.
@@ -23,11 +23,9 @@ class StreamOptions(BaseModel):
 # OpenAI fields Corral accepts only at the value that means "not used"; anything else is a 400
 # naming the field, never a silent ignore.
 _ONLY_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "tools": (None, []),
+    # OpenAI's deprecated form of tools (use `tools` and `tool_choice`).
     "functions": (None, []),
-    "tool_choice": (None, "none"),
     "function_call": (None, "none"),
-    "parallel_tool_calls": (None, True, False),
     "logit_bias": (None, {}),
     "suffix": (None, ""),
     "store": (None, False),
@@ -110,6 +108,8 @@ class SamplingFields(Sampling):
     def refusal(self) -> tuple[str, str] | None:
         """(field, message) for the first field this request uses that Corral does not serve."""
         for name, value in (self.model_extra or {}).items():
+            if name in _CHAT_ONLY:
+                return name, f"{name} is only accepted by /v1/chat/completions"
             if name not in _ONLY_NEUTRAL:
                 return name, f"Unrecognized request argument supplied: {name}"
             if value not in _ONLY_NEUTRAL[name]:
@@ -129,19 +129,74 @@ class SamplingFields(Sampling):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
+# Fields of chat requests that a legacy completions request is refused with (never ignored).
+_CHAT_ONLY = ("tools", "tool_choice", "parallel_tool_calls")
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str
 
 
+class FunctionCallIn(BaseModel):
+    name: str = Field(max_length=256)
+    arguments: str
+
+
+class ToolCallIn(BaseModel):
+    """A call an assistant turn of the history made."""
+
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessageIn(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # None only on an assistant turn that called tools.
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCallIn] | None = Field(None, max_length=128)
+    tool_call_id: str | None = Field(None, max_length=256)
+
+    @model_validator(mode="after")
+    def _shape_of_its_role(self) -> ChatMessageIn:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required, but on an assistant message with tool_calls")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message answers one call: it has a tool_call_id, and only it does")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    # A JSON schema of the arguments; none: the function takes none.
+    parameters: dict[str, Any] | None = None
+    # Corral enforces the arguments of a call that tool_choice forces, strict or not.
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionCreate(SamplingFields):
@@ -149,12 +204,46 @@ class ChatCompletionCreate(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # At most 128 tools, as OpenAI allows.
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> ChatCompletionCreate:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+    def tool_refusal(self) -> str | None:
+        """Why the request's tool fields do not go together (None: they do)."""
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) < len(names):
+            return "tools has two functions of the same name"
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            return f"tool_choice names function {choice.function.name!r}, which is not in tools"
+        if choice == "required" and not names:
+            return "tool_choice 'required' needs tools"
+        return None
+
+    def forced_tools(self) -> list[Tool]:
+        """The tools whose arguments constrained decoding enforces: those tool_choice forces."""
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            return [t for t in self.tools or [] if t.function.name == choice.function.name]
+        return list(self.tools or []) if choice == "required" else []
+
+    def tool_fields(self) -> dict[str, Any]:
+        """The tool fields as a GenerationRequest takes them."""
+        if not self.tools:
+            return {}
+        choice = self.tool_choice or "auto"
+        return {
+            "tools": [t.model_dump(exclude_none=True) for t in self.tools],
+            "tool_choice": choice.model_dump() if isinstance(choice, NamedToolChoice) else choice,
+            "parallel_tool_calls": self.parallel_tool_calls,
+        }
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -304,12 +393,15 @@ class ResponseShape:
         finish_reason: str | None = None,
         first: bool = False,
         logprobs: list[TokenLogprob] | None = None,
+        tool_calls: list[ToolCallDelta] | None = None,
     ) -> dict[str, Any]:
         lp = self._logprobs(logprobs)
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text:
                 delta["content"] = text
+            if tool_calls:
+                delta["tool_calls"] = [tool_call_delta(d) for d in tool_calls]
             choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
             return {**self._head("chat.completion.chunk"), "choices": [choice]}
         choice = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish_reason}
@@ -325,6 +417,7 @@ class ResponseShape:
         finish_reasons: list[str | None],
         usage: Usage | None,
         logprobs: list[list[TokenLogprob] | None],
+        tool_calls: list[list[dict[str, Any]]] | None = None,
     ) -> dict[str, Any]:
         choices = []
         for index, (text, finish_reason, entries) in enumerate(
@@ -332,7 +425,10 @@ class ResponseShape:
         ):
             lp = self._logprobs(entries)
             if self.chat:
-                message = {"role": "assistant", "content": text}
+                calls = tool_calls[index] if tool_calls else []
+                message: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else text)}
+                if calls:
+                    message["tool_calls"] = calls
                 choices.append(
                     {"index": index, "message": message, "logprobs": lp, "finish_reason": finish_reason}
                 )
@@ -340,3 +436,21 @@ class ResponseShape:
                 choices.append({"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason})
         object_ = "chat.completion" if self.chat else "text_completion"
         return {**self._head(object_), "choices": choices, "usage": usage_body(usage)}
+
+
+def tool_call_delta(delta: ToolCallDelta) -> dict[str, Any]:
+    """A streamed piece of a tool call, in OpenAI's shape: the first piece of a call carries its
+    id, type and name; the ones after, more of its arguments."""
+    if delta.id is None:
+        return {"index": delta.index, "function": {"arguments": delta.arguments}}
+    function = {"name": delta.name, "arguments": delta.arguments}
+    return {"index": delta.index, "id": delta.id, "type": "function", "function": function}
+
+
+def add_tool_calls(calls: list[dict[str, Any]], deltas: list[ToolCallDelta]) -> None:
+    """Builds a choice's whole tool calls from their pieces."""
+    for delta in deltas:
+        if delta.id is not None:
+            function = {"name": delta.name, "arguments": ""}
+            calls.append({"id": delta.id, "type": "function", "function": function})
+        calls[delta.index]["function"]["arguments"] += delta.arguments

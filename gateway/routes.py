@@ -11,7 +11,15 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from broker.queue import QueueFull
-from broker.schemas import ChatMessage, DetokenizeResult, EmbedResult, TokenizeResult, Usage, WorkerInfo
+from broker.schemas import (
+    ChatMessage,
+    DetokenizeResult,
+    EmbedResult,
+    TokenizeResult,
+    ToolCall,
+    Usage,
+    WorkerInfo,
+)
 from broker.structured import SchemaError, check_schema
 from gateway.auth import Limited, LimitsDep, caller
 from gateway.calls import Call, metadata_of, new_request, require_worker, sse
@@ -31,6 +39,7 @@ from gateway.openai_schemas import (
     ResponseShape,
     SamplingFields,
     TokenizeCreate,
+    add_tool_calls,
     embedding_body,
 )
 from gateway.state import Gateway, GatewayDep
@@ -72,9 +81,48 @@ async def get_model(model_id: str, gateway: GatewayDep) -> dict[str, Any]:
 async def chat_completions(
     body: ChatCompletionCreate, gateway: GatewayDep, who: Limited, http: Request
 ) -> Response:
-    messages = [ChatMessage(role=m.role, content=m.text()) for m in body.messages]
-    check_input_size(gateway, sum(len(m.content) for m in messages), "messages")
-    return await _generate(gateway, body, "chat", who.id, http, messages=messages)
+    messages = [
+        ChatMessage(
+            role=m.role,
+            content=m.text(),
+            tool_calls=[ToolCall.model_validate(c.model_dump()) for c in m.tool_calls or []] or None,
+            tool_call_id=m.tool_call_id,
+        )
+        for m in body.messages
+    ]
+    calls = [c for m in messages for c in m.tool_calls or []]
+    written = sum(len(m.content) for m in messages) + sum(len(c.function.arguments) for c in calls)
+    check_input_size(gateway, written, "messages")
+    await _check_tools(body)
+    return await _generate(gateway, body, "chat", who.id, http, messages=messages, **body.tool_fields())
+
+
+async def _check_tools(body: ChatCompletionCreate) -> None:
+    """400s for tool fields that do not go together, and for a forced tool whose parameters
+    cannot be enforced (naming the function)."""
+    refused = body.tool_refusal()
+    if refused is not None:
+        raise InvalidRequest(refused, param="tool_choice", code="invalid_value")
+    forced = body.forced_tools()
+    if not forced:
+        return
+    structured = body.response_format is not None and body.response_format.type != "text"
+    for field, used in (("response_format", structured), ("ignore_eos", body.ignore_eos)):
+        if used:
+            raise InvalidRequest(
+                f"{field} cannot be used with a tool_choice that forces a call: the call is the answer",
+                param=field,
+                code="invalid_value",
+            )
+    for tool in forced:
+        try:
+            await asyncio.to_thread(check_schema, tool.function.parameters or {"type": "object"})
+        except SchemaError as e:
+            raise InvalidRequest(
+                f"the parameters of tool {tool.function.name!r} cannot be enforced: {e}",
+                param="tools",
+                code="invalid_schema",
+            ) from None
 
 
 @router.post("/completions")
@@ -265,6 +313,7 @@ async def _until_disconnected(http: Request) -> None:
 async def _complete(call: Call, shape: ResponseShape) -> JSONResponse:
     n = call.request.n
     texts: list[list[str]] = [[] for _ in range(n)]
+    calls: list[list[dict[str, Any]]] = [[] for _ in range(n)]
     finish: list[str | None] = [None] * n
     usages: list[Usage] = []
     logprobs: list[list[Any] | None] = [None if call.request.logprobs is None else [] for _ in range(n)]
@@ -273,9 +322,11 @@ async def _complete(call: Call, shape: ResponseShape) -> JSONResponse:
             if event.type == "error":
                 assert event.error is not None
                 raise GenerationFailed(event.error.code, event.error.message)
-            if event.text and not any(texts):
+            if (event.text or event.tool_calls) and not (any(texts) or any(calls)):
                 call.first_token()
             texts[event.index].append(event.text)
+            if event.tool_calls:
+                add_tool_calls(calls[event.index], event.tool_calls)
             if event.logprobs:
                 logprobs[event.index] += event.logprobs  # type: ignore[operator]
             if event.type == "done":
@@ -294,7 +345,7 @@ async def _complete(call: Call, shape: ResponseShape) -> JSONResponse:
         raise GenerationFailed("engine_error", "the worker ended the request without a result")
     usage = _total(usages)
     call.count("ok", usage)
-    return JSONResponse(shape.complete(["".join(t) for t in texts], finish, usage, logprobs))
+    return JSONResponse(shape.complete(["".join(t) for t in texts], finish, usage, logprobs, calls))
 
 
 class _Outbox:
@@ -343,11 +394,13 @@ async def _stream(call: Call, shape: ResponseShape, include_usage: bool) -> Asyn
                 call.count("error")
                 yield outbox.take() + sse_error(event.error.code, event.error.message).encode()
                 return
-            if not sent_first and (event.text or event.logprobs):
+            if not sent_first and (event.text or event.logprobs or event.tool_calls):
                 call.first_token()
                 sent_first = True
-            if event.logprobs:
-                outbox.chunk(shape.chunk(event.text, event.index, logprobs=event.logprobs))
+            if event.logprobs or event.tool_calls:
+                outbox.chunk(
+                    shape.chunk(event.text, event.index, logprobs=event.logprobs, tool_calls=event.tool_calls)
+                )
             elif event.text:
                 outbox.text(event.index, event.text)
             if event.type == "done":

@@ -28,7 +28,7 @@ def post_chat(url: str, extra: dict, headers: dict | None = None) -> httpx.Respo
 @pytest.mark.parametrize(
     ("extra", "param", "message"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
+        ({"functions": [{"name": "f"}]}, "functions", "not supported"),
         ({"response_format": {"type": "yaml"}}, "response_format", "does not match any of the expected tags"),
         ({"logit_bias": {"17": 5}}, "logit_bias", "not supported"),
         ({"top_logprobs": 2}, None, "top_logprobs needs logprobs: true"),

@@ -128,3 +128,45 @@ def test_a_wrong_key_and_extra_body(stack: Stack, upstream_url: str, tmp_path: P
     short = httpx.post(f"{stack.url}/v1/chat/completions", json=body | {"model": "two-tokens"}, timeout=60)
     assert short.json()["usage"]["completion_tokens"] == 2  # the extra body overrides the request
     assert short.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_an_api_model_passes_tools_through_and_streams_the_upstreams_tool_calls(
+    stack: Stack, api_model
+) -> None:
+    name, _ = api_model
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}},
+                    "required": ["city"],
+                },
+            },
+        }
+    ]
+    body = {
+        "model": name,
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+        "max_tokens": 60,
+        "temperature": 0,
+        "tools": tools,
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+    }
+    remote = httpx.post(f"{stack.url}/v1/chat/completions", json=body, timeout=120).json()["choices"][0]
+    local = httpx.post(f"{stack.url}/v1/chat/completions", json=body | {"model": MODEL}, timeout=120).json()
+    [call] = remote["message"]["tool_calls"]
+    assert remote["finish_reason"] == "tool_calls" and remote["message"]["content"] is None
+    assert call["function"] == local["choices"][0]["message"]["tool_calls"][0]["function"]
+    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"])["city"]
+    with httpx.stream(
+        "POST", f"{stack.url}/v1/chat/completions", json=body | {"stream": True}, timeout=120
+    ) as r:
+        _, chunks = sse_text(r)
+    pieces = [d for c in chunks if c["choices"] for d in c["choices"][0]["delta"].get("tool_calls") or []]
+    assert pieces[0]["id"].startswith("call_") and pieces[0]["function"]["name"] == "get_weather"
+    assert "".join(p["function"].get("arguments") or "" for p in pieces) == call["function"]["arguments"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"

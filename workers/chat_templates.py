@@ -34,6 +34,8 @@ TEMPLATES = {
         ChatTemplate("llama-3", stop=("<|eot_id|>", "<|start_header_id|>")),
         ChatTemplate("alpaca", stop=("</s>", "### Instruction:")),
         ChatTemplate("chatml", stop=("<|im_end|>", "<|im_start|>")),
+        # ChatML with tools, in the Hermes/Qwen format (workers/tools.py).
+        ChatTemplate("hermes", stop=("<|im_end|>", "<|im_start|>")),
         ChatTemplate("zephyr", stop=("</s>", "<|user|>")),
         ChatTemplate("mistral-instruct", stop=("</s>", "[INST]")),
         ChatTemplate("one-shot", stop=("### Human:", "###")),

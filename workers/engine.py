@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import ConfigDict
 
-from broker.schemas import ErrorCode, Event, FinishReason, Sampling
+from broker.schemas import ErrorCode, Event, FinishReason, Sampling, ToolCallDelta
 
 if TYPE_CHECKING:
     from broker.progress import ChoiceProgress, ProgressUpdate
@@ -44,8 +44,9 @@ class SamplingParams(Sampling):
     resumed_tokens: int = 0
     # The LoRA adapter (its served name) the request runs with; "" = the base weights.
     adapter: str = ""
-    # The JSON schema (text) the output must follow (response_format); "" = free text.
-    json_schema: str = ""
+    # The llguidance grammar (its JSON text) the output must follow: a response_format's schema
+    # (broker.structured.grammar_of) or a forced tool call's (workers.tools.grammar); "" = free.
+    grammar: str = ""
 
 
 @dataclass
@@ -65,6 +66,8 @@ class StepOutput:
     # its final output the token counts the upstream reported.
     text: str = ""
     error_code: ErrorCode | None = None  # the code of `error`, where the engine knows one
+    # From an upstream API: the tool-call pieces that came with this output.
+    tool_calls: list[ToolCallDelta] | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
 

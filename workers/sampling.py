@@ -45,7 +45,7 @@ _NEUTRAL = {
     **{name: field.default for name, field in Sampling.model_fields.items() if name not in _TRANSFORMERS_OWN},
     "logprobs": None,
     "resumed_tokens": 0,
-    "json_schema": "",
+    "grammar": "",
 }
 # A temperature this small is treated as greedy.
 _GREEDY_BELOW = 1e-5
@@ -169,7 +169,7 @@ class GrammarMask(_Processor):
     matcher is brought up to date from the request's generated tokens, those of an earlier
     attempt included: a request taken over mid-answer goes on inside the same grammar."""
 
-    supported_kwargs: ClassVar[dict[str, type]] = {"json_schema": str}
+    supported_kwargs: ClassVar[dict[str, type]] = {"grammar": str}
 
     def __init__(self, batch: RowBatch, grammars: Grammars | None) -> None:
         self.batch = batch
@@ -181,7 +181,7 @@ class GrammarMask(_Processor):
             return scores
         for row, state in enumerate(self.batch.rows[: scores.size(0)]):
             kwargs = state.logit_processor_kwargs
-            if kwargs.get("json_schema"):
+            if kwargs.get("grammar"):
                 self._mask(scores, row, state, kwargs)
         return scores
 
@@ -201,7 +201,7 @@ class GrammarMask(_Processor):
         generated = _generated(state, kwargs)
         entry = self.batch.matchers.get(state.request_id)
         if entry is None or entry[1] > len(generated):  # new, or a finished request's id again
-            entry = self.batch.matchers[state.request_id] = [self.grammars.matcher(kwargs["json_schema"]), 0]
+            entry = self.batch.matchers[state.request_id] = [self.grammars.matcher(kwargs["grammar"]), 0]
         matcher, consumed = entry
         if len(generated) > consumed:
             matcher.consume_tokens(generated[consumed:])

@@ -16,10 +16,12 @@ from broker.schemas import (
     FinishReason,
     TokenizeResult,
     TokenLogprob,
+    ToolCallDelta,
     TopLogprob,
     Usage,
 )
-from broker.structured import SchemaError
+from broker.structured import SchemaError, grammar_of
+from workers import tools
 from workers.chat_templates import NO_STOPS, Stops
 from workers.engine import Engine, SamplingParams, StepOutput
 from workers.text import IncrementalDetokenizer, StopStrings
@@ -33,26 +35,38 @@ class InvalidPrompt(Exception):
         self.code = code
 
 
-def encode_prompt(claimed: Claimed, tokenizer: Any) -> list[int]:
+def encode_prompt(
+    claimed: Claimed, tokenizer: Any, tool_format: tools.ToolFormat = tools.HERMES
+) -> list[int]:
     """The request's prompt as token ids; never empty (the last line of defence: a zero-token
     sequence kills transformers' batching thread, and with it every request on the worker)."""
-    ids = _encode(claimed, tokenizer)
+    ids = _encode(claimed, tokenizer, tool_format)
     if not ids:
         raise InvalidPrompt("invalid_request", "the prompt is empty: it encodes to no tokens")
     return ids
 
 
-def _encode(claimed: Claimed, tokenizer: Any) -> list[int]:
+def _encode(claimed: Claimed, tokenizer: Any, tool_format: tools.ToolFormat = tools.HERMES) -> list[int]:
     request = claimed.request
     if request.messages is not None:
-        if not tokenizer.chat_template:
+        template = tokenizer.chat_template
+        if not template:
             raise InvalidPrompt(
                 "no_chat_template",
                 f"model {request.model} has no chat template; start its worker with --chat-template",
             )
-        messages = [m.model_dump() for m in request.messages]
+        offered = request.tools if request.tool_choice != "none" else None
+        extra: dict[str, Any] = {}
+        if not (offered or any(m.tool_calls or m.role == "tool" for m in request.messages)):
+            messages: list[dict[str, Any]] = [
+                {"role": m.role, "content": m.content} for m in request.messages
+            ]
+        elif "tools" in template:  # the template has a tool format of its own
+            messages, extra = tools.template_messages(request.messages), {"tools": offered}
+        else:
+            messages = tools.plain_messages(request.messages, offered, tool_format)
         ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False, **extra
         )
         return list(ids)
     if request.prompt_token_ids is not None:
@@ -82,6 +96,8 @@ class Sequence:
         index: int = 0,
         template_stops: Stops = NO_STOPS,
         adapter: str = "",
+        grammar: str = "",
+        tool_format: tools.ToolFormat | None = None,
     ) -> None:
         request = claimed.request
         self.claimed = claimed
@@ -104,10 +120,17 @@ class Sequence:
             ignore_eos=request.ignore_eos,
             logprobs=request.logprobs,
             adapter=adapter,
-            json_schema=request.json_schema or "",
+            grammar=grammar,
         )
         self.tokenizer = tokenizer
-        self.detokenizer = IncrementalDetokenizer(tokenizer)
+        # The request's tool calls, parsed from its text as it streams (None: no tools offered).
+        self.tool_calls: tools.ToolCallParser | None = None
+        keep_special = False
+        if tool_format is not None and request.tools and request.tool_choice != "none":
+            self.tool_calls = tools.ToolCallParser(tool_format, request.request_id, index)
+            # A format whose calls open with a special token ([TOOL_CALLS]) must see it.
+            keep_special = tool_format.opener in getattr(tokenizer, "all_special_tokens", ())
+        self.detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=not keep_special)
         self.stops = StopStrings(list(dict.fromkeys((*request.stop, *template_stops.strings))))
         self.completion_tokens = 0
         # Everything generated and sent so far: what another worker needs to continue this
@@ -142,11 +165,25 @@ class Sequence:
             text += self.stops.feed(self.detokenizer.flush())[0] + self.stops.flush()
         if self._echo:
             text, self._echo = self._echo + text, ""
-        self.sent_chars += len(text)
+        self.sent_chars += len(text)  # the text as generated, before tool calls are taken out
+        calls: list[ToolCallDelta] = []
+        if self.tool_calls is not None:
+            text, calls = self.tool_calls.feed(text)
+            if reason is not None:
+                rest, more = self.tool_calls.finish()
+                text, calls = text + rest, calls + more
+            if reason == "stop" and self.tool_calls.calls:
+                reason = "tool_calls"
         events = []
-        if text or logprobs:
+        if text or logprobs or calls:
             events.append(
-                self._event(type="delta", text=text, token_ids=out.new_token_ids, logprobs=logprobs)
+                self._event(
+                    type="delta",
+                    text=text,
+                    token_ids=out.new_token_ids,
+                    logprobs=logprobs,
+                    tool_calls=calls or None,
+                )
             )
         if reason is not None:
             events.append(self.finish(reason))
@@ -183,6 +220,8 @@ class Sequence:
             self._echo = ""
         decoded = self.detokenizer.push(self.generated)
         self.stops.hold(decoded[sent_text:])  # generated but held back: still to be sent
+        if self.tool_calls is not None:  # its state is a function of the text it was fed
+            self.tool_calls.feed(decoded[:sent_text])
         left = self.params.max_new_tokens - len(self.generated)
         self.params = self.params.model_copy(
             update={"max_new_tokens": max(left, 0), "resumed_tokens": len(self.generated)}
@@ -246,23 +285,19 @@ class TokenFrontend:
         template_stops: Stops = NO_STOPS,
         adapters: frozenset[str] = frozenset(),
         base: str = "",
+        tool_parser: str | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.template_stops = template_stops
+        # How this model writes tool calls: forced, or read off its chat template.
+        self.tool_format = tools.pick_format(tool_parser, getattr(tokenizer, "chat_template", None))
         # The LoRA adapters' served names (a request for one runs with it), and the base's name.
         self.adapters = adapters
         self.base = base
 
     def choices(self, item: Claimed, engine: Engine) -> Callable[[int], Sequence]:
-        ids = encode_prompt(item, self.tokenizer)  # once for all n choices
-        grammars = getattr(engine, "grammars", None)
-        if item.request.json_schema and grammars is not None:
-            try:  # compiled here, once, so the engine's thread only ever copies it
-                grammars.matcher(item.request.json_schema)
-            except SchemaError as e:
-                raise InvalidPrompt(
-                    "invalid_request", f"response_format's schema cannot be enforced: {e}"
-                ) from None
+        ids = encode_prompt(item, self.tokenizer, self.tool_format)  # once for all n choices
+        grammar = self._grammar(item, engine)
         adapter = item.request.model if item.request.model in self.adapters else ""
         return lambda index: Sequence(
             item,
@@ -272,7 +307,29 @@ class TokenFrontend:
             index=index,
             template_stops=self.template_stops,
             adapter=adapter,
+            grammar=grammar,
+            tool_format=self.tool_format,
         )
+
+    def _grammar(self, item: Claimed, engine: Engine) -> str:
+        """The grammar the request's output must follow (a response_format's schema, or the call
+        a `required` or named tool_choice forces), compiled here, once, so the engine's thread
+        only ever copies it; "" for free text."""
+        request = item.request
+        grammars = getattr(engine, "grammars", None)
+        if grammars is None:
+            return ""
+        try:
+            if request.json_schema:
+                grammar, what = grammar_of(request.json_schema), "response_format's schema"
+            elif request.tools and request.tool_choice not in ("auto", "none"):
+                grammar, what = tools.forced_grammar(self.tool_format, request, self.tokenizer), "the tools"
+            else:
+                return ""
+            grammars.matcher(grammar)
+        except SchemaError as e:
+            raise InvalidPrompt("invalid_request", f"{what} cannot be enforced: {e}") from None
+        return grammar
 
     def answer(self, item: Claimed, engine: Engine) -> Event:
         if item.request.kind == "embed" and item.request.model in self.adapters:

@@ -93,7 +93,9 @@ async def model_worker(settings: Settings, redis) -> Worker:
         )
         for name, path in adapters.items()
     }
-    frontend = TokenFrontend(loaded.tokenizer, loaded.stops, frozenset(adapters), settings.model_name)
+    frontend = TokenFrontend(
+        loaded.tokenizer, loaded.stops, frozenset(adapters), settings.model_name, settings.tool_parser
+    )
     return Worker(
         engine,
         frontend,

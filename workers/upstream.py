@@ -22,7 +22,7 @@ import httpx
 
 from broker.progress import GRACE_MS, ChoiceProgress, ProgressUpdate, entry
 from broker.queue import Claimed
-from broker.schemas import ErrorCode, Event, EventError, FinishReason, TokenLogprob, Usage
+from broker.schemas import ErrorCode, Event, EventError, FinishReason, TokenLogprob, ToolCallDelta, Usage
 from workers.engine import Engine, Outbox, SamplingParams, StepOutput
 from workers.sequence import InvalidPrompt, rejection
 
@@ -65,9 +65,15 @@ def request_body(claimed: Claimed, upstream: Upstream, index: int) -> tuple[str,
     }
     if request.messages is not None:
         path = "/chat/completions"
-        body["messages"] = [m.model_dump() for m in request.messages]
+        body["messages"] = [m.model_dump(exclude_none=True) for m in request.messages]
         if request.logprobs is not None:
             body |= {"logprobs": True, "top_logprobs": request.logprobs}
+        if request.tools:
+            body |= {
+                "tools": request.tools,
+                "tool_choice": request.tool_choice,
+                "parallel_tool_calls": request.parallel_tool_calls,
+            }
     else:
         path = "/completions"
         body["prompt"] = request.prompt_token_ids if request.prompt_token_ids is not None else request.prompt
@@ -122,8 +128,10 @@ class UpstreamChoice:
         text, self._echo = self._echo + out.text, ""
         self.sent_chars += len(text)
         events = []
-        if text or out.choices:
-            events.append(self._event(type="delta", text=text, logprobs=out.choices or None))
+        if text or out.choices or out.tool_calls:
+            events.append(
+                self._event(type="delta", text=text, logprobs=out.choices or None, tool_calls=out.tool_calls)
+            )
         if out.finished:
             self.finished = True
             self.completion_tokens = out.completion_tokens
@@ -204,6 +212,7 @@ class UpstreamEngine:
         assert self._client is not None, "start() first"
         finish: str | None = None
         usage: dict = {}
+        calls: set[int] = set()  # the tool calls whose id and name have come
         try:
             async with self._client.stream("POST", choice.path, json=choice.body) as response:
                 if response.status_code != 200:
@@ -221,10 +230,14 @@ class UpstreamEngine:
                     usage = chunk.get("usage") or usage
                     for part in chunk.get("choices") or []:
                         text, logprobs = _delta(part)
+                        tool_calls = _tool_calls(part, calls)
                         finish = part.get("finish_reason") or finish
-                        if text or logprobs:
-                            self.outbox.put(StepOutput(request_id, [], text=text, choices=logprobs))
-            reason = finish if finish in ("stop", "length") else "stop"  # tool_calls, content_filter: stop
+                        if text or logprobs or tool_calls:
+                            out = StepOutput(
+                                request_id, [], text=text, choices=logprobs, tool_calls=tool_calls
+                            )
+                            self.outbox.put(out)
+            reason = finish if finish in ("stop", "length", "tool_calls") else "stop"  # content_filter: stop
             self.outbox.put(
                 StepOutput(
                     request_id,
@@ -271,6 +284,25 @@ def _delta(part: dict) -> tuple[str, list[TokenLogprob]]:
     text = (part.get("delta") or {}).get("content") or part.get("text") or ""
     content = (part.get("logprobs") or {}).get("content") or []
     return text, [TokenLogprob.model_validate(item) for item in content]
+
+
+def _tool_calls(part: dict, seen: set[int]) -> list[ToolCallDelta] | None:
+    """The tool-call pieces of one streamed choice; a call's id and name are kept from its first
+    piece only (some servers repeat them)."""
+    deltas = []
+    for item in (part.get("delta") or {}).get("tool_calls") or []:
+        index, function = int(item.get("index", 0)), item.get("function") or {}
+        first = index not in seen
+        seen.add(index)
+        deltas.append(
+            ToolCallDelta(
+                index=index,
+                id=(item.get("id") or f"call_{index}") if first else None,
+                name=(function.get("name") or "") if first else None,
+                arguments=function.get("arguments") or "",
+            )
+        )
+    return deltas or None
 
 
 class UpstreamFrontend:
