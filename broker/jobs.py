@@ -93,6 +93,9 @@ class RatingsParams(BaseModel):
     # Bootstrap resamples behind the confidence intervals; None = the runner's setting.
     bootstrap_rounds: int | None = Field(None, ge=10, le=10000)
     seed: int = 0
+    # How rows are ranked (judge.ratings.RANK_RULES): "ub", models whose intervals overlap share
+    # a rank (later FastChat's "Rank (UB)"); "position", 1, 2, 3, ... by score (FastChat 0.2.36).
+    rank_rule: Literal["ub", "position"] = "ub"
 
 
 class TrainParams(BaseModel):

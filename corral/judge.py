@@ -56,10 +56,12 @@ def add_parser(commands) -> None:
     show = actions.add_parser("show", help="print results.json of an output folder")
     show.add_argument("folder")
     agree = actions.add_parser(
-        "agreement", help="agreement of two pair-judgment files (or a judge and MT-bench human judgments)"
+        "agreement",
+        help="agreement of two pair-judgment files, or a judge and MT-bench human judgments, per turn and "
+        "pooled; with one file, its human votes among themselves",
     )
     agree.add_argument("first")
-    agree.add_argument("second")
+    agree.add_argument("second", nargs="?")
 
 
 def _endpoint(url: str | None, key_env: str | None) -> EndpointSpec:
@@ -78,7 +80,8 @@ def run_cli(args: argparse.Namespace, settings: Settings) -> int:
         from judge.answers import read_jsonl
         from judge.results import agreement
 
-        console.print_json(json.dumps(agreement(read_jsonl(Path(args.first)), read_jsonl(Path(args.second)))))
+        second = read_jsonl(Path(args.second)) if args.second else None
+        console.print_json(json.dumps(agreement(read_jsonl(Path(args.first)), second)))
         return 0
     return asyncio.run(_run(args, settings, console))
 

@@ -409,9 +409,12 @@ def _jsonl(record: dict[str, Any]) -> bytes:
 
 
 @router.get("/leaderboard")
-async def get_leaderboard(gateway: GatewayDep) -> JSONResponse:
+async def get_leaderboard(
+    gateway: GatewayDep, rank_rule: Literal["ub", "position"] | None = None
+) -> JSONResponse:
     """The latest leaderboard (rank, score, 95% interval, votes per model), as the ratings job
-    last computed it; an empty one before the first."""
+    last computed it, unrounded; an empty one before the first. `rank_rule` ranks by the other
+    rule than the job's (both ranks are in every row)."""
     stored = await gateway.redis.get(gateway.keys.leaderboard)
     if stored is None:
         return JSONResponse(
@@ -426,6 +429,10 @@ async def get_leaderboard(gateway: GatewayDep) -> JSONResponse:
             }
         )
     board = orjson.loads(stored)
+    if rank_rule is not None and board["data"] and f"rank_{rank_rule}" in board["data"][0]:
+        board["rank_rule"] = rank_rule
+        for row in board["data"]:
+            row["rank"] = row[f"rank_{rank_rule}"]
     served = await gateway.models.get()
     for row in board["data"]:  # what people know the models by, from their live workers
         row["metadata"] = metadata_of(row["model"], served.get(row["model"], []))

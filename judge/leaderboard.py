@@ -13,7 +13,7 @@ from pathlib import Path
 import redis
 
 from broker.keys import Keys
-from judge.ratings import anonymous, battles_from_log, leaderboard
+from judge.ratings import RANK_RULES, anonymous, battles_from_log, leaderboard
 
 _PAGE = 1000
 
@@ -31,13 +31,16 @@ def vote_records(client: redis.Redis, keys: Keys) -> Iterator[tuple[str, dict]]:
 
 
 def _finite(value: float) -> float | None:
-    return None if math.isnan(value) else round(float(value), 4)
+    return None if math.isnan(value) else float(value)
 
 
-def leaderboard_document(records: list[dict], rounds: int, seed: int) -> dict:
-    """The leaderboard as /v1/leaderboard returns it: ranked rows (score = Bradley–Terry on the
-    Elo scale, with its bootstrap 95% interval; votes = the model's anonymous battles) and the
-    win-fraction and battle-count matrices in the order of `models`."""
+def leaderboard_document(records: list[dict], rounds: int, seed: int, rank_rule: str = "ub") -> dict:
+    """The leaderboard as /v1/leaderboard returns it, unrounded (the UI rounds): ranked rows
+    (score = Bradley–Terry on the Elo scale, with its bootstrap 95% interval; votes = the
+    model's anonymous battles, ties included; rank by `rank_rule`, both ranks beside it) and the
+    win-fraction and decided-battle-count matrices in the order of `models`."""
+    if rank_rule not in RANK_RULES:
+        raise ValueError(f"rank_rule must be one of {', '.join(RANK_RULES)}, not {rank_rule!r}")
     battles = anonymous(battles_from_log(records))
     document = {
         "object": "leaderboard",
@@ -45,6 +48,7 @@ def leaderboard_document(records: list[dict], rounds: int, seed: int) -> dict:
         "votes": len(records),
         "battles": len(battles),
         "bootstrap_rounds": rounds,
+        "rank_rule": rank_rule,
         "data": [],
         "models": [],
         "win_fraction": [],
@@ -55,7 +59,9 @@ def leaderboard_document(records: list[dict], rounds: int, seed: int) -> dict:
     board = leaderboard(battles, rounds=rounds, seed=seed)
     document["data"] = [
         {
-            "rank": r["rank"],
+            "rank": r[f"rank_{rank_rule}"],
+            "rank_ub": r["rank_ub"],
+            "rank_position": r["rank_position"],
             "model": r["model"],
             "score": r["rating"],
             "ci": [r["ci_lower"], r["ci_upper"]],
@@ -89,7 +95,7 @@ def ratings_job(
     progress("read votes", len(records), total)
     rounds = params.get("bootstrap_rounds") or default_rounds
     progress("fit", 0, 1)
-    document = leaderboard_document(records, rounds, params.get("seed", 0))
+    document = leaderboard_document(records, rounds, params.get("seed", 0), params.get("rank_rule", "ub"))
     document["last_vote_id"] = last_id
     progress("fit", 1, 1)
     folder.mkdir(parents=True, exist_ok=True)

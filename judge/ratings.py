@@ -1,9 +1,10 @@
-"""Arena ratings from battles: online Elo, Bradley–Terry maximum likelihood with bootstrap
-confidence intervals, and the win-fraction and battle-count matrices.
+"""Arena ratings from battles: online Elo, Bradley–Terry with bootstrap confidence intervals,
+and the win-fraction and battle-count matrices, each computed as FastChat's
+`fastchat/serve/monitor/elo_analysis.py` (0.2.36) computes it.
 
 A battle is FastChat's shape: {"model_a", "model_b", "winner": "model_a" | "model_b" | "tie" |
-"tie (bothbad)", "anony": bool}. Ties count half a win to each side. Ratings are on the Elo
-scale: 400 points of difference mean 10:1 odds, and the models' mean rating is 1000.
+"tie (bothbad)", "anony": bool, "tstamp"}. Ties count half a win to each side. Ratings are on
+the Elo scale: 400 points of difference mean 10:1 odds, and the models' mean rating is 1000.
 """
 
 from __future__ import annotations
@@ -73,8 +74,11 @@ def battles_from_log(records: Iterable[dict]) -> list[dict]:
 
 
 def anonymous(records: Iterable[dict]) -> list[Battle]:
-    """The battles that count for ratings: anonymous ones, between two different models."""
-    return [Battle.from_record(r) for r in records if r.get("anony", False) and r["model_a"] != r["model_b"]]
+    """The battles that count for ratings: anonymous ones, between two different models, in time
+    order (online Elo depends on it; records without a `tstamp` keep their order)."""
+    kept = [r for r in records if r.get("anony", False) and r["model_a"] != r["model_b"]]
+    kept.sort(key=lambda r: r.get("tstamp", 0))  # stable: equal times keep their order
+    return [Battle.from_record(r) for r in kept]
 
 
 def online_elo(battles: list[Battle], k: float = 4.0) -> dict[str, float]:
@@ -89,38 +93,64 @@ def online_elo(battles: list[Battle], k: float = 4.0) -> dict[str, float]:
     return {m: r + shift for m, r in ratings.items()}
 
 
-def _tally(battles: list[Battle], models: list[str], weights: np.ndarray | None = None) -> np.ndarray:
-    """wins[i, j]: (weighted) wins of model i over model j, ties counted half to each."""
+def _tally(
+    battles: list[Battle], models: list[str], weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(wins, games): wins[i, j] the (weighted) wins of model i over model j, ties counted half
+    to each; games[i, j] the (weighted) battles with i as model_a and j as model_b."""
     index = {m: i for i, m in enumerate(models)}
-    a = np.array([index[b.model_a] for b in battles])
-    c = np.array([index[b.model_b] for b in battles])
+    a = np.array([index[b.model_a] for b in battles], dtype=int)
+    c = np.array([index[b.model_b] for b in battles], dtype=int)
     score = np.array([b.score_a for b in battles])
     w = np.ones(len(battles)) if weights is None else weights
     wins = np.zeros((len(models), len(models)))
+    games = np.zeros_like(wins)
     np.add.at(wins, (a, c), w * score)
     np.add.at(wins, (c, a), w * (1 - score))
-    return wins
+    np.add.at(games, (a, c), w)
+    return wins, games
 
 
-def _fit(wins: np.ndarray, iterations: int = 500, tolerance: float = 1e-9) -> np.ndarray:
-    """Bradley–Terry strengths by Hunter's MM algorithm (2004), on the Elo scale, mean 1000.
-    A tiny prior (one tie against an average opponent each) keeps a model that never won or
-    never lost finite."""
-    n = wins.shape[0]
-    prior = 0.5
-    games = wins + wins.T + 2 * prior / max(n - 1, 1) * (1 - np.eye(n))
-    won = wins.sum(axis=1) + prior
-    p = np.ones(n)
-    for _ in range(iterations):
-        denominator = (games / (p[:, None] + p[None, :])).sum(axis=1)
-        new = won / denominator
-        new /= math.exp(np.log(new).mean())
-        if np.abs(new - p).max() < tolerance:
-            p = new
+def _fit(wins: np.ndarray, games: np.ndarray, tolerance: float = 1e-10) -> np.ndarray:
+    """Bradley–Terry ratings as FastChat 0.2.36 defines them (`compute_elo_mle_with_tie`): the
+    minimum of scikit-learn's L2-regularised logistic loss (C = 1, no intercept) over the battles
+    written twice, a win as two wins and a tie as one win each way; rating = 400 × coefficient +
+    1000. FastChat's solver stops at its default tolerance, short of that minimum; this solves it
+    by Newton's method to `tolerance` (the objective is strictly convex, so the minimum is one).
+    `wins[i, j]` and `games[i, j]`: (weighted) wins of i over j and battles of i as model_a
+    against j, ties counted half."""
+    log_base = math.log(BASE)
+    # FastChat's rows: each battle twice, labelled 1 on both for a win of model_a and on one for
+    # a tie. A row (a, b, y) costs what (b, a, 1 - y) costs, so summing over both orders of each
+    # pair, `rows` battles with `wins` labels each way, counts every battle twice, as FastChat does.
+    rows, ones = games + games.T, wins
+
+    def objective(w: np.ndarray) -> float:
+        z = log_base * (w[:, None] - w[None, :])
+        return float(0.5 * w @ w + (rows * np.logaddexp(0, z) - ones * z).sum())
+
+    w = np.zeros(wins.shape[0])
+    for _ in range(100):
+        p = 1 / (1 + np.exp(-log_base * (w[:, None] - w[None, :])))
+        residual = rows * p - ones
+        gradient = log_base * (residual.sum(axis=1) - residual.sum(axis=0)) + w
+        curvature = log_base**2 * rows * p * (1 - p)
+        curvature = curvature + curvature.T
+        hessian = np.diag(curvature.sum(axis=1)) - curvature + np.eye(len(w))
+        step = np.linalg.solve(hessian, gradient)
+        before, size = objective(w), 1.0
+        while objective(w - size * step) > before and size > 1e-6:  # a damped step far from it
+            size /= 2
+        w -= size * step
+        if np.abs(size * step).max() * SCALE < tolerance:
             break
-        p = new
-    log_p = np.log(p)
-    return SCALE / math.log(BASE) * (log_p - log_p.mean()) + MEAN_RATING
+    return SCALE * w + MEAN_RATING
+
+
+# How a leaderboard ranks: "position" (FastChat 0.2.36: 1, 2, 3, ... by rating) or "ub" (later
+# FastChat's "Rank (UB)": 1 + the models whose interval lies wholly above the model's, so
+# models whose intervals overlap share a rank).
+RANK_RULES = ("ub", "position")
 
 
 @dataclass
@@ -129,26 +159,26 @@ class Leaderboard:
     ratings: np.ndarray  # Bradley–Terry, Elo scale
     lower: np.ndarray  # bootstrap 95% interval
     upper: np.ndarray
-    battles: np.ndarray  # battles[i, j]: battles between i and j
+    battles: np.ndarray  # battles[i, j]: decided battles between i and j (FastChat's count matrix)
     win_fraction: np.ndarray  # wins of i over j / decided battles between them (NaN when none)
     elo: dict[str, float]
+    total: np.ndarray  # each model's battles, ties included (FastChat's num_battles)
 
     def rows(self) -> list[dict]:
-        """Ranked: a model's rank is 1 + the number of models whose lower bound is above its
-        upper bound (FastChat's rule: ties where the intervals overlap)."""
-        order = np.argsort(-self.ratings)
+        """By rating, unrounded, with both ranks (RANK_RULES)."""
+        order = np.argsort(-self.ratings, kind="stable")
         rows = []
-        for i in order:
-            rank = 1 + int((self.lower > self.upper[i]).sum())
+        for position, i in enumerate(order, start=1):
             rows.append(
                 {
-                    "rank": rank,
+                    "rank_ub": 1 + int((self.lower > self.upper[i]).sum()),
+                    "rank_position": position,
                     "model": self.models[i],
-                    "rating": round(float(self.ratings[i]), 1),
-                    "ci_lower": round(float(self.lower[i]), 1),
-                    "ci_upper": round(float(self.upper[i]), 1),
-                    "battles": int(self.battles[i].sum()),
-                    "elo": round(self.elo[self.models[i]], 1),
+                    "rating": float(self.ratings[i]),
+                    "ci_lower": float(self.lower[i]),
+                    "ci_upper": float(self.upper[i]),
+                    "battles": int(self.total[i]),
+                    "elo": float(self.elo[self.models[i]]),
                 }
             )
         return rows
@@ -158,22 +188,19 @@ def leaderboard(battles: list[Battle], rounds: int = 200, seed: int = 0) -> Lead
     """Bradley–Terry ratings with percentile bootstrap intervals over `rounds` resamples of the
     battles, the battle and win-fraction matrices, and online Elo for comparison."""
     models = sorted({b.model_a for b in battles} | {b.model_b for b in battles})
-    wins = _tally(battles, models)
-    ratings = _fit(wins)
+    wins, games = _tally(battles, models)
+    ratings = _fit(wins, games)
     rng = np.random.default_rng(seed)
     samples = np.empty((rounds, len(models)))
     for r in range(rounds):
         weights = rng.multinomial(len(battles), np.full(len(battles), 1 / len(battles))).astype(float)
-        samples[r] = _fit(_tally(battles, models, weights))
+        samples[r] = _fit(*_tally(battles, models, weights))
     lower, upper = np.percentile(samples, [2.5, 97.5], axis=0)
     decisive = [b for b in battles if b.score_a != 0.5]
-    decided = _tally(decisive, models) if decisive else np.zeros_like(wins)
+    decided, decided_games = _tally(decisive, models) if decisive else (np.zeros_like(wins),) * 2
     totals = decided + decided.T
     with np.errstate(invalid="ignore", divide="ignore"):
         win_fraction = np.where(totals > 0, decided / totals, np.nan)
-    index = {m: i for i, m in enumerate(models)}
-    counts = np.zeros_like(wins)
-    for b in battles:
-        counts[index[b.model_a], index[b.model_b]] += 1
-        counts[index[b.model_b], index[b.model_a]] += 1
-    return Leaderboard(models, ratings, lower, upper, counts, win_fraction, online_elo(battles))
+    total = (games + games.T).sum(axis=1)
+    counts = decided_games + decided_games.T
+    return Leaderboard(models, ratings, lower, upper, counts, win_fraction, online_elo(battles), total)

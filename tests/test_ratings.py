@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -56,16 +59,40 @@ def test_elo_and_bradley_terry_agree_on_a_clear_cut_order() -> None:
     assert sorted(elo, key=elo.get, reverse=True) == by_bt == ["strong", "middle", "weak"]
 
 
-def test_ties_count_half_and_matrices_count_battles_and_decided_wins() -> None:
+def test_ties_count_half_and_matrices_count_decided_battles_as_fastchat() -> None:
     battles = [Battle("a", "b", 1.0), Battle("a", "b", 0.5), Battle("b", "a", 1.0), Battle("a", "c", 0.0)]
     board = leaderboard(battles, rounds=5)
     i = {m: k for k, m in enumerate(board.models)}
-    assert board.battles[i["a"], i["b"]] == 3 and board.battles[i["a"], i["c"]] == 1
+    assert board.battles[i["a"], i["b"]] == 2 and board.battles[i["a"], i["c"]] == 1  # not the tie
+    assert list(board.total) == [3 + 1, 3, 1]  # each model's battles, ties included
     assert board.win_fraction[i["a"], i["b"]] == 0.5  # one each; the tie is not a decided battle
     assert board.win_fraction[i["c"], i["a"]] == 1.0
     assert np.isnan(board.win_fraction[i["b"], i["c"]])
     rows = board.rows()
-    assert rows[0]["rank"] == 1 and {r["model"] for r in rows} == {"a", "b", "c"}
+    assert [r["rank_position"] for r in rows] == [1, 2, 3] and {r["model"] for r in rows} == {"a", "b", "c"}
+    assert all(1 <= r["rank_ub"] <= r["rank_position"] for r in rows)
+
+
+def test_ratings_equal_what_fastchats_own_code_computed() -> None:
+    """tests/data/fastchat_ratings.json: 120 seeded battles (ties, non-anonymous ones, times out
+    of order) and what FastChat 0.2.36's elo_analysis.py computed from them
+    (`python bench/fidelity.py --write-test-data`; Bradley–Terry solved to its optimum)."""
+    data = json.loads((Path(__file__).parent / "data" / "fastchat_ratings.json").read_text())
+    theirs = data["fastchat"]
+    board = leaderboard(anonymous(data["battles"]), rounds=10)
+    index = {m: k for k, m in enumerate(board.models)}
+    assert set(board.models) == set(theirs["bt"])
+    for model, k in index.items():
+        assert board.elo[model] == pytest.approx(theirs["elo"][model], abs=1e-6)  # in time order
+        assert board.ratings[k] == pytest.approx(theirs["bt"][model], abs=1e-3)
+        assert board.total[k] == theirs["num_battles"][model]
+        for other, value in theirs["battle_count"][model].items():
+            assert board.battles[k, index[other]] == value
+        for other, value in theirs["win_fraction"][model].items():
+            if value is not None and other != model:
+                assert board.win_fraction[k, index[other]] == pytest.approx(value, abs=1e-9)
+    shipped = max(abs(board.ratings[index[m]] - r) for m, r in theirs["bt_shipped"].items())
+    assert shipped > 1e-3  # its solver as shipped stops short: the data tells the two apart
 
 
 def test_only_anonymous_battles_count_and_a_bad_winner_is_named() -> None:

@@ -21,14 +21,20 @@ st.caption(f"{run['judgments']} judgments, {run['parse_failures']} parse failure
 if run.get("warning"):
     st.warning(run["warning"], icon="⚖️")
 
+
+def shown(value: float | None, places: int) -> float | None:
+    """results.json is unrounded; the page rounds what it shows."""
+    return None if value is None else round(value, places)
+
+
 if single:
     rows = [
         {
             "Model": r["model"],
-            "Score": r.get("score"),
+            "Score": shown(r.get("score"), 2),
             "95% CI": "–".join(f"{v:.2f}" for v in r.get("ci", [])),
-            "Turn 1": r.get("turn_1", {}).get("score"),
-            "Turn 2": r.get("turn_2", {}).get("score"),
+            "Turn 1": shown(r.get("turn_1", {}).get("score"), 2),
+            "Turn 2": shown(r.get("turn_2", {}).get("score"), 2),
             "Judged": r["judged"],
             "Parse failures": r["parse_failures"],
         }
@@ -41,8 +47,8 @@ else:
             "Wins": r["wins"],
             "Losses": r["losses"],
             "Ties": r["ties"],
-            "Win rate": r["win_rate"],
-            "Adjusted win rate": r["adjusted_win_rate"],
+            "Win rate": shown(r["win_rate"], 3),
+            "Adjusted win rate": shown(r["adjusted_win_rate"], 3),
             "Parse failures": r["failures"],
         }
         for r in run["models"]

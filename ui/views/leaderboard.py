@@ -53,7 +53,8 @@ def shown(model: str) -> str:
 metadata = {r["model"]: r.get("metadata") or {} for r in board["data"]}
 rows = [
     {
-        "Rank": r["rank"],
+        # The API's numbers are unrounded; here they are rounded for reading.
+        ("Rank (UB)" if board.get("rank_rule", "ub") == "ub" else "Rank"): r["rank"],
         "Model": shown(r["model"]),
         "Served as": r["model"],
         "Score": round(r["score"]),
