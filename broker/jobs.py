@@ -96,6 +96,9 @@ class RatingsParams(BaseModel):
     # How rows are ranked (judge.ratings.RANK_RULES): "ub", models whose intervals overlap share
     # a rank (later FastChat's "Rank (UB)"); "position", 1, 2, 3, ... by score (FastChat 0.2.36).
     rank_rule: Literal["ub", "position"] = "ub"
+    # The Bradley–Terry fit (judge.ratings.RATING_SYSTEMS): "bt", FastChat 0.2.36's regularised
+    # one; "bt-mle", the unregularised maximum likelihood of later FastChat.
+    rating_system: Literal["bt", "bt-mle"] = "bt"
 
 
 class TrainParams(BaseModel):

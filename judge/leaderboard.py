@@ -34,7 +34,9 @@ def _finite(value: float) -> float | None:
     return None if math.isnan(value) else float(value)
 
 
-def leaderboard_document(records: list[dict], rounds: int, seed: int, rank_rule: str = "ub") -> dict:
+def leaderboard_document(
+    records: list[dict], rounds: int, seed: int, rank_rule: str = "ub", system: str = "bt"
+) -> dict:
     """The leaderboard as /v1/leaderboard returns it, unrounded (the UI rounds): ranked rows
     (score = Bradley–Terry on the Elo scale, with its bootstrap 95% interval; votes = the
     model's anonymous battles, ties included; rank by `rank_rule`, both ranks beside it) and the
@@ -49,6 +51,7 @@ def leaderboard_document(records: list[dict], rounds: int, seed: int, rank_rule:
         "battles": len(battles),
         "bootstrap_rounds": rounds,
         "rank_rule": rank_rule,
+        "rating_system": system,
         "data": [],
         "models": [],
         "win_fraction": [],
@@ -56,7 +59,7 @@ def leaderboard_document(records: list[dict], rounds: int, seed: int, rank_rule:
     }
     if not battles:
         return document
-    board = leaderboard(battles, rounds=rounds, seed=seed)
+    board = leaderboard(battles, rounds=rounds, seed=seed, system=system)
     document["data"] = [
         {
             "rank": r[f"rank_{rank_rule}"],
@@ -95,7 +98,13 @@ def ratings_job(
     progress("read votes", len(records), total)
     rounds = params.get("bootstrap_rounds") or default_rounds
     progress("fit", 0, 1)
-    document = leaderboard_document(records, rounds, params.get("seed", 0), params.get("rank_rule", "ub"))
+    document = leaderboard_document(
+        records,
+        rounds,
+        params.get("seed", 0),
+        params.get("rank_rule", "ub"),
+        params.get("rating_system", "bt"),
+    )
     document["last_vote_id"] = last_id
     progress("fit", 1, 1)
     folder.mkdir(parents=True, exist_ok=True)

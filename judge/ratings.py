@@ -111,14 +111,23 @@ def _tally(
     return wins, games
 
 
-def _fit(wins: np.ndarray, games: np.ndarray, tolerance: float = 1e-10) -> np.ndarray:
-    """Bradley–Terry ratings as FastChat 0.2.36 defines them (`compute_elo_mle_with_tie`): the
-    minimum of scikit-learn's L2-regularised logistic loss (C = 1, no intercept) over the battles
-    written twice, a win as two wins and a tie as one win each way; rating = 400 × coefficient +
-    1000. FastChat's solver stops at its default tolerance, short of that minimum; this solves it
-    by Newton's method to `tolerance` (the objective is strictly convex, so the minimum is one).
+# Bradley–Terry fits: "bt", FastChat 0.2.36's L2-regularised one (the default); "bt-mle", the
+# unregularised maximum likelihood of later FastChat (`rating_systems.compute_bt`).
+RATING_SYSTEMS = ("bt", "bt-mle")
+
+
+def _fit(wins: np.ndarray, games: np.ndarray, system: str = "bt", tolerance: float = 1e-10) -> np.ndarray:
+    """Bradley–Terry ratings. "bt", as FastChat 0.2.36 defines them (`compute_elo_mle_with_tie`):
+    the minimum of scikit-learn's L2-regularised logistic loss (C = 1, no intercept) over the
+    battles written twice, a win as two wins and a tie as one win each way; rating = 400 ×
+    coefficient + 1000. FastChat's solver stops at its default tolerance, short of that minimum;
+    this solves it by Newton's method to `tolerance` (the objective is strictly convex, so the
+    minimum is one). "bt-mle": the same likelihood without the penalty (a tie half a win), as
+    later FastChat fits it, centred on 1000; a model that never lost (or never won) has no
+    finite maximum, and its rating stops after 100 steps, as FastChat's solver does.
     `wins[i, j]` and `games[i, j]`: (weighted) wins of i over j and battles of i as model_a
     against j, ties counted half."""
+    ridge = 1.0 if system == "bt" else 0.0
     log_base = math.log(BASE)
     # FastChat's rows: each battle twice, labelled 1 on both for a win of model_a and on one for
     # a tie. A row (a, b, y) costs what (b, a, 1 - y) costs, so summing over both orders of each
@@ -127,16 +136,19 @@ def _fit(wins: np.ndarray, games: np.ndarray, tolerance: float = 1e-10) -> np.nd
 
     def objective(w: np.ndarray) -> float:
         z = log_base * (w[:, None] - w[None, :])
-        return float(0.5 * w @ w + (rows * np.logaddexp(0, z) - ones * z).sum())
+        return float(0.5 * ridge * w @ w + (rows * np.logaddexp(0, z) - ones * z).sum())
 
     w = np.zeros(wins.shape[0])
     for _ in range(100):
         p = 1 / (1 + np.exp(-log_base * (w[:, None] - w[None, :])))
         residual = rows * p - ones
-        gradient = log_base * (residual.sum(axis=1) - residual.sum(axis=0)) + w
+        gradient = log_base * (residual.sum(axis=1) - residual.sum(axis=0)) + ridge * w
         curvature = log_base**2 * rows * p * (1 - p)
         curvature = curvature + curvature.T
-        hessian = np.diag(curvature.sum(axis=1)) - curvature + np.eye(len(w))
+        # Without the penalty the ratings are free up to a constant: the ones/n term fixes their
+        # mean (the gradient sums to zero, so no step moves it).
+        gauge = ridge * np.eye(len(w)) if ridge else np.ones((len(w), len(w))) / len(w)
+        hessian = np.diag(curvature.sum(axis=1)) - curvature + gauge
         step = np.linalg.solve(hessian, gradient)
         before, size = objective(w), 1.0
         while objective(w - size * step) > before and size > 1e-6:  # a damped step far from it
@@ -184,17 +196,19 @@ class Leaderboard:
         return rows
 
 
-def leaderboard(battles: list[Battle], rounds: int = 200, seed: int = 0) -> Leaderboard:
-    """Bradley–Terry ratings with percentile bootstrap intervals over `rounds` resamples of the
-    battles, the battle and win-fraction matrices, and online Elo for comparison."""
+def leaderboard(battles: list[Battle], rounds: int = 200, seed: int = 0, system: str = "bt") -> Leaderboard:
+    """Bradley–Terry ratings (RATING_SYSTEMS) with percentile bootstrap intervals over `rounds`
+    resamples of the battles, the battle and win-fraction matrices, and online Elo for comparison."""
+    if system not in RATING_SYSTEMS:
+        raise ValueError(f"rating system must be one of {', '.join(RATING_SYSTEMS)}, not {system!r}")
     models = sorted({b.model_a for b in battles} | {b.model_b for b in battles})
     wins, games = _tally(battles, models)
-    ratings = _fit(wins, games)
+    ratings = _fit(wins, games, system)
     rng = np.random.default_rng(seed)
     samples = np.empty((rounds, len(models)))
     for r in range(rounds):
         weights = rng.multinomial(len(battles), np.full(len(battles), 1 / len(battles))).astype(float)
-        samples[r] = _fit(*_tally(battles, models, weights))
+        samples[r] = _fit(*_tally(battles, models, weights), system)
     lower, upper = np.percentile(samples, [2.5, 97.5], axis=0)
     decisive = [b for b in battles if b.score_a != 0.5]
     decided, decided_games = _tally(decisive, models) if decisive else (np.zeros_like(wins),) * 2

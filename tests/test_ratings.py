@@ -104,3 +104,26 @@ def test_only_anonymous_battles_count_and_a_bad_winner_is_named() -> None:
     assert [b.score_a for b in anonymous(records)] == [1.0, 0.5]
     with pytest.raises(ValueError, match="unknown winner 'left'"):
         anonymous([{"model_a": "x", "model_b": "y", "winner": "left", "anony": True}])
+
+
+def test_the_unregularised_fit_is_the_maximum_likelihood_and_shrinks_less() -> None:
+    """At the maximum of the likelihood each model's expected score equals its actual score (ties
+    half); the L2 fit pulls toward the mean, so its spread is smaller."""
+    battles = [*simulate(TRUE, 800, seed=3), Battle("alpha", "echo", 0.5), Battle("delta", "bravo", 0.5)]
+    mle = leaderboard(battles, rounds=2, system="bt-mle")
+    regularised = leaderboard(battles, rounds=2)
+    index = {m: k for k, m in enumerate(mle.models)}
+    expected = np.zeros(len(index))
+    actual = np.zeros(len(index))
+    for b in battles:
+        a, c = index[b.model_a], index[b.model_b]
+        p = 1 / (1 + 10 ** ((mle.ratings[c] - mle.ratings[a]) / 400))
+        expected[a] += p
+        expected[c] += 1 - p
+        actual[a] += b.score_a
+        actual[c] += 1 - b.score_a
+    assert np.abs(expected - actual).max() < 1e-6
+    assert abs(mle.ratings.mean() - MEAN_RATING) < 1e-9
+    assert np.ptp(mle.ratings) > np.ptp(regularised.ratings)
+    with pytest.raises(ValueError, match="rating system"):
+        leaderboard(battles, system="elo")
