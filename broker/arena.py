@@ -282,6 +282,9 @@ def battle_log_record(battle: Battle, user: str, tstamp: float) -> dict[str, Any
         ],
         "ip": user,
         "battle_id": battle.id,
+        # Corral's own field (FastChat's tools ignore it): why each side's answers stopped, turn by
+        # turn, so the ratings job can leave out battles with an unfinished answer.
+        "finish_reasons": [[turn.finish[i] for turn in battle.turns] for i in range(2)],
     }
 
 

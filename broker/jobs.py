@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import redis.asyncio as aioredis
 from arq.connections import ArqRedis
@@ -99,6 +99,12 @@ class RatingsParams(BaseModel):
     # The Bradley–Terry fit (judge.ratings.RATING_SYSTEMS): "bt", FastChat 0.2.36's regularised
     # one; "bt-mle", the unregularised maximum likelihood of later FastChat.
     rating_system: Literal["bt", "bt-mle"] = "bt"
+    # Clean-battle filters (judge/analytics.py): users whose votes never count (as the log names
+    # them: an API key's hash, or an address), and the votes a user's day may count (0: all).
+    banned_users: list[Annotated[str, Field(max_length=256)]] = Field(default_factory=list, max_length=10_000)
+    daily_vote_cap: int = Field(0, ge=0, le=100_000)
+    # The "long_prompt" category: prompts of at least this many words.
+    long_prompt_words: int = Field(300, ge=1, le=100_000)
 
 
 class TrainParams(BaseModel):

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import orjson
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -408,13 +408,20 @@ def _jsonl(record: dict[str, Any]) -> bytes:
 # --------------------------------------------------------------------------- leaderboard
 
 
+class UnknownCategory(APIError):
+    status = 404
+
+
 @router.get("/leaderboard")
 async def get_leaderboard(
-    gateway: GatewayDep, rank_rule: Literal["ub", "position"] | None = None
+    gateway: GatewayDep,
+    rank_rule: Literal["ub", "position"] | None = None,
+    category: str = Query("overall", max_length=64),
 ) -> JSONResponse:
     """The latest leaderboard (rank, score, 95% interval, votes per model), as the ratings job
     last computed it, unrounded; an empty one before the first. `rank_rule` ranks by the other
-    rule than the job's (both ranks are in every row)."""
+    rule than the job's (both ranks are in every row); `category` gives that category's board
+    (its names are in `categories`; an unknown one is a 404)."""
     stored = await gateway.redis.get(gateway.keys.leaderboard)
     if stored is None:
         return JSONResponse(
@@ -429,6 +436,13 @@ async def get_leaderboard(
             }
         )
     board = orjson.loads(stored)
+    if category != "overall":
+        chosen = (board.get("categories") or {}).get(category)
+        if chosen is None:
+            raise UnknownCategory(
+                f"no category {category!r}; the leaderboard's `categories` name them", "category"
+            )
+        board.update(chosen, category=category)
     if rank_rule is not None and board["data"] and f"rank_{rank_rule}" in board["data"][0]:
         board["rank_rule"] = rank_rule
         for row in board["data"]:

@@ -238,6 +238,12 @@ def test_leaderboard_is_recomputed_by_a_queued_job_on_demand_and_when_votes_arri
     assert board["rank_rule"] == "ub" and all(r["rank"] == r["rank_ub"] for r in board["data"])
     by_position = httpx.get(f"{url}/v1/leaderboard", params={"rank_rule": "position"}, timeout=10).json()
     assert [r["rank"] for r in by_position["data"]] == [1, 2] and by_position["rank_rule"] == "position"
+    assert board["filters"]["logged"] == board["filters"]["kept"] + sum(board["filters"]["dropped"].values())
+    for name, sub in board["categories"].items():  # each category's board, by name
+        one = httpx.get(f"{url}/v1/leaderboard", params={"category": name}, timeout=10).json()
+        assert one["category"] == name and one["battles"] == sub["battles"] <= board["battles"]
+    missing = httpx.get(f"{url}/v1/leaderboard", params={"category": "nope"}, timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "category"
 
     # The schedule's test: nothing new since this leaderboard → no job; a new vote → a job.
     assert asyncio.run(schedule(arena_stack)) is None

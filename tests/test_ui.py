@@ -116,19 +116,20 @@ def test_leaderboard_page_recomputes_and_shows_the_table_and_plots(gateway_env):
     assert sorted(table["Model"]) == sorted([MODEL_INFO["display_name"], TWIN_INFO["display_name"]])
     assert sorted(table["Served as"]) == sorted([MODEL, TWIN])
     assert list(table.columns) == [
-        "Rank",
+        "Rank (UB)",
         "Model",
         "Served as",
         "Score",
         "95% CI",
         "Votes",
         "Online Elo",
+        "Style-controlled",
         "Organization",
         "License",
     ]
     assert set(table["Organization"]) == {"HuggingFace (SmolLM2)", "Corral tests"}
     charts = app.get("vega_lite_chart")
-    assert len(charts) == 3  # two heatmaps and the intervals, each in its tab
+    assert len(charts) == 3 + 3  # two heatmaps and the intervals; votes per day, model and user
     assert MODEL_INFO["display_name"] in charts[0].proto.spec  # the heatmaps name models as people know them
 
 

@@ -107,8 +107,8 @@ class Client:
     def vote(self, battle_id: str, vote: str) -> dict:
         return self._request("POST", f"/v1/arena/battles/{battle_id}/vote", json={"vote": vote})
 
-    def leaderboard(self) -> dict:
-        return self._request("GET", "/v1/leaderboard")
+    def leaderboard(self, category: str = "overall") -> dict:
+        return self._request("GET", "/v1/leaderboard", params={"category": category})
 
     def refresh_leaderboard(self) -> dict:
         return self._request("POST", "/v1/leaderboard/refresh")

@@ -1,5 +1,7 @@
-"""Leaderboard: Bradley–Terry scores with 95% intervals from anonymous battles, the win-fraction
-and battle-count heatmaps, and the intervals as a plot; models shown by their display names."""
+"""Leaderboard: Bradley–Terry scores with 95% intervals from anonymous battles, overall or by
+category, with style-controlled scores beside them; the win-fraction and battle-count heatmaps,
+the intervals as a plot, what the clean-battle filters dropped, outlier voters and vote
+statistics; models shown by their display names."""
 
 from __future__ import annotations
 
@@ -38,11 +40,20 @@ if not board["data"]:
     )
     st.stop()
 
+overall = board
+names = ["overall", *sorted(overall.get("categories") or {})]
+category = left.selectbox("Category", names, key="leaderboard_category")
+if category != "overall":
+    board = fetch(lambda: client().leaderboard(category))
 computed = time.strftime("%Y-%m-%d %H:%M", time.localtime(board["computed_at"]))
+filters = overall.get("filters") or {}
+dropped = ", ".join(f"{reason.replace('_', ' ')} {n}" for reason, n in (filters.get("dropped") or {}).items())
 left.caption(
     f"{board['battles']} anonymous battles · computed {computed} · "
-    f"{board['bootstrap_rounds']} bootstrap rounds"
+    f"{board['bootstrap_rounds']} bootstrap rounds · {board.get('rating_system', 'bt')}"
+    + (f" · left out before rating: {dropped}" if dropped else "")
 )
+styled = {r["model"]: r["score"] for r in (overall.get("style_control") or {}).get("data", [])}
 
 
 def shown(model: str) -> str:
@@ -61,6 +72,7 @@ rows = [
         "95% CI": f"{r['ci'][0]:.0f} – {r['ci'][1]:.0f}",
         "Votes": r["votes"],
         "Online Elo": round(r["elo"]),
+        **({"Style-controlled": round(styled[r["model"]])} if r["model"] in styled else {}),
         "Organization": metadata[r["model"]].get("organization", ""),
         "License": metadata[r["model"]].get("license", ""),
     }
@@ -99,7 +111,9 @@ def heatmap(matrix: list[list], title: str, value: str, fmt: str, scheme: str) -
     st.altair_chart(alt.layer(*layers), height=rows + 170, width="stretch")  # + the names above
 
 
-tab_wins, tab_counts, tab_intervals = st.tabs(["Win fraction", "Battle count", "Confidence intervals"])
+tab_wins, tab_counts, tab_intervals, tab_style, tab_votes = st.tabs(
+    ["Win fraction", "Battle count", "Confidence intervals", "Style control", "Votes"]
+)
 with tab_wins:
     heatmap(
         board["win_fraction"], "Fraction of A's wins over B (ties left out)", "win fraction", ".2f", "redblue"
@@ -123,3 +137,36 @@ with tab_intervals:
         x="Score:Q", tooltip=["Model:N", alt.Tooltip("Score:Q", format=".1f"), "Low:Q", "High:Q"]
     )
     st.altair_chart(alt.layer(intervals, dots), height=max(140, 32 * len(points) + 60))
+
+with tab_style:
+    style = overall.get("style_control") or {}
+    st.caption(
+        "Scores with the answers' style held equal (a Bradley–Terry fit with answer length and "
+        "markdown counts as features); each coefficient is that feature's pull on the vote, per "
+        "standard deviation of its difference."
+    )
+    st.dataframe(
+        [
+            {"Feature": name, "Coefficient": round(value, 3)}
+            for name, value in (style.get("coefficients") or {}).items()
+        ],
+        hide_index=True,
+    )
+with tab_votes:
+    stats = overall.get("statistics") or {}
+    st.caption(f"{stats.get('users', 0)} users")
+    for title, counts in (
+        ("Votes per day (UTC)", stats.get("votes_per_day") or {}),
+        ("Battles per model", stats.get("battles_per_model") or {}),
+        ("Votes of the busiest users", stats.get("votes_per_user") or {}),
+    ):
+        st.markdown(f"**{title}**")
+        st.bar_chart({"count": counts}, height=220)
+    outliers = overall.get("outlier_voters") or []
+    st.markdown(
+        "**Outlier voters** (their votes side with the ratings' favourite far less often than everyone's)"
+    )
+    if outliers:
+        st.dataframe(outliers, hide_index=True)
+    else:
+        st.caption("none")
