@@ -30,6 +30,9 @@ EXPECTED = {
     "\n\n### Response:\n",
     "chatml": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
     "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye?<|im_end|>\n<|im_start|>assistant\n",
+    # Without tools, Hermes is ChatML (its tools go into the system turn: tests/test_tools.py).
+    "hermes": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye?<|im_end|>\n<|im_start|>assistant\n",
     "zephyr": "<|system|>\nBe brief.<|im_end|>\n<|user|>\nHi<|im_end|>\n<|assistant|>\nHello!<|im_end|>\n"
     "<|user|>\nBye?<|im_end|>\n<|assistant|>\n",
     "mistral-instruct": "<|im_start|>[INST] Be brief.\n\nHi [/INST] Hello!<|im_end|>[INST] Bye? [/INST]",
