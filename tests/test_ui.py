@@ -279,7 +279,8 @@ def test_a_browser_after_corral_up_chats_plays_the_arena_and_reads_the_leaderboa
                 "SmolLM2-135M-Instruct",
                 "SmolLM2-135M-Instruct (concise)",
             }
-            expect(tab.locator('[data-testid="stDataFrame"]').first).to_be_visible()  # the board; tabs hold more
+            # The board is the first table; the page's tabs hold more.
+            expect(tab.locator('[data-testid="stDataFrame"]').first).to_be_visible()
             expect(tab.locator('[data-testid="stVegaLiteChart"]').first).to_be_visible()
             tab.screenshot(path=str(shots / "4-leaderboard.png"), full_page=True)
             browser.close()
