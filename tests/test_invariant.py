@@ -41,10 +41,35 @@ def random_requests(lengths: list[int], dtype) -> tuple[list[torch.Tensor], ...]
     return q, k, v
 
 
+@pytest.fixture(params=["products", "elementwise"])
+def core(request, monkeypatch):
+    """Each attention core, as if the start-up check had picked it on this machine."""
+    chosen = getattr(invariant, f"_{request.param}")
+    monkeypatch.setitem(invariant._cores, ("cpu", torch.get_num_threads()), chosen)
+    return chosen
+
+
+def test_this_cpu_gets_the_product_core_and_the_check_refuses_a_core_that_varies() -> None:
+    """The start-up check passes the blocked products here (the fast core: bench/determinism.py),
+    and fails torch's own SDPA (its blocks follow the lengths it is given)."""
+    assert invariant.attention_core(torch.device("cpu")) is invariant._products
+
+    def sdpa(query, key, value, hidden, scale):
+        hidden = hidden.transpose(-3, -2).flatten(-2).transpose(-3, -2)  # [..., 1, Q, keys]
+        keys, values = key.unsqueeze(-3), value.unsqueeze(-3)
+        out = F.scaled_dot_product_attention(
+            query.transpose(-3, -2), keys, values, attn_mask=~hidden, scale=scale
+        )
+        return out.transpose(-3, -2)
+
+    assert not invariant._invariant(sdpa, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_a_positions_attention_is_the_same_decoded_alone_in_a_batch_or_in_a_prompt_chunk(dtype) -> None:
+def test_a_positions_attention_is_the_same_decoded_alone_in_a_batch_or_in_a_prompt_chunk(dtype, core) -> None:
     """Request b's last position: decoded beside other requests (padded to the longest), decoded
-    alone, and read as part of its prompt in chunks of several sizes, all bit for bit equal."""
+    alone, and read as part of its prompt in chunks of several sizes, all bit for bit equal, by
+    either core."""
     draw = random.Random(1)
     torch.manual_seed(1)
     scale = DIM**-0.5
@@ -65,8 +90,9 @@ def test_a_positions_attention_is_the_same_decoded_alone_in_a_batch_or_in_a_prom
                 assert torch.equal(read[-1], batched[b]), (n, chunk)
 
 
-def test_the_invariant_attention_computes_causal_attention() -> None:
-    """Against SDPA on one prompt read in two chunks and two decoding requests, in fp32."""
+def test_the_invariant_attention_computes_causal_attention(core) -> None:
+    """Against SDPA on one prompt read in two chunks and two decoding requests, in fp32, by
+    either core."""
     torch.manual_seed(2)
     scale = DIM**-0.5
     q, k, v = random_requests([40, 7, 12], torch.float32)

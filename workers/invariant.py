@@ -11,14 +11,17 @@ again as a prompt). Here each row is computed the same way whatever else is in t
   does not change, found by trying (`row_band`: 1–32 rows in bf16 on this AMX CPU, 2–15 in
   fp32 on one thread; exactly 32 on a GPU, so that every call has one shape);
 - attention runs in float32 on each request's own keys (those decoding one token together,
-  padded to the longest), and both of its sums are elementwise products summed along one axis,
-  not matrix products: masked keys (the future, the padding) add exact zeros, so a query gets
-  the same numbers decoded alone, beside others, or read in a chunk of a prompt
-  (tests/test_invariant.py checks each of these bit for bit).
+  padded to a multiple of 32 keys past the longest), as batched matrix products in which every
+  matrix has one shape whatever the step (a query against a block of 32 keys), the blocks then
+  added along one axis: masked keys (the future, the padding) add exact zeros, so a query gets
+  the same numbers decoded alone, beside others, or read in a chunk of a prompt. A check at the
+  first call confirms this machine's batched product keeps to it, else elementwise sums are
+  used (tests/test_invariant.py checks both cores bit for bit).
 What these choices cost is measured by bench/determinism.py (docs/decisions.md)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 from typing import Any
@@ -94,16 +97,17 @@ def attention(
     `key` and `value` [kv heads, past+Q, d]; returns [Q, heads, d] in the query's dtype."""
     heads, q_len, dim = query.shape
     kv_heads, k_len, _ = key.shape
-    grouped = query.view(kv_heads, heads // kv_heads, q_len, dim)
-    key, value = key.float(), value.float()
-    positions = torch.arange(k_len, device=query.device)
-    rows = max(1, _SUM_FLOATS // (heads * k_len * dim))
+    grouped = query.view(kv_heads, heads // kv_heads, q_len, dim).transpose(1, 2)  # [kv, Q, group, d]
+    padded = -(-k_len // KEY_BLOCK) * KEY_BLOCK  # the keys past the last are the future: masked
+    key, value = (F.pad(x.float(), (0, 0, 0, padded - k_len)) for x in (key, value))
+    positions = torch.arange(padded, device=query.device)
+    rows = max(1, _SUM_FLOATS // (heads * padded * dim))
     out = []
     for start in range(0, q_len, rows):
         last = past + start + torch.arange(min(rows, q_len - start), device=query.device)
-        future = positions[None, :] > last[:, None]  # [rows, keys]
-        out.append(_attend(grouped[:, :, start : start + rows].float(), key, value, future, scale))
-    return torch.cat(out, dim=-2).view(heads, q_len, dim).transpose(0, 1).to(query.dtype)
+        future = (positions[None, :] > last[:, None]).view(-1, padded // KEY_BLOCK, 1, KEY_BLOCK)
+        out.append(_attend(grouped[:, start : start + rows].float(), key, value, future, scale))
+    return torch.cat(out, dim=1).transpose(0, 1).reshape(q_len, heads, dim).to(query.dtype)
 
 
 def decode_attention(
@@ -119,53 +123,126 @@ def decode_attention(
     one padded block and the same arithmetic as `attention` runs on it: padding, like the
     future there, is masked, and so adds exact zeros. Returns [B, heads, d]."""
     heads, batch, dim = query.shape
-    kv_heads = key.shape[0]
-    device = query.device
+    kv_heads, keys, _ = key.shape
+    index, mask = _gather_plan(tuple(starts), tuple(ends), kv_heads, keys, query.device)
+    longest = mask.shape[-1] * mask.shape[-3]
+    flat_key, flat_value = (x.reshape(kv_heads * keys, dim) for x in (key, value))
+    grouped = query.transpose(0, 1).reshape(batch, kv_heads, 1, heads // kv_heads, dim).float()
+    rows = max(1, _SUM_FLOATS // (heads * longest * dim))
+    out = []
+    for start in range(0, batch, rows):
+        part = index[start * kv_heads * longest : (start + rows) * kv_heads * longest]
+        k, v = (
+            x.index_select(0, part).float().view(-1, kv_heads, longest, dim) for x in (flat_key, flat_value)
+        )
+        out.append(_attend(grouped[start : start + rows], k, v, mask[start : start + rows], scale))
+    return torch.cat(out).view(batch, heads, dim).to(query.dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _gather_plan(
+    starts: tuple[int, ...], ends: tuple[int, ...], kv_heads: int, keys: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where `decode_attention` reads each padded key from, and which keys are padding
+    ([B, kv, Q, blocks, group, block]): the same for every layer of a step, so made once."""
     first, lengths = torch.tensor(starts, device=device), torch.tensor(ends, device=device)
     lengths = lengths - first
-    longest = int(lengths.max())
+    longest = -(-int(lengths.max()) // KEY_BLOCK) * KEY_BLOCK
     offsets = torch.arange(longest, device=device)
     padding = offsets[None, :] >= lengths[:, None]  # [B, longest]
     # Padding reads the request's first key (any real one would do: its weight is exactly 0).
     index = torch.where(padding, first[:, None], first[:, None] + offsets)
-    grouped = query.transpose(0, 1).reshape(batch, kv_heads, heads // kv_heads, 1, dim)
-    rows = max(1, _SUM_FLOATS // (heads * longest * dim))
-    out = []
-    for start in range(0, batch, rows):
-        part = index[start : start + rows]
-        k, v = (
-            kv.index_select(1, part.flatten()).view(kv_heads, -1, longest, dim).transpose(0, 1).float()
-            for kv in (key, value)
-        )
-        mask = padding[start : start + rows, None, None, None, :]  # [b, 1, 1, 1, longest]
-        out.append(_attend(grouped[start : start + rows].float(), k, v, mask, scale))
-    return torch.cat(out).view(batch, heads, dim).to(query.dtype)
+    # Row h·keys + i of the flattened keys is head h's key i: one gather gives [B, kv, longest, d].
+    index = (index[:, None, :] + keys * torch.arange(kv_heads, device=device)[None, :, None]).flatten()
+    return index, padding.view(len(starts), 1, 1, -1, 1, KEY_BLOCK)
+
+
+# Keys are taken `KEY_BLOCK` at a time by the attention's sums (see `_products`).
+KEY_BLOCK = 32
+_cores: dict[tuple[str, int], Any] = {}
 
 
 def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, hidden: torch.Tensor, scale: float):
-    """softmax(q·kᵀ, masked) · v in float32, for queries [..., kv heads, group, Q, d] and keys
-    and values [..., kv heads, keys, d]; returns [..., kv heads, group, Q, d]. Both sums are
-    elementwise products summed along one axis, whose order of addition depends on that axis
-    alone: a matrix product's depends on the other shapes too (a batch of padded requests got
-    other scores than each alone)."""
-    key, value = key[..., None, None, :, :], value[..., None, None, :, :]  # [..., kv heads, 1, 1, keys, d]
-    scores = (query.unsqueeze(-2) * key).sum(dim=-1) * scale
-    weights = _softmax(scores.masked_fill(hidden, float("-inf")))
-    return (weights.unsqueeze(-1) * value).sum(dim=-2)
+    """softmax(q·kᵀ, masked) · v in float32, for queries [..., kv heads, Q, group, d] and keys and
+    values [..., kv heads, keys, d] (a multiple of `KEY_BLOCK`; `hidden` masks keys as
+    [..., Q, blocks, 1, block]); returns [..., kv heads, Q, group, d], by the core this machine
+    keeps invariant (`attention_core`)."""
+    return attention_core(query.device)(query, key, value, hidden, scale)
 
 
-def _softmax(scores: torch.Tensor, block: int = 64) -> torch.Tensor:
-    """Softmax over the last axis, its sum grouped the same way whatever the axis's length:
-    torch's own sums a tail shorter than its unrolled step another way, so a request decoded
-    beside a longer one (padded) got other weights than alone. Here the exponentials are cut
-    into blocks of `block` (padded with zeros), the blocks added one after another, then the
-    block's lanes: padding only adds exact zeros."""
-    length = scores.shape[-1]
-    if length % block:
-        scores = F.pad(scores, (0, block - length % block), value=float("-inf"))
-    exp = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
-    total = exp.unflatten(-1, (-1, block)).sum(dim=-2).sum(dim=-1, keepdim=True)
-    return (exp / total)[..., :length]
+def attention_core(device: torch.device) -> Any:
+    """`_products` where this device's batched matrix product gives each matrix the same numbers
+    whatever else the batch holds (checked once per device and thread count by `_invariant`;
+    so it is with torch 2.13 on this CPU), else `_elementwise`, which relies on no library's
+    blocking."""
+    key = (device.type, torch.get_num_threads())
+    if key not in _cores:
+        _cores[key] = _products if _invariant(_products, device) else _elementwise
+        log.info("batch invariance: attention by %s on %s", _cores[key].__name__.strip("_"), key[0])
+    return _cores[key]
+
+
+def _products(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, hidden: torch.Tensor, scale: float
+):
+    """Both sums as batched matrix products in which every matrix has one shape whatever the
+    step: a query's scores against a block of `KEY_BLOCK` keys ([group, d]·[d, block]) and its
+    weighted sum of a block's values ([group, block]·[block, d]); the blocks are then added
+    along one axis, so padding and the future add exact zeros."""
+    blocks = key.shape[-2] // KEY_BLOCK
+    keys, values = (x.unflatten(-2, (blocks, KEY_BLOCK)).unsqueeze(-4) for x in (key, value))
+    scores = torch.matmul(query.unsqueeze(-3), keys.transpose(-1, -2))  # [..., kv, Q, blocks, group, block]
+    weights = _softmax(scores.mul_(scale).masked_fill_(hidden, float("-inf")))
+    return torch.matmul(weights, values).sum(dim=-3)
+
+
+def _elementwise(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, hidden: torch.Tensor, scale: float
+):
+    """`_products` as elementwise products summed along one axis (order fixed by that axis
+    alone), several times slower: for a device whose batched product fails `_invariant`."""
+    blocks = key.shape[-2] // KEY_BLOCK
+    keys, values = (x.unflatten(-2, (blocks, KEY_BLOCK)).unsqueeze(-3).unsqueeze(-5) for x in (key, value))
+    scores = (query.unsqueeze(-3).unsqueeze(-2) * keys).sum(dim=-1)  # [..., kv, Q, blocks, group, block]
+    weights = _softmax(scores.mul_(scale).masked_fill_(hidden, float("-inf")))
+    return (weights.unsqueeze(-1) * values).sum(dim=-2).sum(dim=-3)
+
+
+def _softmax(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the keys of scores [..., blocks, group, block]: the block sums are added one
+    after another, then the block's lanes, so more blocks of padding only add exact zeros
+    (torch's own softmax sums a short tail another way than a long row)."""
+    exp = torch.exp(scores - scores.amax(dim=(-3, -1), keepdim=True))
+    return exp.div_(exp.sum(dim=-3, keepdim=True).sum(dim=-1, keepdim=True))
+
+
+def _invariant(core: Any, device: torch.device) -> bool:
+    """Whether `core` gives a query the same numbers decoded alone, decoded beside longer
+    requests (more blocks, more matrices in the batch) and read in a prompt chunk, on random
+    requests of a few lengths."""
+    generator = torch.Generator().manual_seed(0)
+    kv_heads, group, dim, longest, chunk = 3, 3, 64, 32 * KEY_BLOCK, 9
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(device)
+
+    lengths = [5, KEY_BLOCK + 1, 2 * KEY_BLOCK, 300, longest]
+    keys, values = (draw(len(lengths), kv_heads, longest, dim) for _ in range(2))
+    queries = draw(len(lengths), kv_heads, chunk, group, dim)
+    padding = torch.arange(longest, device=device)[None, :] >= torch.tensor(lengths, device=device)[:, None]
+    batched = core(queries[:, :, -1:], keys, values, padding.view(len(lengths), 1, 1, -1, 1, KEY_BLOCK), 1.0)
+    for b, n in enumerate(lengths):
+        width = -(-n // KEY_BLOCK) * KEY_BLOCK
+        k, v, q = keys[b : b + 1, :, :width], values[b : b + 1, :, :width], queries[b : b + 1, :, -1:]
+        alone = core(q, k, v, padding[b : b + 1, :width].view(1, 1, 1, -1, 1, KEY_BLOCK), 1.0)
+        last = n - chunk + torch.arange(chunk, device=device)
+        future = torch.arange(width, device=device)[None, :] > last[:, None]
+        read = core(
+            queries[b], keys[b, :, :width], values[b, :, :width], future.view(chunk, -1, 1, KEY_BLOCK), 1.0
+        )
+        if not (torch.equal(alone[0], batched[b]) and torch.equal(read[:, -1:], batched[b])):
+            return False
+    return True
 
 
 def paged_attention(
