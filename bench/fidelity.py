@@ -2,7 +2,10 @@
 battle-count and win-fraction matrices, on the same seeded battles (8 models, about 25% ties,
 shuffled in time), at 500, 5,000 and 50,000 battles; then show_result.py's means and win rates on
 FastChat-format judgment files, and compute_agreement.py's agreement (judge and humans, humans
-among themselves, per turn, with and without ties) on MT-bench-format votes, all seeded.
+among themselves, per turn, with and without ties) on MT-bench-format votes, all seeded; last,
+the bootstrap: each model's 95% interval width from FastChat's get_bootstrap_result and from
+Corral's, over several seeds each (resamples differ, so the check is that Corral's mean width lies
+within FastChat's seed-to-seed spread).
 
 FastChat (fschat==0.2.36) is installed in a venv of its own (with pandas and scikit-learn, which
 Corral does not need), and its functions are taken from its installed
@@ -10,6 +13,7 @@ Corral does not need), and its functions are taken from its installed
 
     python bench/fidelity.py                       # the three sizes
     python bench/fidelity.py --write-test-data     # also the small case tests/test_ratings.py reads
+    python bench/fidelity.py --sizes 500 --bootstrap-seeds 10
 
 FastChat fits Bradley–Terry with scikit-learn's default tolerance, which stops short of the
 optimum of its own objective; the reference here is that objective solved to a tolerance of
@@ -73,6 +77,33 @@ json.dump({
                      for a, row in fraction.to_dict("index").items()},
     "num_battles": (battles["model_a"].value_counts() + battles["model_b"].value_counts()).to_dict(),
 }, sys.stdout)
+"""
+
+
+# Runs inside FastChat's venv: its bootstrap (get_bootstrap_result over compute_elo_mle_with_tie,
+# as report_elo_analysis_results calls it) once per seed; prints each model's 95% interval width.
+REFERENCE_BOOTSTRAP = r"""
+import ast, json, math, sys
+from collections import defaultdict
+import numpy as np, pandas as pd
+import fastchat
+from pathlib import Path
+
+source = (Path(fastchat.__file__).parent / "serve/monitor/elo_analysis.py").read_text()
+wanted = {"compute_elo_mle_with_tie", "get_bootstrap_result"}
+module = ast.Module([n for n in ast.parse(source).body if getattr(n, "name", "") in wanted], [])
+space = {"defaultdict": defaultdict, "math": math, "np": np, "pd": pd, "tqdm": lambda it, **kw: it}
+exec(compile(module, "elo_analysis.py", "exec"), space)
+
+data = json.load(sys.stdin)
+battles = pd.DataFrame(data["battles"]).sort_values(ascending=True, by=["tstamp"])
+battles = battles[battles["anony"]].reset_index(drop=True)
+widths = []
+for seed in data["seeds"]:
+    np.random.seed(seed)  # DataFrame.sample draws from numpy's global generator
+    frame = space["get_bootstrap_result"](battles, space["compute_elo_mle_with_tie"], data["rounds"])
+    widths.append((frame.quantile(0.975) - frame.quantile(0.025)).to_dict())
+json.dump(widths, sys.stdout)
 """
 
 
@@ -198,6 +229,47 @@ def differences(ours: dict, theirs: dict) -> dict[str, float]:
     return out
 
 
+def bootstrap_widths(python: Path, battles: list[dict], seeds: list[int], rounds: int) -> tuple[dict, dict]:
+    """Each model's 95% interval width per seed, FastChat's and Corral's (same battles, `rounds`
+    resamples each): the resamples differ, so the widths are compared with the spread across
+    seeds, not one to one."""
+    done = subprocess.run(
+        [str(python), "-c", REFERENCE_BOOTSTRAP],
+        input=json.dumps({"battles": battles, "seeds": seeds, "rounds": rounds}),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    theirs = json.loads(done.stdout)
+    ours = []
+    for seed in seeds:
+        board = leaderboard(anonymous(battles), rounds=rounds, seed=seed)
+        ours.append(dict(zip(board.models, board.upper - board.lower, strict=True)))
+    models = sorted(theirs[0])
+    return {m: [w[m] for w in theirs] for m in models}, {m: [float(w[m]) for w in ours] for m in models}
+
+
+def print_bootstrap(theirs: dict, ours: dict, size: int, rounds: int) -> None:
+    """Per model: both sides' mean width and seed-to-seed spread (min-max), and whether Corral's
+    mean lies within FastChat's mean ± 2 standard deviations across seeds."""
+    print(
+        f"bootstrap 95% interval widths, {size} battles, {rounds} rounds, {len(ours[next(iter(ours))])} seeds"
+    )
+    print(f"{'model':<10} {'FastChat mean':>13} {'min-max':>15} {'Corral mean':>12} {'min-max':>15}  within")
+    inside = 0
+    for model in theirs:
+        a, b = np.array(theirs[model]), np.array(ours[model])
+        ok = abs(b.mean() - a.mean()) <= 2 * a.std(ddof=1)
+        inside += ok
+        print(
+            f"{model:<10} {a.mean():>13.2f} {a.min():>7.2f}-{a.max():<7.2f} {b.mean():>12.2f}"
+            f" {b.min():>7.2f}-{b.max():<7.2f}  {'yes' if ok else 'NO'}"
+        )
+    print(
+        f"Corral's mean width within FastChat's seed-to-seed spread (±2 sd): {inside} of {len(theirs)} models"
+    )
+
+
 VOTES = ["model_a", "model_b", "tie", "tie (bothbad)"]
 SWAPPED = {"model_a": "model_b", "model_b": "model_a"}
 
@@ -297,6 +369,11 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[500, 5_000, 50_000])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--write-test-data", action="store_true")
+    parser.add_argument(
+        "--bootstrap-size", type=int, default=5_000, help="battles for the bootstrap check (0: skip)"
+    )
+    parser.add_argument("--bootstrap-rounds", type=int, default=100)
+    parser.add_argument("--bootstrap-seeds", type=int, default=5)
     args = parser.parse_args()
     python = fastchat_python()
     tolerances = {"elo": 1e-6, "bt": 1e-3, "battle_count": 0, "win_fraction": 1e-9, "num_battles": 0}
@@ -311,6 +388,14 @@ def main() -> None:
         for seed in (args.seed, args.seed + 1):
             gaps = judge_differences(python, judge_files(seed, Path(folder)))
             print(f"judging, seed {seed}: " + ", ".join(f"{k} {v:.3g}" for k, v in gaps.items()))
+    if args.bootstrap_size:
+        battles = seeded_battles(args.bootstrap_size, args.seed)
+        seeds = list(range(args.bootstrap_seeds))
+        print_bootstrap(
+            *bootstrap_widths(python, battles, seeds, args.bootstrap_rounds),
+            args.bootstrap_size,
+            args.bootstrap_rounds,
+        )
     if args.write_test_data:
         battles = seeded_battles(120, seed=7, models=5)
         TEST_DATA.parent.mkdir(exist_ok=True)
