@@ -154,13 +154,16 @@ class StyleControl:
     models: list[str]
     ratings: np.ndarray  # strengths with style held equal, Elo scale
     coefficients: dict[str, float]  # each feature's effect on the log-odds, per standard deviation
+    lower: np.ndarray  # percentile bootstrap 95% interval of the ratings (NaN with no rounds)
+    upper: np.ndarray
 
 
-def style_control(battles: list[dict], reg: float = 0.5) -> StyleControl:
+def style_control(battles: list[dict], reg: float = 0.5, rounds: int = 0, seed: int = 0) -> StyleControl:
     """Later FastChat's contextual Bradley–Terry: log-odds of model_a winning = ln 10 × (w_a - w_b)
     + features · beta, features the standardised (a - b) / (a + b + 1) of each style count, a tie
     half a win, an L2 penalty of reg/4 × |params|² (its parity with the duplicated-rows fit);
-    solved by Newton's method."""
+    solved by Newton's method. Intervals from `rounds` resamples of the battles, as the plain
+    board's (the features standardised once, on all battles)."""
     kept = rated_records(battles)
     rated = [Battle.from_record(b) for b in kept]
     models = sorted({b.model_a for b in rated} | {b.model_b for b in rated})
@@ -173,23 +176,45 @@ def style_control(battles: list[dict], reg: float = 0.5) -> StyleControl:
     features = (counts_a - counts_b) / (counts_a + counts_b + 1)
     spread = features.std(axis=0)
     features = (features - features.mean(axis=0)) / np.where(spread > 0, spread, 1)
-    n, k = len(models), features.shape[1]
-    design = np.zeros((len(rated), n + k))
+    n = len(models)
+    design = np.zeros((len(rated), n + features.shape[1]))
     design[np.arange(len(rated)), a] += math.log(BASE)
     design[np.arange(len(rated)), c] -= math.log(BASE)
     design[:, n:] = features
-    params = np.zeros(n + k)
+    params = _contextual_fit(design, outcome, np.ones(len(rated)), reg)
+    rng = np.random.default_rng(seed)
+    samples = np.array(
+        [
+            _contextual_fit(
+                design, outcome, rng.multinomial(len(rated), np.full(len(rated), 1 / len(rated))), reg
+            )
+            for _ in range(rounds if len(rated) else 0)
+        ]
+    ).reshape(-1, len(params))
+    lower, upper = (
+        (SCALE * np.percentile(samples[:, :n], q, axis=0) + MEAN_RATING)
+        if len(samples)
+        else np.full(n, np.nan)
+        for q in (2.5, 97.5)
+    )
+    ratings = SCALE * params[:n] + MEAN_RATING
+    coefficients = dict(zip(STYLE_FEATURES, map(float, params[n:]), strict=True))
+    return StyleControl(models, ratings, coefficients, lower, upper)
+
+
+def _contextual_fit(design: np.ndarray, outcome: np.ndarray, weights: np.ndarray, reg: float) -> np.ndarray:
+    """The penalised logistic fit of `style_control`, each battle counted `weights` times."""
+    params = np.zeros(design.shape[1])
     penalty = reg / 2  # the gradient of reg/4 × |params|²
     for _ in range(100):
         p = 1 / (1 + np.exp(-design @ params))
-        gradient = design.T @ (p - outcome) + penalty * params
-        hessian = (design * (p * (1 - p))[:, None]).T @ design + penalty * np.eye(n + k)
+        gradient = design.T @ (weights * (p - outcome)) + penalty * params
+        hessian = (design * (weights * p * (1 - p))[:, None]).T @ design + penalty * np.eye(len(params))
         step = np.linalg.solve(hessian, gradient)
         params -= step
         if np.abs(step).max() < 1e-12:
             break
-    ratings = SCALE * params[:n] + MEAN_RATING
-    return StyleControl(models, ratings, dict(zip(STYLE_FEATURES, map(float, params[n:]), strict=True)))
+    return params
 
 
 def outlier_voters(

@@ -111,10 +111,13 @@ def leaderboard_document(
         name: _board(battles, rounds, seed, rank_rule, system)
         for name, battles in sorted(by_category(cleaned.battles, filters).items())
     }
-    style = style_control(cleaned.battles)
+    style = style_control(cleaned.battles, rounds=rounds, seed=seed)
     document["style_control"] = {
         "data": sorted(
-            ({"model": m, "score": float(r)} for m, r in zip(style.models, style.ratings, strict=True)),
+            (
+                {"model": m, "score": float(r), "ci": [float(low), float(high)]}
+                for m, r, low, high in zip(style.models, style.ratings, style.lower, style.upper, strict=True)
+            ),
             key=lambda row: -row["score"],
         ),
         "coefficients": style.coefficients,

@@ -100,11 +100,14 @@ def test_style_control_shrinks_a_longer_answer_bias() -> None:
     battles = battles_from_log(crafted_length_bias(seed=4))
     plain = leaderboard_document(crafted_length_bias(seed=4), rounds=20, seed=0)
     gap = {row["model"]: row["score"] for row in plain["data"]}
-    style = style_control(battles)
+    style = style_control(battles, rounds=50, seed=0)
     styled = dict(zip(style.models, style.ratings, strict=True))
     assert gap["wordy"] - gap["terse"] > 60  # length wins votes
     assert abs(styled["wordy"] - styled["terse"]) < (gap["wordy"] - gap["terse"]) / 3
     assert style.coefficients["length"] > 0.5  # and style control puts it on length
+    # Each styled score lies inside its bootstrap interval, which is a real interval.
+    assert np.all(style.lower < style.ratings) and np.all(style.ratings < style.upper)
+    assert np.all(style.upper - style.lower < 200)
 
 
 def test_an_outlier_voter_who_votes_against_the_ratings_is_reported() -> None:
@@ -129,6 +132,9 @@ def test_the_leaderboard_document_carries_categories_filters_style_and_statistic
     assert document["battles"] == 300 and {row["model"] for row in document["data"]} == {"wordy", "terse"}
     assert document["categories"]["language:en"]["battles"] <= 300
     assert {row["model"] for row in document["style_control"]["data"]} == {"wordy", "terse"}
+    assert all(
+        low < row["score"] < high for row in document["style_control"]["data"] for low, high in [row["ci"]]
+    )
     stats = document["statistics"]
     assert sum(stats["votes_per_day"].values()) == 300 and stats["users"] == 50
     assert stats["battles_per_model"] == {"wordy": 300, "terse": 300}

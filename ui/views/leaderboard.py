@@ -147,6 +147,17 @@ with tab_style:
     )
     st.dataframe(
         [
+            {
+                "Model": shown(r["model"]),
+                "Style-controlled": round(r["score"]),
+                "95% CI": f"{r['ci'][0]:.0f} – {r['ci'][1]:.0f}",
+            }
+            for r in style.get("data") or []
+        ],
+        hide_index=True,
+    )
+    st.dataframe(
+        [
             {"Feature": name, "Coefficient": round(value, 3)}
             for name, value in (style.get("coefficients") or {}).items()
         ],
