@@ -14,6 +14,7 @@ Corral does not need), and its functions are taken from its installed
     python bench/fidelity.py                       # the three sizes
     python bench/fidelity.py --write-test-data     # also the small case tests/test_ratings.py reads
     python bench/fidelity.py --sizes 500 --bootstrap-seeds 10
+    python bench/fidelity.py --rating-systems ~/FastChat/fastchat/serve/monitor/rating_systems.py
 
 FastChat fits Bradley–Terry with scikit-learn's default tolerance, which stops short of the
 optimum of its own objective; the reference here is that objective solved to a tolerance of
@@ -104,6 +105,28 @@ for seed in data["seeds"]:
     frame = space["get_bootstrap_result"](battles, space["compute_elo_mle_with_tie"], data["rounds"])
     widths.append((frame.quantile(0.975) - frame.quantile(0.025)).to_dict())
 json.dump(widths, sys.stdout)
+"""
+
+
+# Runs inside FastChat's venv: later FastChat's unregularised Bradley–Terry
+# (serve/monitor/rating_systems.py, not in any fschat release: read from a checkout), as shipped
+# (L-BFGS, gtol 1e-6) and told to go on (gtol 1e-12).
+REFERENCE_MLE = r"""
+import ast, json, math, sys
+import numpy as np, pandas as pd
+from scipy.special import expit
+from scipy.optimize import minimize
+
+data = json.load(sys.stdin)
+wanted = {"get_matchups_models", "preprocess_for_bt", "bt_loss_and_grad", "fit_bt", "scale_and_offset",
+          "compute_bt"}
+module = ast.Module([n for n in ast.parse(data["source"]).body if getattr(n, "name", "") in wanted], [])
+space = {"math": math, "np": np, "pd": pd, "expit": expit, "minimize": minimize}
+exec(compile(module, "rating_systems.py", "exec"), space)
+battles = pd.DataFrame(data["battles"])
+battles = battles[battles["anony"]].reset_index(drop=True)
+json.dump({"shipped": space["compute_bt"](battles).to_dict(),
+           "exact": space["compute_bt"](battles, tol=1e-12).to_dict()}, sys.stdout)
 """
 
 
@@ -227,6 +250,24 @@ def differences(ours: dict, theirs: dict) -> dict[str, float]:
         ]
         out[key] = max(gaps)
     return out
+
+
+def mle_differences(python: Path, source: Path, battles: list[dict]) -> dict[str, float]:
+    """Corral's `bt-mle` against later FastChat's compute_bt: the largest gap to the exact
+    optimum of its likelihood, and to its solver as shipped."""
+    done = subprocess.run(
+        [str(python), "-c", REFERENCE_MLE],
+        input=json.dumps({"battles": battles, "source": source.read_text()}),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    theirs = json.loads(done.stdout)
+    board = leaderboard(anonymous(battles), rounds=1, system="bt-mle")
+    ours = dict(zip(board.models, board.ratings, strict=True))
+    return {
+        key: max(abs(ours[m] - value) for m, value in theirs[key].items()) for key in ("exact", "shipped")
+    }
 
 
 def bootstrap_widths(python: Path, battles: list[dict], seeds: list[int], rounds: int) -> tuple[dict, dict]:
@@ -370,6 +411,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--write-test-data", action="store_true")
     parser.add_argument(
+        "--rating-systems",
+        type=Path,
+        help="later FastChat's serve/monitor/rating_systems.py (from a checkout): check bt-mle against it",
+    )
+    parser.add_argument(
         "--bootstrap-size", type=int, default=5_000, help="battles for the bootstrap check (0: skip)"
     )
     parser.add_argument("--bootstrap-rounds", type=int, default=100)
@@ -388,6 +434,13 @@ def main() -> None:
         for seed in (args.seed, args.seed + 1):
             gaps = judge_differences(python, judge_files(seed, Path(folder)))
             print(f"judging, seed {seed}: " + ", ".join(f"{k} {v:.3g}" for k, v in gaps.items()))
+    if args.rating_systems:
+        for size in args.sizes:
+            gaps = mle_differences(python, args.rating_systems, seeded_battles(size, args.seed))
+            print(
+                f"bt-mle, {size} battles: |Corral - compute_bt| {gaps['exact']:.3g} (its optimum),"
+                f" {gaps['shipped']:.3g} (as shipped)"
+            )
     if args.bootstrap_size:
         battles = seeded_battles(args.bootstrap_size, args.seed)
         seeds = list(range(args.bootstrap_seeds))
