@@ -49,6 +49,8 @@ class Turn(BaseModel):
     right: str
     # Why each side stopped (`stop`, `length`, or `error: …` when a side failed).
     finish: tuple[str, str] = ("stop", "stop")
+    # The tokens each side's model read for this turn (the conversation so far in its template).
+    prompt_tokens: tuple[int, int] = (0, 0)
     gen_params: dict[str, Any] = Field(default_factory=dict[str, Any])
     start: float
     finish_at: float
@@ -285,6 +287,8 @@ def battle_log_record(battle: Battle, user: str, tstamp: float) -> dict[str, Any
         # Corral's own field (FastChat's tools ignore it): why each side's answers stopped, turn by
         # turn, so the ratings job can leave out battles with an unfinished answer.
         "finish_reasons": [[turn.finish[i] for turn in battle.turns] for i in range(2)],
+        # And the tokens each side's model read at each turn (the long-prompt category counts them).
+        "prompt_tokens": [[turn.prompt_tokens[i] for turn in battle.turns] for i in range(2)],
     }
 
 

@@ -103,8 +103,8 @@ class RatingsParams(BaseModel):
     # them: an API key's hash, or an address), and the votes a user's day may count (0: all).
     banned_users: list[Annotated[str, Field(max_length=256)]] = Field(default_factory=list, max_length=10_000)
     daily_vote_cap: int = Field(0, ge=0, le=100_000)
-    # The "long_prompt" category: prompts of at least this many words.
-    long_prompt_words: int = Field(300, ge=1, le=100_000)
+    # The "long_prompt" category: a last prompt of at least this many tokens, as either model read it.
+    long_prompt_tokens: int = Field(500, ge=1, le=10_000_000)
 
 
 class TrainParams(BaseModel):

@@ -280,6 +280,7 @@ async def _stream_turn(
     pumps = [asyncio.create_task(_pump(side, call, out)) for side, call in zip(sides, calls, strict=True)]
     texts: dict[str, list[str]] = {"left": [], "right": []}
     finish: dict[str, str] = {}
+    read: dict[str, int] = {}  # each side's prompt tokens
     failed = False
     try:
         running = 2
@@ -301,6 +302,7 @@ async def _stream_turn(
                     yield sse({"side": side, "text": item.text})
                 if item.type == "done":
                     finish[side] = item.finish_reason or "stop"
+                    read[side] = item.usage.prompt_tokens if item.usage else 0
                     calls[sides.index(side)].count("ok", item.usage)
                     yield sse({"side": side, "finish_reason": finish[side]})
         if not failed:
@@ -309,6 +311,7 @@ async def _stream_turn(
                 left="".join(texts["left"]),
                 right="".join(texts["right"]),
                 finish=(finish.get("left", "stop"), finish.get("right", "stop")),
+                prompt_tokens=(read.get("left", 0), read.get("right", 0)),
                 gen_params={
                     "temperature": body.temperature,
                     "top_p": body.top_p,

@@ -48,8 +48,9 @@ class Filters:
     banned_users: frozenset[str] = frozenset()
     # Votes a user may cast in a UTC day that count (0: no cap); later ones are dropped.
     daily_vote_cap: int = 0
-    # A prompt of at least this many words is "long".
-    long_prompt_words: int = 300
+    # A battle whose last prompt, as either model read it, holds at least this many tokens is
+    # "long" (for a log without token counts, FastChat's: WORDS_PER_TOKEN words a token).
+    long_prompt_tokens: int = 500
 
 
 @dataclass
@@ -109,11 +110,22 @@ def _is_code(battle: dict) -> bool:
     return sum(bool(_CODE_LINE.match(line)) for text in battle["prompts"] for line in text.splitlines()) >= 2
 
 
+# English prose runs at about 0.75 words a BPE token (OpenAI's rule of thumb).
+WORDS_PER_TOKEN = 0.75
+
+
+def prompt_tokens(battle: dict) -> float:
+    """The tokens of the battle's last prompt (the conversation so far, in its template) as the
+    larger of the two models read it, from the log; words ÷ WORDS_PER_TOKEN where it has none."""
+    read = [side[-1] for side in battle.get("prompt_tokens") or [] if side and side[-1]]
+    return max(read) if read else _words("\n".join(battle["prompts"])) / WORDS_PER_TOKEN
+
+
 def categories(battle: dict, filters: Filters, language) -> list[str]:  # type: ignore[no-untyped-def]
     """The categories a battle counts in (besides the overall board)."""
     prompt = "\n".join(battle["prompts"])
     found = [f"language:{language(prompt)}"] if prompt.strip() else []
-    if _words(prompt) >= filters.long_prompt_words:
+    if prompt_tokens(battle) >= filters.long_prompt_tokens:
         found.append("long_prompt")
     if len(battle["prompts"]) >= 2:
         found.append("multi_turn")

@@ -151,7 +151,7 @@ def ratings_job(
     filters = Filters(
         banned_users=frozenset(params.get("banned_users") or ()),
         daily_vote_cap=params.get("daily_vote_cap", 0),
-        long_prompt_words=params.get("long_prompt_words", 300),
+        long_prompt_tokens=params.get("long_prompt_tokens", 500),
     )
     document = leaderboard_document(
         records,

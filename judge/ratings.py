@@ -75,8 +75,8 @@ def battles_from_log(records: Iterable[dict]) -> list[dict]:
 
 
 def _conversation(record: dict) -> dict:
-    """What the analytics read of a battle: its prompts, each side's answers, its turns and the
-    sides' finish reasons where the log has them (Corral's does)."""
+    """What the analytics read of a battle: its prompts, each side's answers, its turns, and the
+    sides' finish reasons and prompt tokens per turn where the log has them (Corral's does)."""
     sides = [[(role, text) for role, text in state.get("messages", [])] for state in record["states"]]
     prompts = [text for role, text in sides[0] if role == "user"]
     answers = [[text or "" for role, text in side if role == "assistant"] for side in sides]
@@ -85,6 +85,7 @@ def _conversation(record: dict) -> dict:
         "answers_a": answers[0],
         "answers_b": answers[1] if len(answers) > 1 else [],
         "finish_reasons": record.get("finish_reasons") or [[], []],
+        "prompt_tokens": record.get("prompt_tokens") or [[], []],
     }
 
 

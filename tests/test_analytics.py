@@ -23,6 +23,7 @@ def record(
     user: str = "u1",
     tstamp: float = 1.7e9,
     finish: tuple[str, str] = ("stop", "stop"),
+    tokens: tuple[int, int] | None = None,
 ) -> dict:
     """One anonymous battle vote in the log's shape (every turn gets the same answers)."""
 
@@ -37,6 +38,7 @@ def record(
         "states": [state(model_a, answers[0]), state(model_b, answers[1])],
         "ip": user,
         "finish_reasons": [[finish[0]] * len(prompts), [finish[1]] * len(prompts)],
+        **({"prompt_tokens": [[tokens[0]] * len(prompts), [tokens[1]] * len(prompts)]} if tokens else {}),
     }
 
 
@@ -70,14 +72,16 @@ def test_categories_find_language_long_prompts_multi_turn_and_code() -> None:
         record(
             "m1", "m2", "a", prompts=("Quelle est la capitale de la France et pourquoi est-elle si belle ?",)
         ),
-        record("m1", "m2", "a", prompts=("word " * 400,)),
+        record("m1", "m2", "a", prompts=("word " * 400,)),  # no token counts: 533 by its words
+        record("m1", "m2", "a", prompts=("Summarise this.",), tokens=(510, 640)),  # a long history
+        record("m1", "m2", "a", prompts=("word " * 400,), tokens=(420, 480)),  # counted: not long
         record("m1", "m2", "a", prompts=("Hello there, how are you?", "And tomorrow?")),
         record("m1", "m2", "a", prompts=("Fix it:\ndef f(x):\n    return x\nimport os",)),
         record("m1", "m2", "a", answers=("```python\nprint(1)\n```", "Use print.")),
     ]
-    grouped = by_category(battles_from_log(records), Filters(long_prompt_words=300))
+    grouped = by_category(battles_from_log(records), Filters(long_prompt_tokens=500))
     count = {name: len(battles) for name, battles in grouped.items()}
-    assert count["language:fr"] == 1 and count["long_prompt"] == 1 and count["multi_turn"] == 1
+    assert count["language:fr"] == 1 and count["long_prompt"] == 2 and count["multi_turn"] == 1
     assert count["coding"] == 2 and count["language:en"] >= 3
 
 

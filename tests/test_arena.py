@@ -193,6 +193,9 @@ def test_export_is_fastchat_shaped_and_round_trips_to_the_same_battles(arena_sta
         assert [s["model_name"] for s in record["states"]] == voted["models"]
         turn = voted["turns"][0]
         assert record["states"][0]["messages"] == [["user", turn["prompt"]], ["assistant", turn["left"]]]
+        # Each side's prompt tokens for its one turn (the long-prompt category counts them).
+        assert [len(side) for side in record["prompt_tokens"]] == [1, 1]
+        assert all(5 < n < 200 for side in record["prompt_tokens"] for n in side), record["prompt_tokens"]
     assert by_battle[named["id"]]["models"] == [MODEL, TWIN]
     assert any(r["type"] == "flag" and r["model"] == TWIN for r in records)
     chats = [r for r in records if r["type"] == "chat" and r["battle_id"] == named["id"]]
