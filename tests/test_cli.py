@@ -194,6 +194,9 @@ def test_ctrl_c_in_corral_chat_stops_the_answer_and_returns_to_the_prompt(stack:
     abandoned_before = _abandoned(stack)
     pid, fd = pty.fork()
     if pid == 0:  # the child: the pty is its controlling terminal, so Ctrl-C is a SIGINT to it
+        # As in a person's shell. A test run started in the background by a shell without job
+        # control inherits SIGINT ignored, and Python then leaves it ignored: Ctrl-C did nothing.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execvpe(sys.executable, command, stack.env())
     terminal = Terminal(fd)
     try:
