@@ -260,7 +260,9 @@ def run_judge_cli(stack, output, *args: str) -> subprocess.CompletedProcess:
         *args,
     ]
     try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=300, env=stack.env())
+        # A guard against a hang, not a speed check: 8 answers and 16 judgments take about 3
+        # minutes on a quiet 2-core box, and twice that when the box is shared.
+        return subprocess.run(command, capture_output=True, text=True, timeout=600, env=stack.env())
     except subprocess.TimeoutExpired:
         raise AssertionError(
             "the jobs did not end; runner log:\n" + stack.runner_log.read_text()[-5000:]
