@@ -260,8 +260,8 @@ def run_judge_cli(stack, output, *args: str) -> subprocess.CompletedProcess:
         *args,
     ]
     try:
-        # A guard against a hang, not a speed check: 8 answers and 16 judgments take about 3
-        # minutes on a quiet 2-core box, and twice that when the box is shared.
+        # A guard against a hang, not a speed check: 8 answers and 16 judgments took about 5
+        # minutes on a quiet 2-core box (the whole test 316 s), more when the box is shared.
         return subprocess.run(command, capture_output=True, text=True, timeout=600, env=stack.env())
     except subprocess.TimeoutExpired:
         raise AssertionError(
